@@ -1,0 +1,1 @@
+"""Capture service: frames from an interface or a capture file -> packet records on Kafka."""

@@ -1,0 +1,140 @@
+"""python -m capture [--pcap FILE]: capture live (IFACE, BPF_FILTER) or replay a capture file."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+from itertools import chain
+from typing import Iterable
+
+from capture.batching import RecordBatcher
+from capture.counters import CaptureCounters
+from capture.decode import decode_frame
+from capture.pcapfile import CaptureFileError, read_frames
+from capture.producer import RecordProducer
+from capture.settings import CaptureSettings
+from packet_records import FLAG_MALFORMED, FLAG_UNSUPPORTED_LINK
+from packet_records.runtime import StartupError, configure_logging, load_settings
+from packet_records.topics import ensure_topics
+
+log = logging.getLogger("capture")
+
+
+class Stop:
+    """Set by SIGINT/SIGTERM; the capture loop checks it between batches."""
+
+    requested = False
+
+    @classmethod
+    def install(cls) -> None:
+        def handler(_signum, _frame):
+            cls.requested = True
+
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+
+
+def pump(frames: Iterable, batcher: RecordBatcher, producer: RecordProducer,
+         counters: CaptureCounters, settings: CaptureSettings, source=None) -> None:
+    """Decode every frame into the batcher and hand full batches to the producer."""
+    interval = settings.batch_interval_ms / 1000
+    now = time.monotonic()
+    next_flush, next_stats = now + interval, now + settings.stats_interval_s
+    add, take, send = batcher.add, batcher.take, producer.send
+    frames_n = bytes_n = malformed = unsupported = 0
+    warned_links: set[int] = set()
+    for item in frames:
+        if item is not None:
+            ts_ns, wire_len, frame, linktype = item
+            decoded = decode_frame(frame, linktype)
+            frames_n += 1
+            bytes_n += wire_len
+            if decoded[7] & FLAG_MALFORMED:
+                malformed += 1
+                if decoded[7] & FLAG_UNSUPPORTED_LINK:
+                    unsupported += 1
+                    if linktype not in warned_links:
+                        warned_links.add(linktype)
+                        log.warning("link type %d is not supported: its frames count as OTHER",
+                                    linktype)
+            add(ts_ns, wire_len, len(frame), decoded)
+            if batcher.ready:
+                for partition, message, count in take():
+                    send(partition, message, count)
+            if frames_n & 1023:
+                continue
+        now = time.monotonic()
+        if now >= next_flush:
+            batcher.flush()
+            for partition, message, count in take():
+                send(partition, message, count)
+            producer.poll()
+            next_flush = now + interval
+        if now >= next_stats:
+            counters.frames, counters.bytes = frames_n, bytes_n
+            counters.malformed, counters.unsupported_link = malformed, unsupported
+            if source is not None:
+                source.read_drops()
+                counters.kernel_drops = source.kernel_drops
+            counters.log_summary()
+            next_stats = now + settings.stats_interval_s
+        if Stop.requested:
+            break
+    batcher.flush(final=True)
+    for partition, message, count in take():
+        send(partition, message, count)
+    counters.frames, counters.bytes = frames_n, bytes_n
+    counters.malformed, counters.unsupported_link = malformed, unsupported
+    if source is not None:
+        source.read_drops()
+        counters.kernel_drops = source.kernel_drops
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m capture", description=__doc__)
+    parser.add_argument("--pcap", metavar="FILE", help="read this pcap/pcapng file, then exit")
+    args = parser.parse_args(argv)
+    settings = load_settings(CaptureSettings, "capture")
+    configure_logging(settings.log_level)
+    Stop.install()
+    counters = CaptureCounters()
+    file_error = None
+    try:
+        if args.pcap:
+            frames = read_frames(args.pcap)
+            first = next(frames, None)  # a bad file fails here, before we touch the broker
+            frames = chain([first], frames) if first is not None else iter(())
+            source = None
+        else:
+            from capture.live import LiveSource
+
+            source = LiveSource(settings.iface, settings.bpf_filter, settings.socket_buffer_mb)
+            frames = source.frames()
+        partitions = ensure_topics(settings.kafka_bootstrap_servers, settings.kafka_topic)
+    except (StartupError, CaptureFileError) as exc:
+        print(f"capture: {exc}", file=sys.stderr)
+        return 2
+    producer = RecordProducer(settings, counters, block=source is None)
+    batcher = RecordBatcher(partitions, settings.records_per_message)
+    log.info("capturing from %s into %s (%d partitions)",
+             args.pcap or (settings.iface or "every interface"), settings.kafka_topic, partitions)
+    try:
+        pump(frames, batcher, producer, counters, settings, source)
+    except CaptureFileError as exc:
+        file_error = exc  # every frame before the damage was sent; report it after delivery
+    undelivered = producer.close(timeout=settings.delivery_timeout_ms / 1000)
+    counters.log_summary("final")
+    if file_error is not None:
+        print(f"capture: {file_error}", file=sys.stderr)
+        return 1
+    if undelivered or counters.delivery_failed:
+        print(f"capture: {counters.delivery_failed} records were not delivered", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""From decoded frames to packed records, batched per Kafka partition.
+
+Non-first IP fragments carry no L4 header. Like tshark's conversation table, they belong to the
+flow of the first fragment with the same (addresses, protocol, IP id): FragmentTracker remembers
+the first fragments' ports, and holds back a non-first fragment that arrives before its first
+fragment for a short while (bounded in count and capture time) before it goes out with ports 0.
+A second first fragment with the same IP id inside the reassembly timeout is an overlap (or an
+attack) on the same datagram: the later fragments stay with the first one, as in tshark.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from packet_records import (
+    FLAG_FRAGMENT,
+    FLAG_LATER_FRAGMENT,
+    FLAG_TRUNCATED,
+    NO_NAME,
+    RECORD,
+    encode_batch,
+    partition_for,
+)
+
+_pack = RECORD.pack
+
+
+class FragmentTracker:
+    def __init__(self, max_flows: int = 65536, max_held: int = 4096, hold_ns: int = 2_000_000_000,
+                 reassembly_ns: int = 30_000_000_000):
+        self.ports: OrderedDict[tuple, tuple[int, int, int]] = OrderedDict()  # sport, dport, ts
+        self.held: OrderedDict[tuple, list] = OrderedDict()
+        self.held_count = 0
+        self.max_flows, self.max_held, self.hold_ns = max_flows, max_held, hold_ns
+        self.reassembly_ns = reassembly_ns
+
+    def first_fragment(self, key: tuple, sport: int, dport: int, ts_ns: int) -> list:
+        """Remember the ports of a first fragment; return the held fragments it releases."""
+        known = self.ports.get(key)
+        if known is None or ts_ns - known[2] > self.reassembly_ns:
+            self.ports[key] = (sport, dport, ts_ns)
+            self.ports.move_to_end(key)
+            if len(self.ports) > self.max_flows:
+                self.ports.popitem(last=False)
+        released = self.held.pop(key, None)
+        if released:
+            self.held_count -= len(released)
+            return released
+        return []
+
+    def ports_of(self, key: tuple) -> tuple[int, int, int] | None:
+        return self.ports.get(key)
+
+    def hold(self, key: tuple, item) -> list:
+        """Hold a non-first fragment; return fragments pushed out by the bound (ports 0)."""
+        self.held.setdefault(key, []).append(item)
+        self.held_count += 1
+        out = []
+        while self.held_count > self.max_held:
+            _, items = self.held.popitem(last=False)
+            self.held_count -= len(items)
+            out.extend(items)
+        return out
+
+    def expire(self, now_ns: int | None) -> list:
+        """Fragments held longer than hold_ns of capture time (all of them when now_ns is None)."""
+        out = []
+        while self.held:
+            key, items = next(iter(self.held.items()))
+            if now_ns is not None and now_ns - items[0][0] < self.hold_ns:
+                break
+            del self.held[key]
+            self.held_count -= len(items)
+            out.extend(items)
+        return out
+
+
+class RecordBatcher:
+    """Packs one record per frame and groups them into one message per partition."""
+
+    def __init__(self, partitions: int, records_per_message: int):
+        self.partitions = partitions
+        self.records_per_message = records_per_message
+        self.pending: list[list[bytes]] = [[] for _ in range(partitions)]
+        self.ready: list[tuple[int, bytes, int]] = []  # (partition, message, record count)
+        self.fragments = FragmentTracker()
+        self.last_ts = 0
+
+    def add(self, ts_ns: int, wire_len: int, cap_len: int, decoded: tuple) -> None:
+        ipver, proto, src, dst, sport, dport, tcp_flags, flags, frag_id, _l4_off = decoded
+        if cap_len < wire_len:
+            flags |= FLAG_TRUNCATED
+        self.last_ts = ts_ns
+        if flags & FLAG_FRAGMENT:
+            key = (src, dst, proto, frag_id)
+            if not flags & FLAG_LATER_FRAGMENT:
+                for held in self.fragments.first_fragment(key, sport, dport, ts_ns):
+                    self._emit(*held, sport, dport)
+            else:
+                known = self.fragments.ports_of(key)
+                if known is None:
+                    item = (ts_ns, wire_len, ipver, proto, src, dst, tcp_flags, flags)
+                    for old in self.fragments.hold(key, item):
+                        self._emit(*old, 0, 0)
+                    return
+                sport, dport = known[0], known[1]
+        self._emit(ts_ns, wire_len, ipver, proto, src, dst, tcp_flags, flags, sport, dport)
+
+    def _emit(self, ts_ns, wire_len, ipver, proto, src, dst, tcp_flags, flags, sport, dport):
+        partition = partition_for(src, dst, sport, dport, proto, self.partitions)
+        batch = self.pending[partition]
+        batch.append(
+            _pack(ts_ns, wire_len, ipver, proto, tcp_flags, flags, sport, dport, src, dst, 0, 0,
+                  NO_NAME)
+        )
+        if len(batch) >= self.records_per_message:
+            self.ready.append((partition, encode_batch(batch), len(batch)))
+            self.pending[partition] = []
+
+    def flush(self, final: bool = False) -> None:
+        """Close every partial batch (and, when final, release every held fragment)."""
+        for held in self.fragments.expire(None if final else self.last_ts):
+            self._emit(*held, 0, 0)
+        for partition, batch in enumerate(self.pending):
+            if batch:
+                self.ready.append((partition, encode_batch(batch), len(batch)))
+                self.pending[partition] = []
+
+    def take(self) -> list[tuple[int, bytes, int]]:
+        ready, self.ready = self.ready, []
+        return ready

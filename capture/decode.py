@@ -1,0 +1,247 @@
+"""Fast header decoding of captured frames, without Scapy dissection.
+
+decode_frame() walks the link layer, VLAN tags, the IP header (with IPv6 extension headers and
+fragments) and the L4 ports, and returns one flat tuple. It never raises on bad input: anything
+it cannot decode sets FLAG_MALFORMED and the frame still counts (as OTHER when no IP header).
+"""
+
+from __future__ import annotations
+
+import struct
+
+from packet_records import FLAG_FRAGMENT, FLAG_LATER_FRAGMENT, FLAG_MALFORMED, FLAG_UNSUPPORTED_LINK
+
+# Link types (tcpdump.org/linktypes.html)
+LINKTYPE_NULL = 0
+LINKTYPE_ETHERNET = 1
+LINKTYPE_PPP = 9
+LINKTYPE_RAW_OLD = 12
+LINKTYPE_RAW_OLD2 = 14
+LINKTYPE_PPP_HDLC = 50
+LINKTYPE_RAW = 101
+LINKTYPE_LOOP = 108
+LINKTYPE_LINUX_SLL = 113
+LINKTYPE_PPI = 192
+LINKTYPE_IPV4 = 228
+LINKTYPE_IPV6 = 229
+LINKTYPE_LINUX_SLL2 = 276
+
+ETH_IPV4, ETH_IPV6 = 0x0800, 0x86DD
+ETH_VLAN_TAGS = (0x8100, 0x88A8, 0x9100, 0x9200)
+ETH_PPPOE_SESSION = 0x8864
+ETH_MPLS = (0x8847, 0x8848)
+PPP_IPV4, PPP_IPV6 = 0x0021, 0x0057
+
+# IPv6 extension headers skipped to reach the L4 header (AH is skipped after IPv6 as well)
+IPV6_EXT_HEADERS = frozenset((0, 43, 60, 135, 139, 140, 253, 254))
+IPPROTO_FRAGMENT, IPPROTO_AH = 44, 51
+PORTED = frozenset((6, 17, 132, 136))  # TCP, UDP, SCTP, UDP-Lite
+TCP = 6
+
+SUPPORTED_LINKTYPES = frozenset(
+    (LINKTYPE_NULL, LINKTYPE_ETHERNET, LINKTYPE_PPP, LINKTYPE_RAW_OLD, LINKTYPE_RAW_OLD2,
+     LINKTYPE_PPP_HDLC, LINKTYPE_RAW, LINKTYPE_LOOP, LINKTYPE_LINUX_SLL, LINKTYPE_PPI,
+     LINKTYPE_IPV4, LINKTYPE_IPV6, LINKTYPE_LINUX_SLL2)
+)
+
+_U16 = struct.Struct("!H").unpack_from
+_U32 = struct.Struct("!I").unpack_from
+_PORTS = struct.Struct("!HH").unpack_from
+_V4_FIXED = struct.Struct("!BxHHH").unpack_from  # ver/ihl, total length, id, flags+offset
+_V6_FRAG = struct.Struct("!BxHI").unpack_from  # next header, offset+flags, ident
+_PAD12 = bytes(12)
+
+# Decoded tuple: (ip_version, ip_proto, src, dst, sport, dport, tcp_flags, flags, frag_id, l4_off)
+# frag_id is 0 for unfragmented packets, else the IP ident (+1 so that 0 means "none");
+# non-first fragments carry no ports (0) and l4_off -1. l4_off is where the L4 header starts.
+NOT_IP_MALFORMED = (0, 0, _PAD12 + bytes(4), _PAD12 + bytes(4), 0, 0, 0, FLAG_MALFORMED, 0, -1)
+
+
+def decode_frame(frame: bytes, linktype: int) -> tuple:
+    """Decode one frame of the given link type into the flat decoded tuple."""
+    if linktype == LINKTYPE_ETHERNET:
+        return _decode_ethernet(frame, 0)
+    if linktype == LINKTYPE_LINUX_SLL:
+        if len(frame) < 16:
+            return NOT_IP_MALFORMED
+        return _decode_ethertype(frame, _U16(frame, 14)[0], 16, frame[6:12])
+    if linktype == LINKTYPE_LINUX_SLL2:
+        if len(frame) < 20:
+            return NOT_IP_MALFORMED
+        return _decode_ethertype(frame, _U16(frame, 0)[0], 20, frame[12:18])
+    if linktype in (LINKTYPE_RAW, LINKTYPE_RAW_OLD, LINKTYPE_RAW_OLD2, LINKTYPE_IPV4, LINKTYPE_IPV6):
+        return _decode_ip_by_version(frame, 0)
+    if linktype in (LINKTYPE_NULL, LINKTYPE_LOOP):
+        return _decode_loopback(frame, linktype)
+    if linktype in (LINKTYPE_PPP, LINKTYPE_PPP_HDLC):
+        return _decode_ppp(frame, 0)
+    if linktype == LINKTYPE_PPI:
+        if len(frame) < 8:
+            return NOT_IP_MALFORMED
+        header_len = struct.unpack_from("<H", frame, 2)[0]
+        inner = struct.unpack_from("<I", frame, 4)[0]
+        if header_len < 8 or header_len > len(frame) or inner == LINKTYPE_PPI:
+            return NOT_IP_MALFORMED
+        return decode_frame(frame[header_len:], inner)
+    return (0, 0, bytes(16), bytes(16), 0, 0, 0, FLAG_UNSUPPORTED_LINK | FLAG_MALFORMED, 0, -1)
+
+
+def _non_ip(frame: bytes, off: int, flags: int = 0) -> tuple:
+    """A frame without an IP header: addresses are the MACs when there are any."""
+    src = frame[6:12] + _PAD12[:10] if off >= 14 else bytes(16)
+    dst = frame[0:6] + _PAD12[:10] if off >= 14 else bytes(16)
+    return (0, 0, src, dst, 0, 0, 0, flags, 0, -1)
+
+
+def _decode_ethernet(frame: bytes, off: int) -> tuple:
+    if len(frame) < off + 14:
+        return NOT_IP_MALFORMED
+    ethertype = _U16(frame, off + 12)[0]
+    off += 14
+    # 802.1Q, QinQ (802.1ad) and older double-tag EtherTypes, any depth
+    while ethertype in ETH_VLAN_TAGS:
+        if len(frame) < off + 4:
+            return _non_ip(frame, off, FLAG_MALFORMED)
+        ethertype = _U16(frame, off + 2)[0]
+        off += 4
+    return _decode_ethertype(frame, ethertype, off, None)
+
+
+def _decode_ethertype(frame: bytes, ethertype: int, off: int, _mac) -> tuple:
+    if ethertype == ETH_IPV4:
+        return _decode_ipv4(frame, off)
+    if ethertype == ETH_IPV6:
+        return _decode_ipv6(frame, off)
+    if ethertype in ETH_VLAN_TAGS:  # Linux cooked captures may keep the tag in the payload
+        if len(frame) < off + 4:
+            return _non_ip(frame, off, FLAG_MALFORMED)
+        return _decode_ethertype(frame, _U16(frame, off + 2)[0], off + 4, _mac)
+    if ethertype == ETH_PPPOE_SESSION:
+        if len(frame) < off + 8:
+            return _non_ip(frame, off, FLAG_MALFORMED)
+        return _decode_ppp(frame, off + 6)
+    if ethertype in ETH_MPLS:
+        return _decode_mpls(frame, off)
+    return _non_ip(frame, off)
+
+
+def _decode_mpls(frame: bytes, off: int) -> tuple:
+    while True:
+        if len(frame) < off + 4:
+            return _non_ip(frame, off, FLAG_MALFORMED)
+        bottom = frame[off + 2] & 1
+        off += 4
+        if bottom:
+            return _decode_ip_by_version(frame, off)
+
+
+def _decode_ppp(frame: bytes, off: int) -> tuple:
+    if frame[off:off + 2] == b"\xff\x03":  # HDLC address + control
+        off += 2
+    if len(frame) < off + 1:
+        return NOT_IP_MALFORMED
+    if frame[off] & 1:  # protocol field compressed to one byte
+        proto, off = frame[off], off + 1
+    elif len(frame) >= off + 2:
+        proto, off = _U16(frame, off)[0], off + 2
+    else:
+        return NOT_IP_MALFORMED
+    if proto == PPP_IPV4:
+        return _decode_ipv4(frame, off)
+    if proto == PPP_IPV6:
+        return _decode_ipv6(frame, off)
+    return _non_ip(frame, 0)
+
+
+def _decode_loopback(frame: bytes, linktype: int) -> tuple:
+    if len(frame) < 4:
+        return NOT_IP_MALFORMED
+    if linktype == LINKTYPE_LOOP:
+        family = _U32(frame, 0)[0]
+    else:  # DLT_NULL: host byte order of the capturing machine; AF values are small
+        family = struct.unpack_from("<I", frame, 0)[0]
+        if family > 0xFFFF:
+            family = _U32(frame, 0)[0]
+    if family == 2:
+        return _decode_ipv4(frame, 4)
+    if family in (10, 24, 28, 30):  # AF_INET6 on Linux, NetBSD/OpenBSD, FreeBSD, macOS
+        return _decode_ipv6(frame, 4)
+    return _decode_ip_by_version(frame, 4)
+
+
+def _decode_ip_by_version(frame: bytes, off: int) -> tuple:
+    if len(frame) <= off:
+        return NOT_IP_MALFORMED
+    version = frame[off] >> 4
+    if version == 4:
+        return _decode_ipv4(frame, off)
+    if version == 6:
+        return _decode_ipv6(frame, off)
+    return NOT_IP_MALFORMED
+
+
+def _decode_ipv4(frame: bytes, off: int) -> tuple:
+    if len(frame) < off + 20:
+        return NOT_IP_MALFORMED  # truncated IP header: counts as OTHER
+    ver_ihl, total_len, ident, frag = _V4_FIXED(frame, off)
+    ihl = (ver_ihl & 0x0F) * 4
+    if ver_ihl >> 4 != 4 or ihl < 20 or len(frame) < off + ihl:
+        return NOT_IP_MALFORMED
+    proto = frame[off + 9]
+    src = frame[off + 12:off + 16] + _PAD12
+    dst = frame[off + 16:off + 20] + _PAD12
+    if total_len < ihl:  # the header is whole but its length lies: no L4 header to trust
+        return (4, proto, src, dst, 0, 0, 0, FLAG_MALFORMED, 0, -1)
+    frag_id = 0
+    flags = 0
+    if frag & 0x3FFF:  # MF set or offset > 0
+        flags = FLAG_FRAGMENT
+        frag_id = ident + 1
+        if frag & 0x1FFF:  # non-first fragment: no L4 header
+            return (4, proto, src, dst, 0, 0, 0, flags | FLAG_LATER_FRAGMENT, frag_id, -1)
+    return _decode_l4(frame, off + ihl, 4, proto, src, dst, flags, frag_id)
+
+
+def _decode_ipv6(frame: bytes, off: int) -> tuple:
+    if len(frame) < off + 40 or frame[off] >> 4 != 6:
+        return NOT_IP_MALFORMED
+    src = frame[off + 8:off + 24]
+    dst = frame[off + 24:off + 40]
+    nh = frame[off + 6]
+    pos = off + 40
+    flags = 0
+    frag_id = 0
+    for _ in range(16):  # bound the walk: a hostile chain of extension headers ends here
+        if nh in IPV6_EXT_HEADERS or nh == IPPROTO_AH:
+            if len(frame) < pos + 2:
+                return (6, nh, src, dst, 0, 0, 0, FLAG_MALFORMED, 0, -1)
+            size = (frame[pos + 1] + 2) * 4 if nh == IPPROTO_AH else (frame[pos + 1] + 1) * 8
+            nh, pos = frame[pos], pos + size
+        elif nh == IPPROTO_FRAGMENT:
+            if len(frame) < pos + 8:
+                return (6, nh, src, dst, 0, 0, 0, FLAG_MALFORMED, 0, -1)
+            nh, offset_flags, ident = _V6_FRAG(frame, pos)
+            flags = FLAG_FRAGMENT
+            frag_id = ident + 1
+            pos += 8
+            if offset_flags & 0xFFF8:  # non-first fragment
+                return (6, nh, src, dst, 0, 0, 0, flags | FLAG_LATER_FRAGMENT, frag_id, -1)
+        else:
+            return _decode_l4(frame, pos, 6, nh, src, dst, flags, frag_id)
+    return (6, nh, src, dst, 0, 0, 0, FLAG_MALFORMED, 0, -1)
+
+
+def _decode_l4(frame: bytes, pos: int, version: int, proto: int, src: bytes, dst: bytes,
+               flags: int, frag_id: int) -> tuple:
+    if proto in PORTED:
+        if len(frame) < pos + 4:
+            return (version, proto, src, dst, 0, 0, 0, flags | FLAG_MALFORMED, frag_id, -1)
+        sport, dport = _PORTS(frame, pos)
+        tcp_flags = 0
+        if proto == TCP:
+            if len(frame) >= pos + 14:
+                tcp_flags = frame[pos + 13]
+            else:
+                flags |= FLAG_MALFORMED
+        return (version, proto, src, dst, sport, dport, tcp_flags, flags, frag_id, pos)
+    return (version, proto, src, dst, 0, 0, 0, flags, frag_id, pos)

@@ -1,0 +1,65 @@
+"""Bidirectional flows: keys, deterministic ids, and the per-partition flow table."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import struct
+
+
+def flow_id(key: tuple) -> str:
+    """Deterministic digest of a canonical flow key: the same in every process and run."""
+    ipver, proto, a, aport, b, bport = key
+    raw = struct.pack("!BB16sH16sH", ipver, proto, a, aport, b, bport)
+    return hashlib.blake2b(raw, digest_size=8).hexdigest()
+
+
+def address_text(ipver: int, raw: bytes) -> str:
+    """RFC 5952 text of a record address (IPv4 lives in the first 4 bytes)."""
+    if ipver == 4:
+        return socket.inet_ntop(socket.AF_INET, raw[:4])
+    return socket.inet_ntop(socket.AF_INET6, raw)
+
+
+class Flow:
+    """One flow as this process knows it since the flow entered its table."""
+
+    __slots__ = ("id", "key", "src", "dst", "sport", "dport", "proto", "first_ns", "last_ns",
+                 "opened_ns", "delta_bytes", "delta_packets", "new", "dirty")
+
+    def __init__(self, key: tuple, ipver: int, proto: int, src: bytes, sport: int, dst: bytes,
+                 dport: int, ts_ns: int):
+        self.id = flow_id(key)
+        self.key = key
+        # src is the sender of the first frame seen of the flow (kept in Redis with HSETNX)
+        self.src, self.dst = address_text(ipver, src), address_text(ipver, dst)
+        self.sport, self.dport, self.proto = sport, dport, proto
+        self.first_ns = self.last_ns = self.opened_ns = ts_ns
+        self.delta_bytes = self.delta_packets = 0
+        self.new = True  # meta not yet initialised in Redis by this table entry
+        self.dirty = False
+
+
+class FlowTable:
+    """Flows of one partition, with idle and active timeouts on capture time and a size bound."""
+
+    def __init__(self, idle_ns: int, active_ns: int, max_flows: int):
+        self.flows: dict[tuple, Flow] = {}
+        self.idle_ns, self.active_ns, self.max_flows = idle_ns, active_ns, max_flows
+
+    def __len__(self) -> int:
+        return len(self.flows)
+
+    def expire(self, now_ns: int) -> list[Flow]:
+        """Remove and return flows idle or open too long at capture time now_ns, then the
+        oldest entries when the table is over its bound (dicts keep insertion order)."""
+        gone = [f for f in self.flows.values()
+                if not f.dirty and (now_ns - f.last_ns > self.idle_ns
+                                    or now_ns - f.opened_ns > self.active_ns)]
+        for f in gone:
+            del self.flows[f.key]
+        if len(self.flows) > self.max_flows:
+            for key in list(self.flows)[: len(self.flows) - self.max_flows]:
+                if not self.flows[key].dirty:
+                    gone.append(self.flows.pop(key))
+        return gone

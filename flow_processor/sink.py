@@ -1,0 +1,230 @@
+"""Writing aggregates to Redis exactly once.
+
+Each partition's offset lives in Redis next to the data (key pipeline:offsets:<group>:<topic>:
+<partition>). A flush WATCHes the offset keys of the partitions it writes, checks that each still
+holds the offset this process started its aggregates from, and writes every sum, flow update and
+the new offsets in one MULTI/EXEC. So a write lands whole or not at all, a replay after a crash
+starts exactly after what was written, and a process that lost a partition to another (a fence)
+finds a different offset there and drops what it had instead of counting it twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import redis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ResponseError, WatchError
+from redis.retry import Retry
+
+from flow_processor.aggregate import PartitionState
+from flow_processor.flows import Flow
+from flow_processor.settings import ProcessorSettings
+from packet_records import PROTOCOLS
+from packet_records.runtime import StartupError
+
+log = logging.getLogger(__name__)
+
+MADD_CHUNK = 2000  # samples per TS.MADD
+METRICS = (("bps", 0), ("pps", 1))  # series suffix, index in the [bytes, packets] cells
+TOP_FLOWS = "flows:top:bytes"
+COUNTERS = "pipeline:processor"
+
+
+def ns_text(ns: int) -> str:
+    """Epoch seconds with nanosecond digits, as tshark prints frame.time_epoch."""
+    return f"{ns // 1_000_000_000}.{ns % 1_000_000_000:09d}"
+
+
+@dataclass
+class WriteResult:
+    written: list[PartitionState] = field(default_factory=list)
+    fenced: list[tuple[PartitionState, int | None]] = field(default_factory=list)
+    rejected_samples: int = 0
+
+
+class RedisSink:
+    def __init__(self, settings: ProcessorSettings):
+        self.settings = settings
+        self.redis = redis.Redis.from_url(
+            settings.redis_url, socket_timeout=30, socket_connect_timeout=5,
+            retry=Retry(ExponentialWithJitterBackoff(base=0.1, cap=2.0), 3),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        )
+        self.offset_prefix = f"pipeline:offsets:{settings.kafka_group_id}:{settings.kafka_topic}:"
+        self.created: set[str] = set()
+
+    def check(self) -> None:
+        """Fail at start with one clear line when Redis or RedisTimeSeries is missing."""
+        try:
+            self.redis.ping()
+            self.redis.execute_command("TS.INFO", "pipeline:probe:none")
+        except redis.ConnectionError as exc:
+            raise StartupError(f"Redis at {self.settings.redis_url} not reachable: {exc}") from None
+        except ResponseError as exc:
+            if "unknown command" in str(exc).lower():
+                raise StartupError("Redis has no RedisTimeSeries module (use Redis Stack)") from None
+
+    def stored_offset(self, partition: int) -> int | None:
+        value = self.redis.get(self.offset_prefix + str(partition))
+        return int(value) if value is not None else None
+
+    # -- series creation -------------------------------------------------------------------
+
+    def _series_to_create(self, states: list[PartitionState]) -> list[tuple[str, int, dict]]:
+        out = []
+        aggregate_retention = self.settings.series_retention_ms
+        for metric, _ in METRICS:
+            out.append((f"ts:global:{metric}", aggregate_retention,
+                        {"dimension": "global", "metric": metric}))
+            for proto in PROTOCOLS:
+                out.append((f"ts:protocol:{proto}:{metric}", aggregate_retention,
+                            {"dimension": "protocol", "protocol": proto, "metric": metric}))
+        out = [item for item in out if item[0] not in self.created]
+        for state in states:
+            for flow in state.dirty_flows:
+                if flow.new:
+                    for metric, _ in METRICS:
+                        out.append((f"ts:flow:{flow.id}:{metric}",
+                                    self.settings.flow_series_retention_ms,
+                                    {"dimension": "flow", "flow_id": flow.id, "metric": metric}))
+        return out
+
+    def _create_series(self, series: list[tuple[str, int, dict]]) -> None:
+        if not series:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for key, retention, labels in series:
+            args = ["TS.CREATE", key, "RETENTION", retention, "DUPLICATE_POLICY", "SUM", "LABELS"]
+            for name, value in labels.items():
+                args += [name, value]
+            pipe.execute_command(*args)
+        for (key, _, _), result in zip(series, pipe.execute(raise_on_error=False)):
+            if isinstance(result, Exception) and "already exists" not in str(result):
+                raise result
+            if not key.startswith("ts:flow:"):
+                self.created.add(key)
+
+    # -- the transaction -------------------------------------------------------------------
+
+    def write(self, states: list[PartitionState]) -> WriteResult:
+        """Write the aggregates of these partitions with their offsets, exactly once."""
+        self._create_series(self._series_to_create(states))
+        keys = [self.offset_prefix + str(s.partition) for s in states]
+        while True:
+            result = WriteResult()
+            with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    pipe.watch(*keys)
+                    stored = [int(v) if v is not None else None for v in pipe.mget(keys)]
+                    writable = []
+                    for state, offset in zip(states, stored):
+                        if offset == state.base_offset:
+                            writable.append(state)
+                        elif offset == state.next_offset:
+                            result.written.append(state)  # our earlier EXEC landed, reply lost
+                        else:
+                            result.fenced.append((state, offset))
+                    if not writable:
+                        pipe.unwatch()
+                        return result
+                    pipe.multi()
+                    sample_commands = self._queue_writes(pipe, writable)
+                    replies = pipe.execute(raise_on_error=False)
+                except WatchError:
+                    continue  # an offset moved under us: look again
+            result.rejected_samples = self._count_rejected(replies, sample_commands)
+            failed = [r for r in replies if isinstance(r, Exception)
+                      and not isinstance(r, ResponseError)]
+            if failed:
+                raise failed[0]
+            result.written.extend(writable)
+            return result
+
+    def _queue_writes(self, pipe, states: list[PartitionState]) -> int:
+        samples: list = []
+        for state in states:
+            for sec, cell in state.global_.items():
+                for metric, i in METRICS:
+                    samples.append((sec, f"ts:global:{metric}", cell[i]))
+            for (proto, sec), cell in state.protocols.items():
+                for metric, i in METRICS:
+                    samples.append((sec, f"ts:protocol:{proto}:{metric}", cell[i]))
+            for (fid, sec), cell in state.flow_seconds.items():
+                for metric, i in METRICS:
+                    samples.append((sec, f"ts:flow:{fid}:{metric}", cell[i]))
+        # Sum duplicates before writing (each duplicate re-encodes a chunk), oldest first so
+        # that a retention window never rejects older samples written after newer ones.
+        summed: dict[tuple[int, str], int] = {}
+        for sec, key, value in samples:
+            summed[(sec, key)] = summed.get((sec, key), 0) + value
+        ordered = sorted(summed.items())
+        commands = 0
+        for start in range(0, len(ordered), MADD_CHUNK):
+            args: list = ["TS.MADD"]
+            for (sec, key), value in ordered[start:start + MADD_CHUNK]:
+                args += [key, sec * 1000, value]
+            pipe.execute_command(*args)
+            commands += 1
+        for state in states:
+            for flow in state.dirty_flows:
+                self._queue_flow(pipe, flow)
+        counters = {
+            "records": sum(s.records for s in states),
+            "malformed_frames": sum(s.malformed_frames for s in states),
+            "malformed_messages": sum(s.malformed_messages for s in states),
+        }
+        for name, value in counters.items():
+            if value:
+                pipe.hincrby(COUNTERS, name, value)
+        for state in states:
+            pipe.set(self.offset_prefix + str(state.partition), state.next_offset)
+        return commands
+
+    def _queue_flow(self, pipe, flow: Flow) -> None:
+        meta = f"flow:{flow.id}:meta"
+        if flow.new:
+            for name, value in (("src", flow.src), ("dst", flow.dst), ("sport", flow.sport),
+                                ("dport", flow.dport), ("proto", flow.proto),
+                                ("first_seen", ns_text(flow.first_ns))):
+                pipe.hsetnx(meta, name, value)
+            for key in (meta, f"ts:flow:{flow.id}:bps", f"ts:flow:{flow.id}:pps"):
+                pipe.persist(key)  # it may have been set to expire when the flow went idle
+        pipe.hincrby(meta, "bytes", flow.delta_bytes)
+        pipe.hincrby(meta, "packets", flow.delta_packets)
+        pipe.hset(meta, "last_seen", ns_text(flow.last_ns))
+        pipe.zincrby(TOP_FLOWS, flow.delta_bytes, flow.id)
+
+    @staticmethod
+    def _count_rejected(replies: list, madd_commands: int) -> int:
+        rejected = 0
+        for reply in replies[:madd_commands]:
+            if isinstance(reply, Exception):
+                raise reply  # a whole TS.MADD refused: a bug, not bad data
+            for item in reply:
+                if isinstance(item, Exception):
+                    rejected += 1
+                    if rejected == 1:
+                        log.warning("RedisTimeSeries refused a sample: %s", item)
+        return rejected
+
+    # -- after a write ---------------------------------------------------------------------
+
+    def expire_flows(self, flows: list[Flow]) -> None:
+        """Flows that left the table: their keys expire flow_ttl_s later unless they return."""
+        if not flows:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        ttl = self.settings.flow_ttl_s
+        for flow in flows:
+            for key in (f"flow:{flow.id}:meta", f"ts:flow:{flow.id}:bps", f"ts:flow:{flow.id}:pps"):
+                pipe.expire(key, ttl)
+        pipe.execute()
+
+    def trim_top(self) -> None:
+        self.redis.zremrangebyrank(TOP_FLOWS, 0, -(self.settings.top_flows_kept + 1))
+
+    def add_rejected(self, count: int) -> None:
+        if count:
+            self.redis.hincrby(COUNTERS, "rejected_samples", count)

@@ -1,0 +1,119 @@
+"""The record contract between the capture service and the flow processor.
+
+A Kafka message on the packets topic is one batch of packet records:
+
+    header   '<4sBBH'   magic b"DPIR", format version, reserved (0), record count
+    records  count x RECORD (fixed 56 bytes each, little-endian, see RECORD_FIELDS)
+    names    '<H' count, then per name: '<B' length + UTF-8 bytes (L7 names; may be empty)
+
+A record carries headers and extracted L7 metadata only: never payload bytes.
+The packed layout was chosen over orjson by measurement (see README, "Record encoding").
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from typing import Iterator, NamedTuple
+
+MAGIC = b"DPIR"
+VERSION = 1
+HEADER = struct.Struct("<4sBBH")
+RECORD = struct.Struct("<qIBBBBHH16s16sBBH")
+NAME_COUNT = struct.Struct("<H")
+MAX_RECORDS_PER_MESSAGE = 65535
+NO_NAME = 0xFFFF
+
+
+class Record(NamedTuple):
+    """Field order of RECORD; the processor unpacks straight into plain tuples of this order."""
+
+    ts_ns: int  # capture time, nanoseconds since the epoch
+    wire_len: int  # original frame length on the wire (pcap orig_len, tshark frame.len)
+    ip_version: int  # 0 = no (decodable) IP header, 4 or 6 = innermost IP header
+    ip_proto: int  # L4 protocol number of the innermost IP header (0 when ip_version == 0)
+    tcp_flags: int
+    flags: int  # FLAG_* bits below
+    sport: int
+    dport: int
+    src: bytes  # 16 bytes: IPv6, or IPv4 in the first 4 bytes (MAC for non-IP frames)
+    dst: bytes
+    app: int  # application id (packet_records.apps), 0 = not classified
+    reserved: int
+    name_idx: int  # index into the message's name table, NO_NAME when none
+
+
+# Record.flags bits
+FLAG_MALFORMED = 0x01  # something in the frame could not be decoded (still counted)
+FLAG_FRAGMENT = 0x02  # IP fragment
+FLAG_TRUNCATED = 0x04  # captured length shorter than the wire length
+FLAG_TUNNEL = 0x08  # the IP header used is inside a decapsulated tunnel
+FLAG_UNSUPPORTED_LINK = 0x10  # link type the decoder does not know
+FLAG_LATER_FRAGMENT = 0x20  # non-first IP fragment (ports come from its first fragment)
+
+# L4 buckets of the Redis schema (ts:protocol:<PROTO>:...)
+PROTO_NAMES = {6: "TCP", 17: "UDP", 1: "ICMP", 58: "ICMPV6"}
+PROTOCOLS = ("TCP", "UDP", "ICMP", "ICMPV6", "OTHER")
+
+
+def protocol_name(ip_version: int, ip_proto: int) -> str:
+    """The schema's L4 bucket of a record: non-IP frames and other protocols are OTHER."""
+    if ip_version == 0:
+        return "OTHER"
+    return PROTO_NAMES.get(ip_proto, "OTHER")
+
+
+class MalformedMessage(ValueError):
+    """A message on the topic is not a valid batch of this contract."""
+
+
+def encode_batch(records: list[bytes], names: list[str] | None = None) -> bytes:
+    """Join records already packed with RECORD.pack into one message."""
+    parts = [HEADER.pack(MAGIC, VERSION, 0, len(records)), *records]
+    names = names or []
+    parts.append(NAME_COUNT.pack(len(names)))
+    for name in names:
+        raw = name.encode("utf-8")[:255]
+        parts.append(bytes((len(raw),)) + raw)
+    return b"".join(parts)
+
+
+def decode_batch(message: bytes) -> tuple[Iterator[tuple], list[str]]:
+    """Validate a message and return (iterator of record tuples, name table)."""
+    if len(message) < HEADER.size + NAME_COUNT.size:
+        raise MalformedMessage("message shorter than the batch header")
+    magic, version, _reserved, count = HEADER.unpack_from(message, 0)
+    if magic != MAGIC:
+        raise MalformedMessage("not a packet record batch (bad magic)")
+    if version != VERSION:
+        raise MalformedMessage(f"unsupported record format version {version}")
+    end = HEADER.size + count * RECORD.size
+    if len(message) < end + NAME_COUNT.size:
+        raise MalformedMessage("record section shorter than its count")
+    names = _decode_names(message, end)
+    view = memoryview(message)[HEADER.size:end]
+    return RECORD.iter_unpack(view), names
+
+
+def _decode_names(message: bytes, pos: int) -> list[str]:
+    (count,) = NAME_COUNT.unpack_from(message, pos)
+    pos += NAME_COUNT.size
+    names = []
+    for _ in range(count):
+        if pos >= len(message):
+            raise MalformedMessage("name table shorter than its count")
+        size = message[pos]
+        raw = message[pos + 1 : pos + 1 + size]
+        if len(raw) != size:
+            raise MalformedMessage("name table entry past the end")
+        names.append(raw.decode("utf-8", "replace"))
+        pos += 1 + size
+    if pos != len(message):
+        raise MalformedMessage("trailing bytes after the name table")
+    return names
+
+
+def partition_for(src: bytes, dst: bytes, sport: int, dport: int, proto: int, partitions: int) -> int:
+    """Kafka partition of a flow: the same for both directions, in every process and run."""
+    mixed = zlib.crc32(src) ^ zlib.crc32(dst) ^ ((sport ^ dport) * 0x9E3779B1) ^ proto
+    return (mixed & 0xFFFFFFFF) % partitions
