@@ -190,8 +190,8 @@ def _decode_ipv4(frame: bytes, off: int) -> tuple:
     proto = frame[off + 9]
     src = frame[off + 12:off + 16] + _PAD12
     dst = frame[off + 16:off + 20] + _PAD12
-    if total_len < ihl:  # the header is whole but its length lies: no L4 header to trust
-        return (4, proto, src, dst, 0, 0, 0, FLAG_MALFORMED, 0, -1)
+    if total_len < ihl:  # a length shorter than the header: not a valid IP packet (as tshark)
+        return NOT_IP_MALFORMED
     frag_id = 0
     flags = 0
     if frag & 0x3FFF:  # MF set or offset > 0

@@ -48,6 +48,13 @@ class Processor:
             "fetch.queue.backoff.ms": 1,
             "error_cb": self._on_kafka_error,
         })
+        # A separate client for watermark queries: on the group member they queue behind its
+        # long-poll fetches (about 0.5 s each per partition).
+        self.watermarks = Consumer({
+            "bootstrap.servers": settings.kafka_bootstrap_servers,
+            "group.id": f"{settings.kafka_group_id}.watermarks",
+            "enable.auto.commit": False,
+        })
         self.deadletter = Producer({
             "bootstrap.servers": settings.kafka_bootstrap_servers,
             "enable.idempotence": True,
@@ -186,7 +193,7 @@ class Processor:
         if not self.joined or any(s.pending for s in self.states.values()):
             return False
         for partition, state in self.states.items():
-            low, high = self.consumer.get_watermark_offsets(
+            low, high = self.watermarks.get_watermark_offsets(
                 TopicPartition(self.topic, partition), timeout=5, cached=False)
             position = state.next_offset if state.next_offset is not None else low
             if position < high:
@@ -242,6 +249,7 @@ class Processor:
             self.log_stats("final")
             self.deadletter.flush(10)
             self.consumer.close()
+            self.watermarks.close()
         return 0
 
     def log_stats(self, prefix: str = "stats") -> None:

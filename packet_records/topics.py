@@ -38,3 +38,24 @@ def ensure_topics(bootstrap: str, packets_topic: str, timeout: float = 30.0) -> 
     if partitions == 0:
         raise StartupError(f"topic {packets_topic} has no partitions")
     return partitions
+
+
+def main() -> int:
+    """python -m packet_records.topics: create the topics (compose's one-shot kafka-init)."""
+    import os
+    import sys
+
+    logging.basicConfig(level="INFO", format="%(message)s")
+    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "localhost:9092")
+    topic = os.environ.get("KAFKA_TOPIC", "raw.packets")
+    try:
+        partitions = ensure_topics(bootstrap, topic, timeout=60.0)
+    except StartupError as exc:
+        print(f"kafka-init: {exc}", file=sys.stderr)
+        return 2
+    print(f"kafka-init: {topic} ready with {partitions} partitions")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,59 @@
+# One entry point for people and CI. `make test` installs everything it needs on a fresh
+# Debian 12 machine (system packages, the venv, the local broker and Redis) and runs every test.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+COMPOSE := $(BIN)/docker-compose
+DOCKER_COMPOSE ?= docker compose
+
+.PHONY: install test unit integration lint bench demo demo-down up down logs load-test clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/install_system.sh
+	bash scripts/install_system.sh
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: install lint
+	$(BIN)/python -m pytest tests -v
+
+unit: install
+	$(BIN)/python -m pytest tests/unit -q
+
+integration: install
+	$(BIN)/python -m pytest tests/integration -v
+
+lint: install
+	$(BIN)/ruff check .
+	$(COMPOSE) -f docker-compose.yml config -q
+	$(COMPOSE) -f docker-compose.yml --profile load-test config -q
+	$(BIN)/hadolint capture/Dockerfile flow_processor/Dockerfile traffic_generator/Dockerfile
+
+bench: install
+	$(BIN)/python bench/bench_pipeline.py
+
+# The same services as compose, as local processes (no Docker engine needed).
+demo: install
+	bash scripts/demo.sh up
+
+demo-down:
+	bash scripts/demo.sh down
+
+up:
+	$(DOCKER_COMPOSE) up -d --build
+
+down:
+	$(DOCKER_COMPOSE) down
+
+logs:
+	$(DOCKER_COMPOSE) logs -f --tail=100
+
+load-test:
+	$(DOCKER_COMPOSE) --profile load-test up -d traffic-generator
+
+clean:
+	rm -rf $(VENV) .cache .run .pytest_cache
