@@ -189,16 +189,25 @@ class Processor:
     # -- the loop --------------------------------------------------------------------------
 
     def caught_up(self) -> bool:
-        """Everything in our partitions is aggregated and written."""
+        """Everything in the topic is written to Redis, whoever wrote it: every partition's
+        stored offset (ours or another member's) has reached the partition's end."""
         if not self.joined or any(s.pending for s in self.states.values()):
             return False
-        for partition, state in self.states.items():
+        partitions = sorted(self.watermarks.list_topics(self.topic, timeout=5)
+                            .topics[self.topic].partitions)
+        stored = self.sink.stored_offsets(partitions)
+        for partition, offset in zip(partitions, stored):
             low, high = self.watermarks.get_watermark_offsets(
                 TopicPartition(self.topic, partition), timeout=5, cached=False)
-            position = state.next_offset if state.next_offset is not None else low
-            if position < high:
+            if (offset if offset is not None else low) < high:
                 return False
         return True
+
+    def _safely_caught_up(self) -> bool:
+        try:
+            return self.caught_up()
+        except REDIS_DOWN:
+            return False
 
     def run(self) -> int:
         s = self.settings
@@ -240,7 +249,7 @@ class Processor:
                     self.log_stats()
                     next_stats = now + s.stats_interval_s
                 if (self.exit_when_idle is not None and now - last_message >= self.exit_when_idle
-                        and not self.paused and self.caught_up()):
+                        and not self.paused and self._safely_caught_up()):
                     log.info("idle for %.0f s with everything written: exiting", self.exit_when_idle)
                     break
             if not self.paused:

@@ -67,8 +67,11 @@ class RedisSink:
                 raise StartupError("Redis has no RedisTimeSeries module (use Redis Stack)") from None
 
     def stored_offset(self, partition: int) -> int | None:
-        value = self.redis.get(self.offset_prefix + str(partition))
-        return int(value) if value is not None else None
+        return self.stored_offsets([partition])[0]
+
+    def stored_offsets(self, partitions: list[int]) -> list[int | None]:
+        values = self.redis.mget([self.offset_prefix + str(p) for p in partitions])
+        return [int(v) if v is not None else None for v in values]
 
     # -- series creation -------------------------------------------------------------------
 
