@@ -44,53 +44,57 @@ def pump(frames: Iterable, batcher: RecordBatcher, producer: RecordProducer,
     now = time.monotonic()
     next_flush, next_stats = now + interval, now + settings.stats_interval_s
     add, take, send = batcher.add, batcher.take, producer.send
+    # hot-loop counters live in locals and reach `counters` in sync_counters()
     frames_n = bytes_n = malformed = unsupported = 0
     warned_links: set[int] = set()
-    for item in frames:
-        if item is not None:
-            ts_ns, wire_len, frame, linktype = item
-            decoded = decode_frame(frame, linktype)
-            frames_n += 1
-            bytes_n += wire_len
-            if decoded[7] & FLAG_MALFORMED:
-                malformed += 1
-                if decoded[7] & FLAG_UNSUPPORTED_LINK:
-                    unsupported += 1
-                    if linktype not in warned_links:
-                        warned_links.add(linktype)
-                        log.warning("link type %d is not supported: its frames count as OTHER",
-                                    linktype)
-            add(ts_ns, wire_len, len(frame), decoded)
-            if batcher.ready:
-                for partition, message, count in take():
-                    send(partition, message, count)
-            if frames_n & 1023:
-                continue
-        now = time.monotonic()
-        if now >= next_flush:
-            batcher.flush()
-            for partition, message, count in take():
-                send(partition, message, count)
-            producer.poll()
-            next_flush = now + interval
-        if now >= next_stats:
-            counters.frames, counters.bytes = frames_n, bytes_n
-            counters.malformed, counters.unsupported_link = malformed, unsupported
-            if source is not None:
-                source.read_drops()
-                counters.kernel_drops = source.kernel_drops
-            counters.log_summary()
-            next_stats = now + settings.stats_interval_s
-        if Stop.requested:
-            break
-    batcher.flush(final=True)
-    for partition, message, count in take():
-        send(partition, message, count)
-    counters.frames, counters.bytes = frames_n, bytes_n
-    counters.malformed, counters.unsupported_link = malformed, unsupported
-    if source is not None:
-        source.read_drops()
-        counters.kernel_drops = source.kernel_drops
+
+    def sync_counters() -> None:
+        counters.frames, counters.bytes = frames_n, bytes_n
+        counters.malformed, counters.unsupported_link = malformed, unsupported
+        if source is not None:
+            source.read_drops()
+            counters.kernel_drops = source.kernel_drops
+
+    def send_ready() -> None:
+        for partition, message, count in take():
+            send(partition, message, count)
+
+    try:
+        for item in frames:
+            if item is not None:
+                ts_ns, wire_len, frame, linktype = item
+                decoded = decode_frame(frame, linktype)
+                frames_n += 1
+                bytes_n += wire_len
+                if decoded[7] & FLAG_MALFORMED:
+                    malformed += 1
+                    if decoded[7] & FLAG_UNSUPPORTED_LINK:
+                        unsupported += 1
+                        if linktype not in warned_links:
+                            warned_links.add(linktype)
+                            log.warning("link type %d is not supported: its frames count as OTHER",
+                                        linktype)
+                add(ts_ns, wire_len, len(frame), decoded)
+                if batcher.ready:
+                    send_ready()
+                if frames_n & 1023:
+                    continue
+            now = time.monotonic()
+            if now >= next_flush:
+                batcher.flush()
+                send_ready()
+                producer.poll()
+                next_flush = now + interval
+            if now >= next_stats:
+                sync_counters()
+                counters.log_summary()
+                next_stats = now + settings.stats_interval_s
+            if Stop.requested:
+                break
+    finally:  # a file cut short still delivers every frame before the damage
+        batcher.flush(final=True)
+        send_ready()
+        sync_counters()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,7 @@ from packet_records.runtime import StartupError, topic_definitions
 log = logging.getLogger(__name__)
 
 
-def ensure_topics(bootstrap: str, packets_topic: str, timeout: float = 30.0) -> int:
+def ensure_topics(bootstrap: str, packets_topic: str, timeout: float = 15.0) -> int:
     """Create missing topics; return the packets topic's partition count as the broker has it."""
     admin = AdminClient({"bootstrap.servers": bootstrap})
     try:
