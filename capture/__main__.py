@@ -7,8 +7,8 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Iterable
 from itertools import chain
-from typing import Iterable
 
 from capture.batching import RecordBatcher
 from capture.counters import CaptureCounters

@@ -69,7 +69,8 @@ def decode_frame(frame: bytes, linktype: int) -> tuple:
         if len(frame) < 20:
             return NOT_IP_MALFORMED
         return _decode_ethertype(frame, _U16(frame, 0)[0], 20, frame[12:18])
-    if linktype in (LINKTYPE_RAW, LINKTYPE_RAW_OLD, LINKTYPE_RAW_OLD2, LINKTYPE_IPV4, LINKTYPE_IPV6):
+    if linktype in (LINKTYPE_RAW, LINKTYPE_RAW_OLD, LINKTYPE_RAW_OLD2, LINKTYPE_IPV4,
+                    LINKTYPE_IPV6):
         return _decode_ip_by_version(frame, 0)
     if linktype in (LINKTYPE_NULL, LINKTYPE_LOOP):
         return _decode_loopback(frame, linktype)

@@ -12,7 +12,7 @@ import logging
 import select
 import socket
 import struct
-from typing import Iterator
+from collections.abc import Iterator
 
 from capture.decode import LINKTYPE_ETHERNET, LINKTYPE_RAW
 from packet_records.runtime import StartupError
@@ -86,7 +86,8 @@ class LiveSource:
 
     def read_drops(self) -> int:
         """Kernel drops since the last call (PACKET_STATISTICS resets on read)."""
-        _packets, drops = struct.unpack("II", self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
+        stats = self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8)
+        _packets, drops = struct.unpack("II", stats)
         self.kernel_drops += drops
         return drops
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import mmap
 import struct
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 PCAP_MAGIC_US = 0xA1B2C3D4
 PCAP_MAGIC_NS = 0xA1B23C4D
@@ -68,7 +68,8 @@ def _read_pcap(data: mmap.mmap, path: Path) -> Iterator[Frame]:
         sec, frac, incl, orig = unpack(data, pos)
         pos += 16
         if incl > MAX_RECORD or pos + incl > size:
-            raise CaptureFileError(f"{path}: packet record at byte {pos - 16} is cut short or corrupt")
+            raise CaptureFileError(
+                f"{path}: packet record at byte {pos - 16} is cut short or corrupt")
         yield sec * 1_000_000_000 + frac * scale, max(orig, incl), data[pos:pos + incl], linktype
         pos += incl
     if pos != size:

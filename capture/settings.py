@@ -23,7 +23,7 @@ class CaptureSettings(BaseSettings):
     batch_interval_ms: int = Field(100, ge=1, le=60000,
                                    description="Longest a partial batch waits before it is sent")
     producer_buffer_mb: int = Field(256, ge=1, le=16384,
-                                    description="Bound of records buffered while the broker is away")
+                                    description="Bound of the buffer while the broker is away")
     delivery_timeout_ms: int = Field(300000, ge=1000, le=86400000,
                                      description="Give up on (and count) a message after this long")
     socket_buffer_mb: int = Field(64, ge=1, le=2048, description="Kernel receive buffer (live)")

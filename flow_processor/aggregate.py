@@ -6,8 +6,8 @@ with the offset range it covers, so that a flush writes the sums and the offsets
 
 from __future__ import annotations
 
-from packet_records import FLAG_MALFORMED, PROTO_NAMES
 from flow_processor.flows import Flow, FlowTable
+from packet_records import FLAG_MALFORMED, PROTO_NAMES
 
 NS = 1_000_000_000
 

@@ -174,8 +174,8 @@ class Processor:
             fresh = self._new_state(state.partition, stored)
             if self.states.get(state.partition) is state:
                 self.states[state.partition] = fresh
-                self.consumer.seek(TopicPartition(self.topic, state.partition,
-                                                  stored if stored is not None else OFFSET_BEGINNING))
+                start = stored if stored is not None else OFFSET_BEGINNING
+                self.consumer.seek(TopicPartition(self.topic, state.partition, start))
         self.totals["flushes"] += 1
         if result.rejected_samples:
             self.totals["rejected_samples"] += result.rejected_samples
@@ -220,7 +220,8 @@ class Processor:
         retry_at = 0.0
         try:
             while not self.stop_requested:
-                batch = max(1, min(10000, int(s.max_poll_records / max(1.0, self.records_per_message))))
+                per_message = max(1.0, self.records_per_message)
+                batch = max(1, min(10000, int(s.max_poll_records / per_message)))
                 messages = self.consumer.consume(num_messages=batch, timeout=0.2)
                 for msg in messages:
                     self.handle(msg)
@@ -250,7 +251,8 @@ class Processor:
                     next_stats = now + s.stats_interval_s
                 if (self.exit_when_idle is not None and now - last_message >= self.exit_when_idle
                         and not self.paused and self._safely_caught_up()):
-                    log.info("idle for %.0f s with everything written: exiting", self.exit_when_idle)
+                    log.info("idle for %.0f s with everything written: exiting",
+                             self.exit_when_idle)
                     break
             if not self.paused:
                 self.flush()

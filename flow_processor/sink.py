@@ -64,7 +64,8 @@ class RedisSink:
             raise StartupError(f"Redis at {self.settings.redis_url} not reachable: {exc}") from None
         except ResponseError as exc:
             if "unknown command" in str(exc).lower():
-                raise StartupError("Redis has no RedisTimeSeries module (use Redis Stack)") from None
+                raise StartupError(
+                    "Redis has no RedisTimeSeries module (use Redis Stack)") from None
 
     def stored_offset(self, partition: int) -> int | None:
         return self.stored_offsets([partition])[0]

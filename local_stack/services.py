@@ -22,9 +22,9 @@ from typing import Self
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WORKDIR = REPO_ROOT / ".run"
 LIBSSL_DIR = REPO_ROOT / ".cache" / "libssl1.1"
-# Name fragments of the executables, used to check a recorded pid was not reused by another process.
+# Name fragments of the executables: a recorded pid must not have been reused by another process.
 _EXE = {"kafka": "tansu", "redis": "redis-server"}
-# Loaded here, not in the forked child, where dlopen could deadlock on a lock held by another thread.
+# Loaded here, not in the forked child, where dlopen could deadlock on another thread's lock.
 _LIBC = ctypes.CDLL(None, use_errno=True)
 
 
@@ -128,7 +128,7 @@ def start_redis(
 
 
 def recorded(name: str, workdir: str | os.PathLike | None = None) -> Service | None:
-    """The live server recorded in ``<workdir>/<name>.pid`` (e.g. by ``local_stack up``), or None."""
+    """The live server recorded in ``<workdir>/<name>.pid`` (by ``local_stack up``), or None."""
     wd = _workdir(workdir, create=False)
     try:
         pid = int((wd / f"{name}.pid").read_text().split()[0])
@@ -274,7 +274,8 @@ def _package_file(package: str, rel: str) -> Path:
     try:
         path = Path(str(importlib.resources.files(package).joinpath(rel)))
     except ModuleNotFoundError:
-        raise ServiceError(f"python package {package!r} is not installed: pip install -e '.[dev]'")
+        raise ServiceError(
+            f"python package {package!r} is not installed: pip install -e '.[dev]'") from None
     if not path.is_file():
         raise ServiceError(f"{path} not found in package {package!r}")
     if not os.access(path, os.X_OK) and path.suffix != ".so":

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import struct
 import zlib
-from typing import Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import NamedTuple
 
 MAGIC = b"DPIR"
 VERSION = 1
@@ -113,7 +114,8 @@ def _decode_names(message: bytes, pos: int) -> list[str]:
     return names
 
 
-def partition_for(src: bytes, dst: bytes, sport: int, dport: int, proto: int, partitions: int) -> int:
+def partition_for(src: bytes, dst: bytes, sport: int, dport: int, proto: int,
+                  partitions: int) -> int:
     """Kafka partition of a flow: the same for both directions, in every process and run."""
     mixed = zlib.crc32(src) ^ zlib.crc32(dst) ^ ((sport ^ dport) * 0x9E3779B1) ^ proto
     return (mixed & 0xFFFFFFFF) % partitions

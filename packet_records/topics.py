@@ -21,7 +21,8 @@ def ensure_topics(bootstrap: str, packets_topic: str, timeout: float = 15.0) -> 
         raise StartupError(f"Kafka broker at {bootstrap} not reachable: {exc.args[0]}") from None
     wanted = topic_definitions(packets_topic)
     missing = [
-        NewTopic(name, spec["partitions"], spec["replication_factor"], config=spec.get("config", {}))
+        NewTopic(name, spec["partitions"], spec["replication_factor"],
+                 config=spec.get("config", {}))
         for name, spec in wanted.items()
         if name not in existing
     ]
