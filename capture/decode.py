@@ -1,15 +1,23 @@
 """Fast header decoding of captured frames, without Scapy dissection.
 
 decode_frame() walks the link layer, VLAN tags, the IP header (with IPv6 extension headers and
-fragments) and the L4 ports, and returns one flat tuple. It never raises on bad input: anything
-it cannot decode sets FLAG_MALFORMED and the frame still counts (as OTHER when no IP header).
+fragments), tunnels (IP-in-IP, 6in4/4in6, GRE with IP, PPP or Ethernet inside, VXLAN, GTP-U,
+Teredo) down to the innermost IP header, and the L4 ports, and returns one flat tuple. It never
+raises on bad input: anything it cannot decode sets FLAG_MALFORMED and the frame still counts
+(as OTHER when no IP header).
 """
 
 from __future__ import annotations
 
 import struct
 
-from packet_records import FLAG_FRAGMENT, FLAG_LATER_FRAGMENT, FLAG_MALFORMED, FLAG_UNSUPPORTED_LINK
+from packet_records import (
+    FLAG_FRAGMENT,
+    FLAG_LATER_FRAGMENT,
+    FLAG_MALFORMED,
+    FLAG_TUNNEL,
+    FLAG_UNSUPPORTED_LINK,
+)
 
 # Link types (tcpdump.org/linktypes.html)
 LINKTYPE_NULL = 0
@@ -36,7 +44,13 @@ PPP_IPV4, PPP_IPV6 = 0x0021, 0x0057
 IPV6_EXT_HEADERS = frozenset((0, 43, 60, 135, 139, 140, 253, 254))
 IPPROTO_FRAGMENT, IPPROTO_AH = 44, 51
 PORTED = frozenset((6, 17, 132, 136))  # TCP, UDP, SCTP, UDP-Lite
-TCP = 6
+TCP, UDP = 6, 17
+IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_GRE = 4, 41, 47
+IP_TUNNELS = frozenset((IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_GRE))
+GRE_PPP, GRE_ETHERNET = 0x880B, 0x6558
+PORT_VXLAN, PORT_GTP_U, PORT_TEREDO = 4789, 2152, 3544
+UDP_TUNNEL_PORTS = frozenset((PORT_VXLAN, PORT_GTP_U, PORT_TEREDO))
+MAX_TUNNEL_DEPTH = 4
 
 SUPPORTED_LINKTYPES = frozenset(
     (LINKTYPE_NULL, LINKTYPE_ETHERNET, LINKTYPE_PPP, LINKTYPE_RAW_OLD, LINKTYPE_RAW_OLD2,
@@ -94,7 +108,7 @@ def _non_ip(frame: bytes, off: int, flags: int = 0) -> tuple:
     return (0, 0, src, dst, 0, 0, 0, flags, 0, -1)
 
 
-def _decode_ethernet(frame: bytes, off: int) -> tuple:
+def _decode_ethernet(frame: bytes, off: int, depth: int = 0) -> tuple:
     if len(frame) < off + 14:
         return NOT_IP_MALFORMED
     ethertype = _U16(frame, off + 12)[0]
@@ -105,38 +119,38 @@ def _decode_ethernet(frame: bytes, off: int) -> tuple:
             return _non_ip(frame, off, FLAG_MALFORMED)
         ethertype = _U16(frame, off + 2)[0]
         off += 4
-    return _decode_ethertype(frame, ethertype, off, None)
+    return _decode_ethertype(frame, ethertype, off, depth)
 
 
-def _decode_ethertype(frame: bytes, ethertype: int, off: int, _mac) -> tuple:
+def _decode_ethertype(frame: bytes, ethertype: int, off: int, depth: int = 0) -> tuple:
     if ethertype == ETH_IPV4:
-        return _decode_ipv4(frame, off)
+        return _decode_ipv4(frame, off, depth)
     if ethertype == ETH_IPV6:
-        return _decode_ipv6(frame, off)
+        return _decode_ipv6(frame, off, depth)
     if ethertype in ETH_VLAN_TAGS:  # Linux cooked captures may keep the tag in the payload
         if len(frame) < off + 4:
             return _non_ip(frame, off, FLAG_MALFORMED)
-        return _decode_ethertype(frame, _U16(frame, off + 2)[0], off + 4, _mac)
+        return _decode_ethertype(frame, _U16(frame, off + 2)[0], off + 4, depth)
     if ethertype == ETH_PPPOE_SESSION:
         if len(frame) < off + 8:
             return _non_ip(frame, off, FLAG_MALFORMED)
-        return _decode_ppp(frame, off + 6)
+        return _decode_ppp(frame, off + 6, depth)
     if ethertype in ETH_MPLS:
-        return _decode_mpls(frame, off)
+        return _decode_mpls(frame, off, depth)
     return _non_ip(frame, off)
 
 
-def _decode_mpls(frame: bytes, off: int) -> tuple:
+def _decode_mpls(frame: bytes, off: int, depth: int = 0) -> tuple:
     while True:
         if len(frame) < off + 4:
             return _non_ip(frame, off, FLAG_MALFORMED)
         bottom = frame[off + 2] & 1
         off += 4
         if bottom:
-            return _decode_ip_by_version(frame, off)
+            return _decode_ip_by_version(frame, off, depth)
 
 
-def _decode_ppp(frame: bytes, off: int) -> tuple:
+def _decode_ppp(frame: bytes, off: int, depth: int = 0) -> tuple:
     if frame[off:off + 2] == b"\xff\x03":  # HDLC address + control
         off += 2
     if len(frame) < off + 1:
@@ -148,9 +162,9 @@ def _decode_ppp(frame: bytes, off: int) -> tuple:
     else:
         return NOT_IP_MALFORMED
     if proto == PPP_IPV4:
-        return _decode_ipv4(frame, off)
+        return _decode_ipv4(frame, off, depth)
     if proto == PPP_IPV6:
-        return _decode_ipv6(frame, off)
+        return _decode_ipv6(frame, off, depth)
     return _non_ip(frame, 0)
 
 
@@ -170,18 +184,18 @@ def _decode_loopback(frame: bytes, linktype: int) -> tuple:
     return _decode_ip_by_version(frame, 4)
 
 
-def _decode_ip_by_version(frame: bytes, off: int) -> tuple:
+def _decode_ip_by_version(frame: bytes, off: int, depth: int = 0) -> tuple:
     if len(frame) <= off:
         return NOT_IP_MALFORMED
     version = frame[off] >> 4
     if version == 4:
-        return _decode_ipv4(frame, off)
+        return _decode_ipv4(frame, off, depth)
     if version == 6:
-        return _decode_ipv6(frame, off)
+        return _decode_ipv6(frame, off, depth)
     return NOT_IP_MALFORMED
 
 
-def _decode_ipv4(frame: bytes, off: int) -> tuple:
+def _decode_ipv4(frame: bytes, off: int, depth: int = 0) -> tuple:
     if len(frame) < off + 20:
         return NOT_IP_MALFORMED  # truncated IP header: counts as OTHER
     ver_ihl, total_len, ident, frag = _V4_FIXED(frame, off)
@@ -200,10 +214,10 @@ def _decode_ipv4(frame: bytes, off: int) -> tuple:
         frag_id = ident + 1
         if frag & 0x1FFF:  # non-first fragment: no L4 header
             return (4, proto, src, dst, 0, 0, 0, flags | FLAG_LATER_FRAGMENT, frag_id, -1)
-    return _decode_l4(frame, off + ihl, 4, proto, src, dst, flags, frag_id)
+    return _decode_l4(frame, off + ihl, 4, proto, src, dst, flags, frag_id, depth)
 
 
-def _decode_ipv6(frame: bytes, off: int) -> tuple:
+def _decode_ipv6(frame: bytes, off: int, depth: int = 0) -> tuple:
     if len(frame) < off + 40 or frame[off] >> 4 != 6:
         return NOT_IP_MALFORMED
     src = frame[off + 8:off + 24]
@@ -228,16 +242,21 @@ def _decode_ipv6(frame: bytes, off: int) -> tuple:
             if offset_flags & 0xFFF8:  # non-first fragment
                 return (6, nh, src, dst, 0, 0, 0, flags | FLAG_LATER_FRAGMENT, frag_id, -1)
         else:
-            return _decode_l4(frame, pos, 6, nh, src, dst, flags, frag_id)
+            return _decode_l4(frame, pos, 6, nh, src, dst, flags, frag_id, depth)
     return (6, nh, src, dst, 0, 0, 0, FLAG_MALFORMED, 0, -1)
 
 
 def _decode_l4(frame: bytes, pos: int, version: int, proto: int, src: bytes, dst: bytes,
-               flags: int, frag_id: int) -> tuple:
+               flags: int, frag_id: int, depth: int) -> tuple:
     if proto in PORTED:
         if len(frame) < pos + 4:
             return (version, proto, src, dst, 0, 0, 0, flags | FLAG_MALFORMED, frag_id, -1)
         sport, dport = _PORTS(frame, pos)
+        if proto == UDP and (sport in UDP_TUNNEL_PORTS or dport in UDP_TUNNEL_PORTS) \
+                and not flags & FLAG_FRAGMENT and depth < MAX_TUNNEL_DEPTH:
+            inner = _decode_udp_tunnel(frame, pos + 8, sport, dport, depth + 1)
+            if inner is not None:
+                return inner
         tcp_flags = 0
         if proto == TCP:
             if len(frame) >= pos + 14:
@@ -245,4 +264,86 @@ def _decode_l4(frame: bytes, pos: int, version: int, proto: int, src: bytes, dst
             else:
                 flags |= FLAG_MALFORMED
         return (version, proto, src, dst, sport, dport, tcp_flags, flags, frag_id, pos)
+    if proto in IP_TUNNELS and not flags & FLAG_FRAGMENT and depth < MAX_TUNNEL_DEPTH:
+        if proto == IPPROTO_GRE:
+            inner = _decode_gre(frame, pos, depth + 1)
+        elif proto == IPPROTO_IPIP:
+            inner = _decode_ipv4(frame, pos, depth + 1)
+        else:
+            inner = _decode_ipv6(frame, pos, depth + 1)
+        if inner is not None and inner[0]:
+            return _tunneled(inner)
     return (version, proto, src, dst, 0, 0, 0, flags, frag_id, pos)
+
+
+# -- tunnels: the record describes the innermost IP header; without one inside, the outer -----
+
+def _tunneled(inner: tuple) -> tuple:
+    return inner[:7] + (inner[7] | FLAG_TUNNEL,) + inner[8:]
+
+
+def _decode_gre(frame: bytes, pos: int, depth: int) -> tuple | None:
+    if len(frame) < pos + 4:
+        return None
+    bits, ptype = _PORTS(frame, pos)
+    version = bits & 0x7
+    off = pos + 4
+    if version == 0:  # RFC 2784/2890: optional checksum, key, sequence number
+        off += 4 * (bool(bits & 0x8000) + bool(bits & 0x2000) + bool(bits & 0x1000))
+    elif version == 1:  # PPTP enhanced GRE (RFC 2637): key always, optional seq and ack
+        off += 4 + 4 * (bool(bits & 0x1000) + bool(bits & 0x0080))
+    else:
+        return None
+    if off > len(frame):
+        return None
+    if ptype == ETH_IPV4:
+        return _decode_ipv4(frame, off, depth)
+    if ptype == ETH_IPV6:
+        return _decode_ipv6(frame, off, depth)
+    if ptype == GRE_PPP:
+        return _decode_ppp(frame, off, depth)
+    if ptype == GRE_ETHERNET:
+        return _decode_ethernet(frame, off, depth)
+    return None
+
+
+def _decode_udp_tunnel(frame: bytes, off: int, sport: int, dport: int, depth: int) -> tuple | None:
+    """VXLAN, GTP-U and Teredo, recognised by port and checked by their headers; None when the
+    payload does not hold what the port promises (then it is plain UDP)."""
+    size = len(frame)
+    inner = None
+    if PORT_VXLAN in (sport, dport):
+        if size >= off + 8 and frame[off] & 0x08:
+            inner = _decode_ethernet(frame, off + 8, depth)
+    elif PORT_GTP_U in (sport, dport):
+        # version 1, protocol type GTP, message type G-PDU
+        if size < off + 8 or frame[off] & 0xF0 != 0x30 or frame[off + 1] != 0xFF:
+            return None
+        first = frame[off]
+        off += 8
+        if first & 0x07:  # sequence number, N-PDU number, next extension header type
+            if size < off + 4:
+                return None
+            next_type = frame[off + 3]
+            off += 4
+            for _ in range(8):
+                if not first & 0x04 or next_type == 0:
+                    break
+                if size <= off or frame[off] == 0:
+                    return None
+                ext_len = frame[off] * 4
+                if size < off + ext_len:
+                    return None
+                next_type = frame[off + ext_len - 1]
+                off += ext_len
+        inner = _decode_ip_by_version(frame, off, depth)
+    elif PORT_TEREDO in (sport, dport):
+        if frame[off:off + 2] == b"\x00\x01" and size >= off + 4:  # authentication indicator
+            off += 4 + frame[off + 2] + frame[off + 3] + 9
+        if frame[off:off + 2] == b"\x00\x00":  # origin indication
+            off += 8
+        if size >= off + 40 and frame[off] >> 4 == 6:
+            inner = _decode_ipv6(frame, off, depth)
+    if inner is None or not inner[0] or inner is NOT_IP_MALFORMED:
+        return None
+    return _tunneled(inner)

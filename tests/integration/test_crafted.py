@@ -27,8 +27,6 @@ def test_crafted_capture_equals_tshark(name, crafted_files, crafted_states):
     ref = read_capture(crafted_files[name])
     state = crafted_states[name]
     assert state.per_second == ref.per_second
-    if name == "tunnels":
-        pytest.skip("tunnel decapsulation belongs to the DPI issue (per-second totals checked)")
     assert state.per_proto == ref.per_proto
     expected = {}
     for (proto, a, b), conv in ref.conversations.items():
