@@ -74,7 +74,7 @@ def pump(frames: Iterable, batcher: RecordBatcher, producer: RecordProducer,
                             warned_links.add(linktype)
                             log.warning("link type %d is not supported: its frames count as OTHER",
                                         linktype)
-                add(ts_ns, wire_len, len(frame), decoded)
+                    add(ts_ns, wire_len, frame, decoded)
                 if batcher.ready:
                     send_ready()
                 if frames_n & 1023:
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"capture: {exc}", file=sys.stderr)
         return 2
     producer = RecordProducer(settings, counters, block=source is None)
-    batcher = RecordBatcher(partitions, settings.records_per_message)
+    batcher = RecordBatcher(partitions, settings.records_per_message, settings.inspect_payloads)
     log.info("capturing from %s into %s (%d partitions)",
              args.pcap or (settings.iface or "every interface"), settings.kafka_topic, partitions)
     try:

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from capture.inspect.table import INSPECTED_PROTOCOLS, InspectionTable
 from packet_records import (
     FLAG_FRAGMENT,
+    FLAG_HAS_META,
     FLAG_LATER_FRAGMENT,
     FLAG_TRUNCATED,
-    NO_NAME,
     RECORD,
     encode_batch,
     partition_for,
@@ -76,21 +77,28 @@ class FragmentTracker:
 
 
 class RecordBatcher:
-    """Packs one record per frame and groups them into one message per partition."""
+    """Packs one record per frame (with its L7 label when inspection is on) and groups them
+    into one message per partition."""
 
-    def __init__(self, partitions: int, records_per_message: int):
+    def __init__(self, partitions: int, records_per_message: int, inspect: bool = True):
         self.partitions = partitions
         self.records_per_message = records_per_message
         self.pending: list[list[bytes]] = [[] for _ in range(partitions)]
+        self.pending_meta: list[list[tuple[int, int, str]]] = [[] for _ in range(partitions)]
         self.ready: list[tuple[int, bytes, int]] = []  # (partition, message, record count)
         self.fragments = FragmentTracker()
+        self.inspection = InspectionTable() if inspect else None
         self.last_ts = 0
 
-    def add(self, ts_ns: int, wire_len: int, cap_len: int, decoded: tuple) -> None:
-        ipver, proto, src, dst, sport, dport, tcp_flags, flags, frag_id, _l4_off = decoded
-        if cap_len < wire_len:
+    def add(self, ts_ns: int, wire_len: int, frame: bytes, decoded: tuple) -> None:
+        ipver, proto, src, dst, sport, dport, tcp_flags, flags, frag_id, l4_off, _end = decoded
+        if len(frame) < wire_len:
             flags |= FLAG_TRUNCATED
         self.last_ts = ts_ns
+        app = app_flags = 0
+        meta = None
+        if self.inspection is not None and l4_off >= 0 and proto in INSPECTED_PROTOCOLS:
+            app, app_flags, meta = self.inspection.inspect(frame, decoded)
         if flags & FLAG_FRAGMENT:
             key = (src, dst, proto, frag_id)
             if not flags & FLAG_LATER_FRAGMENT:
@@ -104,18 +112,28 @@ class RecordBatcher:
                         self._emit(*old, 0, 0)
                     return
                 sport, dport = known[0], known[1]
-        self._emit(ts_ns, wire_len, ipver, proto, src, dst, tcp_flags, flags, sport, dport)
+        self._emit(ts_ns, wire_len, ipver, proto, src, dst, tcp_flags, flags, sport, dport,
+                   app, app_flags, meta)
 
-    def _emit(self, ts_ns, wire_len, ipver, proto, src, dst, tcp_flags, flags, sport, dport):
+    def _emit(self, ts_ns, wire_len, ipver, proto, src, dst, tcp_flags, flags, sport, dport,
+              app=0, app_flags=0, meta=None):
         partition = partition_for(src, dst, sport, dport, proto, self.partitions)
         batch = self.pending[partition]
-        batch.append(
-            _pack(ts_ns, wire_len, ipver, proto, tcp_flags, flags, sport, dport, src, dst, 0, 0,
-                  NO_NAME)
-        )
+        if meta:
+            flags |= FLAG_HAS_META
+            index = len(batch)
+            self.pending_meta[partition].extend((index, kind, text) for kind, text in meta)
+        batch.append(_pack(ts_ns, wire_len, ipver, proto, tcp_flags, flags, sport, dport, src, dst,
+                           app, app_flags, 0))
         if len(batch) >= self.records_per_message:
-            self.ready.append((partition, encode_batch(batch), len(batch)))
-            self.pending[partition] = []
+            self._close(partition)
+
+    def _close(self, partition: int) -> None:
+        batch = self.pending[partition]
+        self.ready.append((partition, encode_batch(batch, self.pending_meta[partition]),
+                           len(batch)))
+        self.pending[partition] = []
+        self.pending_meta[partition] = []
 
     def flush(self, final: bool = False) -> None:
         """Close every partial batch (and, when final, release every held fragment)."""
@@ -123,8 +141,7 @@ class RecordBatcher:
             self._emit(*held, 0, 0)
         for partition, batch in enumerate(self.pending):
             if batch:
-                self.ready.append((partition, encode_batch(batch), len(batch)))
-                self.pending[partition] = []
+                self._close(partition)
 
     def take(self) -> list[tuple[int, bytes, int]]:
         ready, self.ready = self.ready, []

@@ -65,10 +65,13 @@ _V4_FIXED = struct.Struct("!BxHHH").unpack_from  # ver/ihl, total length, id, fl
 _V6_FRAG = struct.Struct("!BxHI").unpack_from  # next header, offset+flags, ident
 _PAD12 = bytes(12)
 
-# Decoded tuple: (ip_version, ip_proto, src, dst, sport, dport, tcp_flags, flags, frag_id, l4_off)
+# Decoded tuple: (ip_version, ip_proto, src, dst, sport, dport, tcp_flags, flags, frag_id, l4_off,
+#                 ip_end)
 # frag_id is 0 for unfragmented packets, else the IP ident (+1 so that 0 means "none");
-# non-first fragments carry no ports (0) and l4_off -1. l4_off is where the L4 header starts.
-NOT_IP_MALFORMED = (0, 0, _PAD12 + bytes(4), _PAD12 + bytes(4), 0, 0, 0, FLAG_MALFORMED, 0, -1)
+# non-first fragments carry no ports (0) and l4_off -1. l4_off is where the L4 header starts,
+# ip_end where the innermost IP packet ends in the frame (Ethernet padding may follow); -1
+# without IP.
+NOT_IP_MALFORMED = (0, 0, _PAD12 + bytes(4), _PAD12 + bytes(4), 0, 0, 0, FLAG_MALFORMED, 0, -1, -1)
 
 
 def decode_frame(frame: bytes, linktype: int) -> tuple:
@@ -98,14 +101,14 @@ def decode_frame(frame: bytes, linktype: int) -> tuple:
         if header_len < 8 or header_len > len(frame) or inner == LINKTYPE_PPI:
             return NOT_IP_MALFORMED
         return decode_frame(frame[header_len:], inner)
-    return (0, 0, bytes(16), bytes(16), 0, 0, 0, FLAG_UNSUPPORTED_LINK | FLAG_MALFORMED, 0, -1)
+    return (0, 0, bytes(16), bytes(16), 0, 0, 0, FLAG_UNSUPPORTED_LINK | FLAG_MALFORMED, 0, -1, -1)
 
 
 def _non_ip(frame: bytes, off: int, flags: int = 0) -> tuple:
     """A frame without an IP header: addresses are the MACs when there are any."""
     src = frame[6:12] + _PAD12[:10] if off >= 14 else bytes(16)
     dst = frame[0:6] + _PAD12[:10] if off >= 14 else bytes(16)
-    return (0, 0, src, dst, 0, 0, 0, flags, 0, -1)
+    return (0, 0, src, dst, 0, 0, 0, flags, 0, -1, -1)
 
 
 def _decode_ethernet(frame: bytes, off: int, depth: int = 0) -> tuple:
@@ -207,14 +210,15 @@ def _decode_ipv4(frame: bytes, off: int, depth: int = 0) -> tuple:
     dst = frame[off + 16:off + 20] + _PAD12
     if total_len < ihl:  # a length shorter than the header: not a valid IP packet (as tshark)
         return NOT_IP_MALFORMED
+    end = min(off + total_len, len(frame))  # the IP packet ends here (Ethernet pads beyond)
     frag_id = 0
     flags = 0
     if frag & 0x3FFF:  # MF set or offset > 0
         flags = FLAG_FRAGMENT
         frag_id = ident + 1
         if frag & 0x1FFF:  # non-first fragment: no L4 header
-            return (4, proto, src, dst, 0, 0, 0, flags | FLAG_LATER_FRAGMENT, frag_id, -1)
-    return _decode_l4(frame, off + ihl, 4, proto, src, dst, flags, frag_id, depth)
+            return (4, proto, src, dst, 0, 0, 0, flags | FLAG_LATER_FRAGMENT, frag_id, -1, end)
+    return _decode_l4(frame, off + ihl, end, 4, proto, src, dst, flags, frag_id, depth)
 
 
 def _decode_ipv6(frame: bytes, off: int, depth: int = 0) -> tuple:
@@ -223,34 +227,36 @@ def _decode_ipv6(frame: bytes, off: int, depth: int = 0) -> tuple:
     src = frame[off + 8:off + 24]
     dst = frame[off + 24:off + 40]
     nh = frame[off + 6]
+    payload_len = _U16(frame, off + 4)[0]
+    end = min(off + 40 + payload_len, len(frame)) if payload_len else len(frame)  # 0: jumbogram
     pos = off + 40
     flags = 0
     frag_id = 0
     for _ in range(16):  # bound the walk: a hostile chain of extension headers ends here
         if nh in IPV6_EXT_HEADERS or nh == IPPROTO_AH:
             if len(frame) < pos + 2:
-                return (6, nh, src, dst, 0, 0, 0, FLAG_MALFORMED, 0, -1)
+                return (6, nh, src, dst, 0, 0, 0, FLAG_MALFORMED, 0, -1, end)
             size = (frame[pos + 1] + 2) * 4 if nh == IPPROTO_AH else (frame[pos + 1] + 1) * 8
             nh, pos = frame[pos], pos + size
         elif nh == IPPROTO_FRAGMENT:
             if len(frame) < pos + 8:
-                return (6, nh, src, dst, 0, 0, 0, FLAG_MALFORMED, 0, -1)
+                return (6, nh, src, dst, 0, 0, 0, FLAG_MALFORMED, 0, -1, end)
             nh, offset_flags, ident = _V6_FRAG(frame, pos)
             flags = FLAG_FRAGMENT
             frag_id = ident + 1
             pos += 8
             if offset_flags & 0xFFF8:  # non-first fragment
-                return (6, nh, src, dst, 0, 0, 0, flags | FLAG_LATER_FRAGMENT, frag_id, -1)
+                return (6, nh, src, dst, 0, 0, 0, flags | FLAG_LATER_FRAGMENT, frag_id, -1, end)
         else:
-            return _decode_l4(frame, pos, 6, nh, src, dst, flags, frag_id, depth)
-    return (6, nh, src, dst, 0, 0, 0, FLAG_MALFORMED, 0, -1)
+            return _decode_l4(frame, pos, end, 6, nh, src, dst, flags, frag_id, depth)
+    return (6, nh, src, dst, 0, 0, 0, FLAG_MALFORMED, 0, -1, end)
 
 
-def _decode_l4(frame: bytes, pos: int, version: int, proto: int, src: bytes, dst: bytes,
-               flags: int, frag_id: int, depth: int) -> tuple:
+def _decode_l4(frame: bytes, pos: int, end: int, version: int, proto: int, src: bytes,
+               dst: bytes, flags: int, frag_id: int, depth: int) -> tuple:
     if proto in PORTED:
         if len(frame) < pos + 4:
-            return (version, proto, src, dst, 0, 0, 0, flags | FLAG_MALFORMED, frag_id, -1)
+            return (version, proto, src, dst, 0, 0, 0, flags | FLAG_MALFORMED, frag_id, -1, end)
         sport, dport = _PORTS(frame, pos)
         if proto == UDP and (sport in UDP_TUNNEL_PORTS or dport in UDP_TUNNEL_PORTS) \
                 and not flags & FLAG_FRAGMENT and depth < MAX_TUNNEL_DEPTH:
@@ -263,7 +269,7 @@ def _decode_l4(frame: bytes, pos: int, version: int, proto: int, src: bytes, dst
                 tcp_flags = frame[pos + 13]
             else:
                 flags |= FLAG_MALFORMED
-        return (version, proto, src, dst, sport, dport, tcp_flags, flags, frag_id, pos)
+        return (version, proto, src, dst, sport, dport, tcp_flags, flags, frag_id, pos, end)
     if proto in IP_TUNNELS and not flags & FLAG_FRAGMENT and depth < MAX_TUNNEL_DEPTH:
         if proto == IPPROTO_GRE:
             inner = _decode_gre(frame, pos, depth + 1)
@@ -273,7 +279,7 @@ def _decode_l4(frame: bytes, pos: int, version: int, proto: int, src: bytes, dst
             inner = _decode_ipv6(frame, pos, depth + 1)
         if inner is not None and inner[0]:
             return _tunneled(inner)
-    return (version, proto, src, dst, 0, 0, 0, flags, frag_id, pos)
+    return (version, proto, src, dst, 0, 0, 0, flags, frag_id, pos, end)
 
 
 # -- tunnels: the record describes the innermost IP header; without one inside, the outer -----

@@ -26,6 +26,8 @@ class CaptureSettings(BaseSettings):
                                     description="Bound of the buffer while the broker is away")
     delivery_timeout_ms: int = Field(300000, ge=1000, le=86400000,
                                      description="Give up on (and count) a message after this long")
+    inspect_payloads: bool = Field(True, description="Label applications from the first payloads "
+                                   "of each flow (DPI); off: headers only")
     socket_buffer_mb: int = Field(64, ge=1, le=2048, description="Kernel receive buffer (live)")
     stats_interval_s: float = Field(5.0, gt=0, le=3600, description="Seconds between summary lines")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level")

@@ -7,7 +7,14 @@ with the offset range it covers, so that a flush writes the sums and the offsets
 from __future__ import annotations
 
 from flow_processor.flows import Flow, FlowTable
-from packet_records import FLAG_MALFORMED, PROTO_NAMES
+from packet_records import (
+    APP_GUESS,
+    FLAG_HAS_META,
+    FLAG_MALFORMED,
+    META_FINGERPRINT,
+    META_SERVER_NAME,
+    PROTO_NAMES,
+)
 
 NS = 1_000_000_000
 
@@ -25,7 +32,8 @@ class PartitionState:
         """Forget the aggregates (after they were written, or when they must be dropped)."""
         self.global_: dict[int, list[int]] = {}  # second -> [bytes, packets]
         self.protocols: dict[tuple[str, int], list[int]] = {}  # (PROTO, second) -> [b, p]
-        self.flow_seconds: dict[tuple[str, int], list[int]] = {}  # (flow id, second) -> [b, p]
+        self.flow_seconds: dict[tuple[Flow, int], list[int]] = {}  # (flow, second) -> [b, p]
+        self.no_flow: dict[int, list[int]] = {}  # second -> [b, p] of frames without a 5-tuple
         self.dirty_flows: list[Flow] = []
         self.records = 0
         self.malformed_frames = 0
@@ -35,14 +43,16 @@ class PartitionState:
     def pending(self) -> bool:
         return self.next_offset != self.base_offset
 
-    def add_records(self, records) -> None:
-        """Aggregate an iterator of record tuples (packet_records.RECORD field order)."""
+    def add_records(self, records, meta: list[tuple[int, int, str]] = ()) -> None:
+        """Aggregate an iterator of record tuples (packet_records.RECORD field order) and the
+        meta entries of their message."""
         global_, protocols, flow_seconds = self.global_, self.protocols, self.flow_seconds
         flows, dirty = self.table.flows, self.dirty_flows
         proto_names = PROTO_NAMES
         count = malformed = 0
         clock = self.clock_ns
-        for ts, wire, ipver, proto, _tcp, flags, sport, dport, src, dst, _app, _r, _n in records:
+        for ts, wire, ipver, proto, _tcp, flags, sport, dport, src, dst, app, app_flags, _r \
+                in records:
             count += 1
             if flags & FLAG_MALFORMED:
                 malformed += 1
@@ -60,8 +70,13 @@ class PartitionState:
                 protocols[(name, sec)] = cell = [0, 0]
             cell[0] += wire
             cell[1] += 1
-            if not ipver:
-                continue  # no 5-tuple: counts in global and OTHER only
+            if not ipver:  # no 5-tuple: counts in global, OTHER and the UNKNOWN application
+                cell = self.no_flow.get(sec)
+                if cell is None:
+                    self.no_flow[sec] = cell = [0, 0]
+                cell[0] += wire
+                cell[1] += 1
+                continue
             if (src, sport) <= (dst, dport):
                 key = (ipver, proto, src, sport, dst, dport)
             else:
@@ -74,15 +89,34 @@ class PartitionState:
                 dirty.append(flow)
             flow.delta_bytes += wire
             flow.delta_packets += 1
+            if app and (app != flow.app or flow.app_guess != bool(app_flags & APP_GUESS)):
+                if not (app_flags & APP_GUESS and flow.app and not flow.app_guess):
+                    flow.app, flow.app_guess = app, bool(app_flags & APP_GUESS)
+                    flow.labels_changed = True
+            if flags & FLAG_HAS_META:
+                _apply_meta(flow, meta, count - 1)
             if ts > flow.last_ns:
                 flow.last_ns = ts
             elif ts < flow.first_ns:
                 flow.first_ns = ts
-            cell = flow_seconds.get((flow.id, sec))
+            cell = flow_seconds.get((flow, sec))
             if cell is None:
-                flow_seconds[(flow.id, sec)] = cell = [0, 0]
+                flow_seconds[(flow, sec)] = cell = [0, 0]
             cell[0] += wire
             cell[1] += 1
         self.clock_ns = clock
         self.records += count
         self.malformed_frames += malformed
+
+
+def _apply_meta(flow: Flow, meta: list[tuple[int, int, str]], index: int) -> None:
+    """Take the names found in record `index` (meta entries are few: a linear scan is fine)."""
+    for entry_index, kind, text in meta:
+        if entry_index != index:
+            continue
+        if kind == META_SERVER_NAME and text != flow.server_name:
+            flow.server_name = text
+            flow.labels_changed = True
+        elif kind == META_FINGERPRINT and text != flow.fingerprint:
+            flow.fingerprint = text
+            flow.labels_changed = True

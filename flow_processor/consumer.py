@@ -18,6 +18,7 @@ from packet_records import MalformedMessage, decode_batch
 log = logging.getLogger("flow_processor")
 
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
+TRIM_EVERY_FLUSHES = 60  # top-N sets are trimmed to TOP_FLOWS_KEPT this often
 
 
 class Processor:
@@ -119,9 +120,9 @@ class Processor:
             return  # not ours (any more), or already aggregated
         value = msg.value() or b""
         try:
-            records, _names = decode_batch(value)
+            records, meta = decode_batch(value)
             before = state.records
-            state.add_records(records)
+            state.add_records(records, meta)
             count = state.records - before
             self.records_per_message += (count - self.records_per_message) * 0.05
             self.totals["records"] += count
@@ -160,7 +161,7 @@ class Processor:
         commits = []
         for state in result.written:
             for flow in state.dirty_flows:
-                flow.dirty = flow.new = False
+                flow.dirty = flow.new = flow.labels_changed = False
                 flow.delta_bytes = flow.delta_packets = 0
             state.clear()
             state.base_offset = state.next_offset
@@ -177,6 +178,8 @@ class Processor:
                 start = stored if stored is not None else OFFSET_BEGINNING
                 self.consumer.seek(TopicPartition(self.topic, state.partition, start))
         self.totals["flushes"] += 1
+        if self.totals["flushes"] % TRIM_EVERY_FLUSHES == 0:
+            self.sink.trim_top()
         if result.rejected_samples:
             self.totals["rejected_samples"] += result.rejected_samples
             self.sink.add_rejected(result.rejected_samples)

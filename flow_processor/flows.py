@@ -25,7 +25,8 @@ class Flow:
     """One flow as this process knows it since the flow entered its table."""
 
     __slots__ = ("id", "key", "src", "dst", "sport", "dport", "proto", "first_ns", "last_ns",
-                 "opened_ns", "delta_bytes", "delta_packets", "new", "dirty")
+                 "opened_ns", "delta_bytes", "delta_packets", "new", "dirty", "app", "app_guess",
+                 "server_name", "fingerprint", "labels_changed")
 
     def __init__(self, key: tuple, ipver: int, proto: int, src: bytes, sport: int, dst: bytes,
                  dport: int, ts_ns: int):
@@ -38,6 +39,11 @@ class Flow:
         self.delta_bytes = self.delta_packets = 0
         self.new = True  # meta not yet initialised in Redis by this table entry
         self.dirty = False
+        self.app = 0  # packet_records.apps id; 0 = UNKNOWN
+        self.app_guess = False
+        self.server_name: str | None = None
+        self.fingerprint: str | None = None
+        self.labels_changed = False  # app, server_name or fingerprint to write
 
 
 class FlowTable:

@@ -34,6 +34,6 @@ class ProcessorSettings(BaseSettings):
                                           description="Retention of per-flow series; 0 = keep")
     flow_ttl_s: int = Field(86400, ge=60, description="Flow keys expire this long after going idle")
     top_flows_kept: int = Field(10000, ge=10, le=10_000_000,
-                                description="Members kept in flows:top:bytes")
+                                description="Members kept in each top-N set (flows, hosts, ...)")
     stats_interval_s: float = Field(5.0, gt=0, le=3600, description="Seconds between summary lines")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level")

@@ -22,6 +22,7 @@ from flow_processor.aggregate import PartitionState
 from flow_processor.flows import Flow
 from flow_processor.settings import ProcessorSettings
 from packet_records import PROTOCOLS
+from packet_records.apps import APPS
 from packet_records.runtime import StartupError
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 MADD_CHUNK = 2000  # samples per TS.MADD
 METRICS = (("bps", 0), ("pps", 1))  # series suffix, index in the [bytes, packets] cells
 TOP_FLOWS = "flows:top:bytes"
+TOP_APPS, TOP_HOSTS, TOP_DOMAINS = "apps:top:bytes", "hosts:top:bytes", "domains:top:bytes"
+TOP_SETS = (TOP_FLOWS, TOP_APPS, TOP_HOSTS, TOP_DOMAINS)
 COUNTERS = "pipeline:processor"
 
 
@@ -85,6 +88,9 @@ class RedisSink:
             for proto in PROTOCOLS:
                 out.append((f"ts:protocol:{proto}:{metric}", aggregate_retention,
                             {"dimension": "protocol", "protocol": proto, "metric": metric}))
+            for app in APPS:
+                out.append((f"ts:app:{app}:{metric}", aggregate_retention,
+                            {"dimension": "app", "app": app, "metric": metric}))
         out = [item for item in out if item[0] not in self.created]
         for state in states:
             for flow in state.dirty_flows:
@@ -155,9 +161,16 @@ class RedisSink:
             for (proto, sec), cell in state.protocols.items():
                 for metric, i in METRICS:
                     samples.append((sec, f"ts:protocol:{proto}:{metric}", cell[i]))
-            for (fid, sec), cell in state.flow_seconds.items():
+            apps: dict[tuple[str, int], list[int]] = {}
+            for (flow, sec), cell in state.flow_seconds.items():
                 for metric, i in METRICS:
-                    samples.append((sec, f"ts:flow:{fid}:{metric}", cell[i]))
+                    samples.append((sec, f"ts:flow:{flow.id}:{metric}", cell[i]))
+                _add_cell(apps, (APPS[flow.app], sec), cell)
+            for sec, cell in state.no_flow.items():
+                _add_cell(apps, ("UNKNOWN", sec), cell)
+            for (app, sec), cell in apps.items():
+                for metric, i in METRICS:
+                    samples.append((sec, f"ts:app:{app}:{metric}", cell[i]))
         # Sum duplicates before writing (each duplicate re-encodes a chunk), oldest first so
         # that a retention window never rejects older samples written after newer ones.
         summed: dict[tuple[int, str], int] = {}
@@ -174,6 +187,9 @@ class RedisSink:
         for state in states:
             for flow in state.dirty_flows:
                 self._queue_flow(pipe, flow)
+            unknown = sum(cell[0] for cell in state.no_flow.values())
+            if unknown:
+                pipe.zincrby(TOP_APPS, unknown, "UNKNOWN")
         counters = {
             "records": sum(s.records for s in states),
             "malformed_frames": sum(s.malformed_frames for s in states),
@@ -195,10 +211,24 @@ class RedisSink:
                 pipe.hsetnx(meta, name, value)
             for key in (meta, f"ts:flow:{flow.id}:bps", f"ts:flow:{flow.id}:pps"):
                 pipe.persist(key)  # it may have been set to expire when the flow went idle
+        if flow.labels_changed:
+            labels = {"app": APPS[flow.app], "app_guess": int(flow.app_guess)}
+            if flow.server_name:
+                labels["server_name"] = flow.server_name
+            if flow.fingerprint:
+                labels["fingerprint"] = flow.fingerprint
+            pipe.hset(meta, mapping=labels)
         pipe.hincrby(meta, "bytes", flow.delta_bytes)
         pipe.hincrby(meta, "packets", flow.delta_packets)
         pipe.hset(meta, "last_seen", ns_text(flow.last_ns))
         pipe.zincrby(TOP_FLOWS, flow.delta_bytes, flow.id)
+        pipe.zincrby(TOP_APPS, flow.delta_bytes, APPS[flow.app])
+        # top talkers: each endpoint counts the flow's bytes in both directions
+        pipe.zincrby(TOP_HOSTS, flow.delta_bytes, flow.src)
+        if flow.dst != flow.src:
+            pipe.zincrby(TOP_HOSTS, flow.delta_bytes, flow.dst)
+        if flow.server_name:
+            pipe.zincrby(TOP_DOMAINS, flow.delta_bytes, flow.server_name)
 
     @staticmethod
     def _count_rejected(replies: list, madd_commands: int) -> int:
@@ -227,8 +257,21 @@ class RedisSink:
         pipe.execute()
 
     def trim_top(self) -> None:
-        self.redis.zremrangebyrank(TOP_FLOWS, 0, -(self.settings.top_flows_kept + 1))
+        """Keep the top-N sets bounded (hosts and domains grow with every new name)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for key in TOP_SETS:
+            pipe.zremrangebyrank(key, 0, -(self.settings.top_flows_kept + 1))
+        pipe.execute()
 
     def add_rejected(self, count: int) -> None:
         if count:
             self.redis.hincrby(COUNTERS, "rejected_samples", count)
+
+
+def _add_cell(cells: dict, key, cell: list[int]) -> None:
+    total = cells.get(key)
+    if total is None:
+        cells[key] = [cell[0], cell[1]]
+    else:
+        total[0] += cell[0]
+        total[1] += cell[1]

@@ -3,8 +3,9 @@
 A Kafka message on the packets topic is one batch of packet records:
 
     header   '<4sBBH'   magic b"DPIR", format version, reserved (0), record count
-    records  count x RECORD (fixed 56 bytes each, little-endian, see RECORD_FIELDS)
-    names    '<H' count, then per name: '<B' length + UTF-8 bytes (L7 names; may be empty)
+    records  count x RECORD (fixed 56 bytes each, little-endian, fields of Record below)
+    meta     '<H' count, then per entry '<HBB' record index, kind (META_*), length + UTF-8
+             value: the L7 names found in that record's packet (records with FLAG_HAS_META)
 
 A record carries headers and extracted L7 metadata only: never payload bytes.
 The packed layout was chosen over orjson by measurement (see README, "Record encoding").
@@ -23,7 +24,6 @@ HEADER = struct.Struct("<4sBBH")
 RECORD = struct.Struct("<qIBBBBHH16s16sBBH")
 NAME_COUNT = struct.Struct("<H")
 MAX_RECORDS_PER_MESSAGE = 65535
-NO_NAME = 0xFFFF
 
 
 class Record(NamedTuple):
@@ -39,9 +39,9 @@ class Record(NamedTuple):
     dport: int
     src: bytes  # 16 bytes: IPv6, or IPv4 in the first 4 bytes (MAC for non-IP frames)
     dst: bytes
-    app: int  # application id (packet_records.apps), 0 = not classified
+    app: int  # application id (packet_records.apps), 0 = UNKNOWN / not classified yet
+    app_flags: int  # APP_GUESS when the label comes from a well-known port only
     reserved: int
-    name_idx: int  # index into the message's name table, NO_NAME when none
 
 
 # Record.flags bits
@@ -51,6 +51,14 @@ FLAG_TRUNCATED = 0x04  # captured length shorter than the wire length
 FLAG_TUNNEL = 0x08  # the IP header used is inside a decapsulated tunnel
 FLAG_UNSUPPORTED_LINK = 0x10  # link type the decoder does not know
 FLAG_LATER_FRAGMENT = 0x20  # non-first IP fragment (ports come from its first fragment)
+FLAG_HAS_META = 0x40  # the message's meta section holds entries for this record
+
+APP_GUESS = 0x01  # Record.app_flags
+
+# kinds of meta entries
+META_SERVER_NAME = 1  # TLS/QUIC SNI, HTTP Host or DNS query name
+META_FINGERPRINT = 2  # JA4 of a TLS or QUIC ClientHello
+META = struct.Struct("<HBB")
 
 # L4 buckets of the Redis schema (ts:protocol:<PROTO>:...)
 PROTO_NAMES = {6: "TCP", 17: "UDP", 1: "ICMP", 58: "ICMPV6"}
@@ -68,19 +76,20 @@ class MalformedMessage(ValueError):
     """A message on the topic is not a valid batch of this contract."""
 
 
-def encode_batch(records: list[bytes], names: list[str] | None = None) -> bytes:
-    """Join records already packed with RECORD.pack into one message."""
+def encode_batch(records: list[bytes], meta: list[tuple[int, int, str]] | None = None) -> bytes:
+    """Join records already packed with RECORD.pack, and their meta entries
+    (record index, META_* kind, text), into one message."""
     parts = [HEADER.pack(MAGIC, VERSION, 0, len(records)), *records]
-    names = names or []
-    parts.append(NAME_COUNT.pack(len(names)))
-    for name in names:
-        raw = name.encode("utf-8")[:255]
-        parts.append(bytes((len(raw),)) + raw)
+    meta = meta or []
+    parts.append(NAME_COUNT.pack(len(meta)))
+    for index, kind, text in meta:
+        raw = text.encode("utf-8")[:255]
+        parts.append(META.pack(index, kind, len(raw)) + raw)
     return b"".join(parts)
 
 
-def decode_batch(message: bytes) -> tuple[Iterator[tuple], list[str]]:
-    """Validate a message and return (iterator of record tuples, name table)."""
+def decode_batch(message: bytes) -> tuple[Iterator[tuple], list[tuple[int, int, str]]]:
+    """Validate a message and return (iterator of record tuples, meta entries)."""
     if len(message) < HEADER.size + NAME_COUNT.size:
         raise MalformedMessage("message shorter than the batch header")
     magic, version, _reserved, count = HEADER.unpack_from(message, 0)
@@ -91,27 +100,27 @@ def decode_batch(message: bytes) -> tuple[Iterator[tuple], list[str]]:
     end = HEADER.size + count * RECORD.size
     if len(message) < end + NAME_COUNT.size:
         raise MalformedMessage("record section shorter than its count")
-    names = _decode_names(message, end)
+    meta = _decode_meta(message, end, count)
     view = memoryview(message)[HEADER.size:end]
-    return RECORD.iter_unpack(view), names
+    return RECORD.iter_unpack(view), meta
 
 
-def _decode_names(message: bytes, pos: int) -> list[str]:
+def _decode_meta(message: bytes, pos: int, records: int) -> list[tuple[int, int, str]]:
     (count,) = NAME_COUNT.unpack_from(message, pos)
     pos += NAME_COUNT.size
-    names = []
+    meta = []
     for _ in range(count):
-        if pos >= len(message):
-            raise MalformedMessage("name table shorter than its count")
-        size = message[pos]
-        raw = message[pos + 1 : pos + 1 + size]
-        if len(raw) != size:
-            raise MalformedMessage("name table entry past the end")
-        names.append(raw.decode("utf-8", "replace"))
-        pos += 1 + size
+        if pos + META.size > len(message):
+            raise MalformedMessage("meta section shorter than its count")
+        index, kind, size = META.unpack_from(message, pos)
+        raw = message[pos + META.size:pos + META.size + size]
+        if len(raw) != size or index >= records:
+            raise MalformedMessage("meta entry past the end")
+        meta.append((index, kind, raw.decode("utf-8", "replace")))
+        pos += META.size + size
     if pos != len(message):
-        raise MalformedMessage("trailing bytes after the name table")
-    return names
+        raise MalformedMessage("trailing bytes after the meta section")
+    return meta
 
 
 def partition_for(src: bytes, dst: bytes, sport: int, dport: int, proto: int,

@@ -63,6 +63,10 @@ class PipelineState:
     per_proto: dict[str, tuple[int, int]] = field(default_factory=dict)  # PROTO -> (pkts, bytes)
     flows: dict[tuple, dict] = field(default_factory=dict)  # (proto, ep_a, ep_b) -> meta hash
     top: dict[str, float] = field(default_factory=dict)  # flows:top:bytes
+    per_app: dict[str, tuple[int, int]] = field(default_factory=dict)  # APP -> (pkts, bytes)
+    top_apps: dict[str, float] = field(default_factory=dict)
+    top_hosts: dict[str, float] = field(default_factory=dict)
+    top_domains: dict[str, float] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=dict)  # pipeline:processor
 
 
@@ -90,6 +94,15 @@ def read_state(redis_url: str) -> PipelineState:
         ends = sorted([(meta["src"], int(meta["sport"])), (meta["dst"], int(meta["dport"]))])
         state.flows[(int(meta["proto"]), ends[0], ends[1])] = meta
     state.top = dict(r.zrange("flows:top:bytes", 0, -1, withscores=True))
+    state.top_apps = dict(r.zrange("apps:top:bytes", 0, -1, withscores=True))
+    state.top_hosts = dict(r.zrange("hosts:top:bytes", 0, -1, withscores=True))
+    state.top_domains = dict(r.zrange("domains:top:bytes", 0, -1, withscores=True))
+    for key in r.scan_iter("ts:app:*:bps"):
+        app = key.split(":")[2]
+        b = sum(_series(r, key).values())
+        p = sum(_series(r, f"ts:app:{app}:pps").values())
+        if b or p:
+            state.per_app[app] = (p, b)
     state.counters = {k: int(v) for k, v in r.hgetall("pipeline:processor").items()}
     return state
 

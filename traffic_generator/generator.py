@@ -7,22 +7,31 @@ import logging
 import math
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from traffic_generator.pacing import TokenBucket, burst_capacity
+from traffic_generator.pacing import TokenBucket, bucket_capacity, burst_size
+
+if TYPE_CHECKING:
+    from traffic_generator.senders import SendErrors
 
 log = logging.getLogger("traffic_generator")
 
 
 class Sender(Protocol):
-    kinds: tuple[str, ...]
-    sent: int
-    errors: object  # SendErrors: .count
+    """What the loop drives (senders.UdpSender, senders.MixSender)."""
+
+    kinds: tuple[str, ...]  # names of the counted kinds of message, () when there is one
+    sent: int  # sends that succeeded
+    errors: SendErrors  # sends that failed: .count
+    description: str
 
     def send(self, n: int) -> None: ...
 
     def breakdown(self) -> dict[str, int]: ...
+
+    def close(self) -> None: ...
 
 
 class StopFlag:
@@ -65,9 +74,9 @@ def run(sender: Sender, rate: int, *, count: int = 0, duration_s: float = 0,
         sleep: Callable[[float], None] = time.sleep) -> RunResult:
     """Send at `rate` until `count` sends (0: no limit), `duration_s` (0: none) or a stop."""
     stop = stop or StopFlag()
-    bucket = TokenBucket(rate, burst_capacity(rate), clock)
+    bucket = TokenBucket(rate, bucket_capacity(rate), clock)
     take, delay, send = bucket.take, bucket.delay, sender.send
-    cap = int(bucket.capacity)
+    cap = burst_size(rate)
     start = bucket.last
     deadline = start + duration_s if duration_s else math.inf
     remaining = count or -1  # -1: never reaches 0

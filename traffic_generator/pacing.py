@@ -3,22 +3,30 @@
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
-BURST_WINDOW_S = 0.005  # a burst carries at most this much time's worth of packets
+BURST_WINDOW_S = 0.005  # one burst carries at most this much time's worth of packets
+CATCH_UP_WINDOW_S = 0.05  # a stall this long is made up for (in bursts); longer ones lose packets
+_EPSILON = 1e-3  # clock rounding (monotonic values are large) must not hold back a whole token
 
 
-def burst_capacity(rate: float, window_s: float = BURST_WINDOW_S) -> int:
-    """Largest burst the bucket may hold at `rate`: `window_s` worth of packets, at least one."""
+def burst_size(rate: float, window_s: float = BURST_WINDOW_S) -> int:
+    """Largest burst sent at once at `rate`: `window_s` worth of packets, at least one."""
     return max(1, int(rate * window_s))
+
+
+def bucket_capacity(rate: float, window_s: float = CATCH_UP_WINDOW_S) -> int:
+    """Tokens the bucket keeps at `rate`: `window_s` worth, at least one burst."""
+    return max(burst_size(rate), int(rate * window_s))
 
 
 class TokenBucket:
     """Tokens accrue at `rate` per second up to `capacity`; one token sends one packet.
 
     The bucket starts empty, so n packets take n / rate seconds from the first `take`. A sender
-    that falls behind loses the tokens above `capacity`: it never makes up for lost time with a
-    burst larger than the capacity.
+    stalled (descheduled, blocked in a send) for less than capacity / rate seconds gets the
+    missed tokens back and catches up; the tokens above `capacity` are lost, so a long stall is
+    never followed by a flood.
     """
 
     __slots__ = ("rate", "capacity", "tokens", "last", "_clock")
@@ -40,7 +48,7 @@ class TokenBucket:
         if tokens > self.capacity:
             tokens = self.capacity
         self.last = now
-        n = int(tokens)
+        n = int(tokens + _EPSILON)
         if n > limit:
             n = limit
         self.tokens = tokens - n

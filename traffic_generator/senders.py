@@ -13,8 +13,17 @@ from itertools import cycle, islice
 
 from packet_records.runtime import StartupError
 from traffic_generator.listeners import LocalServers
-from traffic_generator.messages import (DNS_NAMES, HTTP_HOSTS, HTTP_PATHS, QTYPE_A, QTYPE_AAAA,
-                                        TLS_NAMES, dns_query, http_get, tls_client_hello)
+from traffic_generator.messages import (
+    DNS_NAMES,
+    HTTP_HOSTS,
+    HTTP_PATHS,
+    QTYPE_A,
+    QTYPE_AAAA,
+    TLS_NAMES,
+    dns_query,
+    http_get,
+    tls_client_hello,
+)
 
 log = logging.getLogger("traffic_generator")
 
@@ -79,8 +88,9 @@ class UdpSender:
             raise StartupError(f"cannot send to {host}:{port}: {exc.strerror or exc}") from None
         self._payload = build_payload(payload_size)
         self._sends = cycle([sock.send for sock in self._socks])
-        self.description = (f"udp: {payload_size}-byte datagrams to {address[0]}:{address[1]}"
-                            f" from {flows} flows")
+        where = (f"[{address[0]}]:{address[1]}" if family == socket.AF_INET6
+                 else f"{address[0]}:{address[1]}")
+        self.description = f"udp: {payload_size}-byte datagrams to {where} from {flows} flows"
 
     def send(self, n: int) -> None:
         payload = self._payload

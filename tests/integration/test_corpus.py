@@ -38,17 +38,21 @@ def expected_per_proto(truth: dict) -> dict[str, tuple[int, int]]:
     return {k: tuple(v) for k, v in out.items()}
 
 
+def conversation_key(conv: dict) -> tuple:
+    """(IP protocol number, endpoint, endpoint) of a truth conversation, endpoints sorted."""
+    proto = L4_NUMBERS.get(conv["l4"]) or int(conv["l4"].split("-")[1])
+    ends = sorted([(conv["initiator"]["addr"], conv["initiator"]["port"]),
+                   (conv["responder"]["addr"], conv["responder"]["port"])])
+    return (proto, ends[0], ends[1])
+
+
 def expected_flows(truth: dict) -> dict[tuple, tuple[int, int, tuple[str, int]]]:
-    out = {}
-    for c in truth["conversations"]:
-        if c["l4"] == "non-IP":
-            continue  # no 5-tuple: these frames count in global and OTHER only
-        proto = L4_NUMBERS.get(c["l4"]) or int(c["l4"].split("-")[1])
-        ini = (c["initiator"]["addr"], c["initiator"]["port"])
-        res = (c["responder"]["addr"], c["responder"]["port"])
-        a, b = sorted([ini, res])
-        out[(proto, a, b)] = (c["packets"], c["bytes"], ini)
-    return out
+    return {
+        conversation_key(c): (c["packets"], c["bytes"],
+                              (c["initiator"]["addr"], c["initiator"]["port"]))
+        for c in truth["conversations"]
+        if c["l4"] != "non-IP"  # no 5-tuple: these frames count in global and OTHER only
+    }
 
 
 @pytest.mark.parametrize("name", _captures())

@@ -5,6 +5,7 @@ loopback."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import struct
@@ -17,9 +18,15 @@ from pathlib import Path
 import pytest
 
 from traffic_generator.generator import StopFlag, run
-from traffic_generator.messages import (TLS_ALERT_HANDSHAKE_FAILURE, dns_query, dns_response,
-                                        encode_name, http_get, tls_client_hello)
-from traffic_generator.pacing import TokenBucket, burst_capacity
+from traffic_generator.messages import (
+    TLS_ALERT_HANDSHAKE_FAILURE,
+    dns_query,
+    dns_response,
+    encode_name,
+    http_get,
+    tls_client_hello,
+)
+from traffic_generator.pacing import TokenBucket, bucket_capacity, burst_size
 from traffic_generator.settings import GeneratorSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -101,11 +108,11 @@ def test_bucket_refuses_nonsense():
         TokenBucket(10, capacity=0.5)
 
 
-def test_burst_capacity_is_five_milliseconds_worth():
-    assert burst_capacity(1) == 1
-    assert burst_capacity(1000) == 5
-    assert burst_capacity(5000) == 25
-    assert burst_capacity(200_000) == 1000
+def test_bursts_are_five_milliseconds_worth_and_bucket_fifty():
+    assert (burst_size(1), burst_size(1000), burst_size(5000), burst_size(200_000)) == (
+        1, 5, 25, 1000)
+    assert (bucket_capacity(1), bucket_capacity(1000), bucket_capacity(200_000)) == (
+        1, 50, 10_000)
 
 
 @pytest.mark.parametrize("rate", [1, 999, 5000, 200_000])
@@ -114,7 +121,7 @@ def test_run_holds_rate_for_duration(rate):
     sender = FakeSender(clock)
     result = run(sender, rate, duration_s=2.0, clock=clock, sleep=clock.sleep)
     assert abs(result.sent - 2 * rate) <= 1
-    assert max(sender.bursts) <= burst_capacity(rate)
+    assert max(sender.bursts) <= burst_size(rate)
     assert result.rate == pytest.approx(rate, rel=0.01, abs=1)
 
 
@@ -138,15 +145,46 @@ def test_run_stops_on_stop_flag():
 
     sender = Stopping(clock)
     result = run(sender, 1000, stop=stop, clock=clock, sleep=clock.sleep)
-    assert 100 <= result.sent < 100 + burst_capacity(1000)
+    assert 100 <= result.sent < 100 + burst_size(1000)
 
 
-def test_slow_sender_gets_no_catch_up_burst():
+def test_slow_sender_gets_no_catch_up_flood():
     clock = FakeClock()
     sender = FakeSender(clock, cost_s=2 / 10_000)  # can do only half of 10000/s
     result = run(sender, 10_000, duration_s=1.0, clock=clock, sleep=clock.sleep)
-    assert max(sender.bursts) <= burst_capacity(10_000)
+    assert max(sender.bursts) <= burst_size(10_000)
     assert result.rate == pytest.approx(5000, rel=0.02)
+
+
+class StallingSender(FakeSender):
+    """Loses `stall_s` of fake time once, after `after` packets (a descheduled process)."""
+
+    def __init__(self, clock: FakeClock, stall_s: float, after: int) -> None:
+        super().__init__(clock)
+        self.stall_s, self.after = stall_s, after
+
+    def send(self, n: int) -> None:
+        super().send(n)
+        if self.after and self.sent >= self.after:
+            self.after = 0
+            self.clock.now += self.stall_s
+
+
+def test_short_stall_is_made_up_in_bursts():
+    clock = FakeClock()
+    sender = StallingSender(clock, stall_s=0.03, after=2000)
+    result = run(sender, 10_000, duration_s=1.0, clock=clock, sleep=clock.sleep)
+    assert abs(result.sent - 10_000) <= 1  # the 300 packets missed were sent after the stall
+    assert max(sender.bursts) <= burst_size(10_000)
+
+
+def test_long_stall_is_not_followed_by_a_flood():
+    clock = FakeClock()
+    sender = StallingSender(clock, stall_s=0.5, after=2000)
+    result = run(sender, 10_000, duration_s=1.0, clock=clock, sleep=clock.sleep)
+    # 0.5 s lost; only the bucket's 50 ms worth is made up for
+    assert abs(result.sent - (5000 + bucket_capacity(10_000))) <= 1
+    assert max(sender.bursts) <= burst_size(10_000)
 
 
 def test_run_reports_every_interval(caplog):
@@ -156,7 +194,10 @@ def test_run_reports_every_interval(caplog):
             sleep=clock.sleep)
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 3
-    assert all("(target 1000/s)" in line and "1000/s" in line.split(":")[1] for line in lines)
+    for line in lines:
+        sent, rate = re.match(r"sent (\d+) in 1\.0s: (\d+)/s \(target 1000/s\), 0 errors$",
+                              line).groups()
+        assert abs(int(sent) - 1000) <= 1 and abs(int(rate) - 1000) <= 1
 
 
 # --- wire bytes ------------------------------------------------------------------------------
