@@ -49,8 +49,11 @@ class FragmentTracker:
             return released
         return []
 
-    def ports_of(self, key: tuple) -> tuple[int, int, int] | None:
-        return self.ports.get(key)
+    def ports_of(self, key: tuple, ts_ns: int) -> tuple[int, int, int] | None:
+        known = self.ports.get(key)
+        if known is not None and ts_ns - known[2] > self.reassembly_ns:
+            return None  # an old datagram's id, reused
+        return known
 
     def hold(self, key: tuple, item) -> list:
         """Hold a non-first fragment; return fragments pushed out by the bound (ports 0)."""
@@ -105,7 +108,7 @@ class RecordBatcher:
                 for held in self.fragments.first_fragment(key, sport, dport, ts_ns):
                     self._emit(*held, sport, dport)
             else:
-                known = self.fragments.ports_of(key)
+                known = self.fragments.ports_of(key, ts_ns)
                 if known is None:
                     item = (ts_ns, wire_len, ipver, proto, src, dst, tcp_flags, flags)
                     for old in self.fragments.hold(key, item):

@@ -81,11 +81,11 @@ def decode_frame(frame: bytes, linktype: int) -> tuple:
     if linktype == LINKTYPE_LINUX_SLL:
         if len(frame) < 16:
             return NOT_IP_MALFORMED
-        return _decode_ethertype(frame, _U16(frame, 14)[0], 16, frame[6:12])
+        return _decode_ethertype(frame, _U16(frame, 14)[0], 16, 0, _macs(frame[6:12], b""))
     if linktype == LINKTYPE_LINUX_SLL2:
         if len(frame) < 20:
             return NOT_IP_MALFORMED
-        return _decode_ethertype(frame, _U16(frame, 0)[0], 20, frame[12:18])
+        return _decode_ethertype(frame, _U16(frame, 0)[0], 20, 0, _macs(frame[12:18], b""))
     if linktype in (LINKTYPE_RAW, LINKTYPE_RAW_OLD, LINKTYPE_RAW_OLD2, LINKTYPE_IPV4,
                     LINKTYPE_IPV6):
         return _decode_ip_by_version(frame, 0)
@@ -104,56 +104,60 @@ def decode_frame(frame: bytes, linktype: int) -> tuple:
     return (0, 0, bytes(16), bytes(16), 0, 0, 0, FLAG_UNSUPPORTED_LINK | FLAG_MALFORMED, 0, -1, -1)
 
 
-def _non_ip(frame: bytes, off: int, flags: int = 0) -> tuple:
-    """A frame without an IP header: addresses are the MACs when there are any."""
-    src = frame[6:12] + _PAD12[:10] if off >= 14 else bytes(16)
-    dst = frame[0:6] + _PAD12[:10] if off >= 14 else bytes(16)
-    return (0, 0, src, dst, 0, 0, 0, flags, 0, -1, -1)
+NO_MACS = (bytes(16), bytes(16))
+
+
+def _macs(src: bytes, dst: bytes) -> tuple[bytes, bytes]:
+    """Link-layer addresses of a non-IP frame, padded to the record's 16-byte address fields."""
+    return src + bytes(16 - len(src)), dst + bytes(16 - len(dst))
+
+
+def _non_ip(macs: tuple[bytes, bytes], flags: int = 0) -> tuple:
+    """A frame without an IP header: addresses are the link-layer ones when there are any."""
+    return (0, 0, macs[0], macs[1], 0, 0, 0, flags, 0, -1, -1)
 
 
 def _decode_ethernet(frame: bytes, off: int, depth: int = 0) -> tuple:
     if len(frame) < off + 14:
         return NOT_IP_MALFORMED
-    ethertype = _U16(frame, off + 12)[0]
-    off += 14
-    # 802.1Q, QinQ (802.1ad) and older double-tag EtherTypes, any depth
+    macs = _macs(frame[off + 6:off + 12], frame[off:off + 6])
+    return _decode_ethertype(frame, _U16(frame, off + 12)[0], off + 14, depth, macs)
+
+
+def _decode_ethertype(frame: bytes, ethertype: int, off: int, depth: int = 0,
+                      macs: tuple[bytes, bytes] = NO_MACS) -> tuple:
+    # 802.1Q, QinQ (802.1ad) and older double-tag EtherTypes, any number (a loop, not recursion:
+    # a frame of a thousand tags must not exhaust the stack)
     while ethertype in ETH_VLAN_TAGS:
         if len(frame) < off + 4:
-            return _non_ip(frame, off, FLAG_MALFORMED)
+            return _non_ip(macs, FLAG_MALFORMED)
         ethertype = _U16(frame, off + 2)[0]
         off += 4
-    return _decode_ethertype(frame, ethertype, off, depth)
-
-
-def _decode_ethertype(frame: bytes, ethertype: int, off: int, depth: int = 0) -> tuple:
     if ethertype == ETH_IPV4:
         return _decode_ipv4(frame, off, depth)
     if ethertype == ETH_IPV6:
         return _decode_ipv6(frame, off, depth)
-    if ethertype in ETH_VLAN_TAGS:  # Linux cooked captures may keep the tag in the payload
-        if len(frame) < off + 4:
-            return _non_ip(frame, off, FLAG_MALFORMED)
-        return _decode_ethertype(frame, _U16(frame, off + 2)[0], off + 4, depth)
     if ethertype == ETH_PPPOE_SESSION:
         if len(frame) < off + 8:
-            return _non_ip(frame, off, FLAG_MALFORMED)
-        return _decode_ppp(frame, off + 6, depth)
+            return _non_ip(macs, FLAG_MALFORMED)
+        return _decode_ppp(frame, off + 6, depth, macs)
     if ethertype in ETH_MPLS:
-        return _decode_mpls(frame, off, depth)
-    return _non_ip(frame, off)
+        return _decode_mpls(frame, off, depth, macs)
+    return _non_ip(macs)
 
 
-def _decode_mpls(frame: bytes, off: int, depth: int = 0) -> tuple:
+def _decode_mpls(frame: bytes, off: int, depth: int, macs: tuple[bytes, bytes]) -> tuple:
     while True:
         if len(frame) < off + 4:
-            return _non_ip(frame, off, FLAG_MALFORMED)
+            return _non_ip(macs, FLAG_MALFORMED)
         bottom = frame[off + 2] & 1
         off += 4
         if bottom:
             return _decode_ip_by_version(frame, off, depth)
 
 
-def _decode_ppp(frame: bytes, off: int, depth: int = 0) -> tuple:
+def _decode_ppp(frame: bytes, off: int, depth: int = 0,
+                macs: tuple[bytes, bytes] = NO_MACS) -> tuple:
     if frame[off:off + 2] == b"\xff\x03":  # HDLC address + control
         off += 2
     if len(frame) < off + 1:
@@ -168,7 +172,7 @@ def _decode_ppp(frame: bytes, off: int, depth: int = 0) -> tuple:
         return _decode_ipv4(frame, off, depth)
     if proto == PPP_IPV6:
         return _decode_ipv6(frame, off, depth)
-    return _non_ip(frame, 0)
+    return _non_ip(macs)
 
 
 def _decode_loopback(frame: bytes, linktype: int) -> tuple:
@@ -237,6 +241,8 @@ def _decode_ipv6(frame: bytes, off: int, depth: int = 0) -> tuple:
             if len(frame) < pos + 2:
                 return (6, nh, src, dst, 0, 0, 0, FLAG_MALFORMED, 0, -1, end)
             size = (frame[pos + 1] + 2) * 4 if nh == IPPROTO_AH else (frame[pos + 1] + 1) * 8
+            if len(frame) < pos + size:  # the header runs past the captured bytes
+                return (6, frame[pos], src, dst, 0, 0, 0, flags | FLAG_MALFORMED, frag_id, -1, end)
             nh, pos = frame[pos], pos + size
         elif nh == IPPROTO_FRAGMENT:
             if len(frame) < pos + 8:

@@ -21,6 +21,8 @@ PCAPNG_BYTE_ORDER_MAGIC = 0x1A2B3C4D
 PCAPNG_IDB, PCAPNG_EPB, PCAPNG_SPB, PCAPNG_OPB = 1, 6, 3, 2
 IDB_OPT_TSRESOL, IDB_OPT_TSOFFSET = 9, 14
 MAX_RECORD = 256 * 1024 * 1024  # bigger "packets" are corruption, not traffic
+# fixed fields each block type needs before its packet data or options
+BLOCK_MIN_BODY = {PCAPNG_IDB: 8, PCAPNG_EPB: 20, PCAPNG_OPB: 20, PCAPNG_SPB: 4}
 
 Frame = tuple[int, int, bytes, int]  # (ts_ns, wire_len, frame, linktype)
 
@@ -116,8 +118,10 @@ def _read_pcapng(data: mmap.mmap, path: Path) -> Iterator[Frame]:
             raise CaptureFileError(f"{path}: pcapng block at byte {pos} is cut short or corrupt")
         body = pos + 8
         end = pos + blen - 4
+        if end - body < BLOCK_MIN_BODY.get(btype, 0):
+            raise CaptureFileError(f"{path}: pcapng block at byte {pos} too short for its fields")
         if btype == PCAPNG_IDB:
-            interfaces.append(_parse_idb(data, body, end, endian))
+            interfaces.append(_parse_idb(data, body, end, endian, path))
         elif btype in (PCAPNG_EPB, PCAPNG_OPB):
             if btype == PCAPNG_EPB:
                 iface, ts_hi, ts_lo, cap, orig = struct.unpack_from(endian + "IIIII", data, body)
@@ -141,7 +145,7 @@ def _read_pcapng(data: mmap.mmap, path: Path) -> Iterator[Frame]:
         pos += blen
 
 
-def _parse_idb(data: mmap.mmap, body: int, end: int, endian: str) -> _Interface:
+def _parse_idb(data: mmap.mmap, body: int, end: int, endian: str, path: Path) -> _Interface:
     linktype = struct.unpack_from(endian + "H", data, body)[0]
     resolution, offset = 6, 0
     pos = body + 8
@@ -150,6 +154,8 @@ def _parse_idb(data: mmap.mmap, body: int, end: int, endian: str) -> _Interface:
         if code == 0:
             break
         value = pos + 4
+        if value + length > end:
+            raise CaptureFileError(f"{path}: interface option runs past its block at byte {pos}")
         if code == IDB_OPT_TSRESOL and length >= 1:
             resolution = data[value]
         elif code == IDB_OPT_TSOFFSET and length >= 8:

@@ -83,7 +83,7 @@ def encode_batch(records: list[bytes], meta: list[tuple[int, int, str]] | None =
     meta = meta or []
     parts.append(NAME_COUNT.pack(len(meta)))
     for index, kind, text in meta:
-        raw = text.encode("utf-8")[:255]
+        raw = text.encode("utf-8")[:255].decode("utf-8", "ignore").encode("utf-8")  # whole chars
         parts.append(META.pack(index, kind, len(raw)) + raw)
     return b"".join(parts)
 
