@@ -74,7 +74,7 @@ def pump(frames: Iterable, batcher: RecordBatcher, producer: RecordProducer,
                             warned_links.add(linktype)
                             log.warning("link type %d is not supported: its frames count as OTHER",
                                         linktype)
-                    add(ts_ns, wire_len, frame, decoded)
+                add(ts_ns, wire_len, frame, decoded)
                 if batcher.ready:
                     send_ready()
                 if frames_n & 1023:
@@ -136,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if undelivered or counters.delivery_failed:
         print(f"capture: {counters.delivery_failed} records were not delivered", file=sys.stderr)
+        return 1
+    if source is None and counters.records_produced != counters.frames:
+        print(f"capture: read {counters.frames} frames but the broker acknowledged "
+              f"{counters.records_produced} records", file=sys.stderr)
         return 1
     return 0
 
