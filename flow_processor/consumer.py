@@ -35,7 +35,7 @@ class Processor:
         self.paused = False
         self.records_per_message = 1000.0  # running estimate, to turn records into messages
         self.totals = {"records": 0, "messages": 0, "malformed_messages": 0, "flushes": 0,
-                       "rejected_samples": 0, "fenced": 0}
+                       "rejected_samples": 0, "write_errors": 0, "fenced": 0}
         self.consumer = Consumer({
             "bootstrap.servers": settings.kafka_bootstrap_servers,
             "group.id": settings.kafka_group_id,
@@ -180,9 +180,10 @@ class Processor:
         self.totals["flushes"] += 1
         if self.totals["flushes"] % TRIM_EVERY_FLUSHES == 0:
             self.sink.trim_top()
-        if result.rejected_samples:
+        if result.rejected_samples or result.write_errors:
             self.totals["rejected_samples"] += result.rejected_samples
-            self.sink.add_rejected(result.rejected_samples)
+            self.totals["write_errors"] += result.write_errors
+            self.sink.add_errors(result.rejected_samples, result.write_errors)
         if commits:  # Kafka's committed offsets only feed lag monitoring; Redis holds the truth
             try:
                 self.consumer.commit(offsets=commits, asynchronous=True)

@@ -32,6 +32,9 @@ class ProcessorSettings(BaseSettings):
     series_retention_ms: int = Field(0, ge=0, description="Retention of aggregate series; 0 = keep")
     flow_series_retention_ms: int = Field(86_400_000, ge=0,
                                           description="Retention of per-flow series; 0 = keep")
+    flow_series_chunk_bytes: int = Field(512, ge=48, le=1048576, multiple_of=8,
+                                         description="Chunk size of per-flow series (small "
+                                         "flows waste the 4 KiB default)")
     flow_ttl_s: int = Field(86400, ge=60, description="Flow keys expire this long after going idle")
     top_flows_kept: int = Field(10000, ge=10, le=10_000_000,
                                 description="Members kept in each top-N set (flows, hosts, ...)")

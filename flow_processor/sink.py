@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
@@ -28,6 +29,8 @@ from packet_records.runtime import StartupError
 log = logging.getLogger(__name__)
 
 MADD_CHUNK = 2000  # samples per TS.MADD
+FLOWS_PER_CALL = 1000  # flows per call of flows.lua (a call blocks Redis while it runs)
+FLOWS_LUA = Path(__file__).with_name("flows.lua")
 METRICS = (("bps", 0), ("pps", 1))  # series suffix, index in the [bytes, packets] cells
 TOP_FLOWS = "flows:top:bytes"
 TOP_APPS, TOP_HOSTS, TOP_DOMAINS = "apps:top:bytes", "hosts:top:bytes", "domains:top:bytes"
@@ -45,6 +48,7 @@ class WriteResult:
     written: list[PartitionState] = field(default_factory=list)
     fenced: list[tuple[PartitionState, int | None]] = field(default_factory=list)
     rejected_samples: int = 0
+    write_errors: int = 0
 
 
 class RedisSink:
@@ -57,6 +61,7 @@ class RedisSink:
         )
         self.offset_prefix = f"pipeline:offsets:{settings.kafka_group_id}:{settings.kafka_topic}:"
         self.created: set[str] = set()
+        self.flows_script = self.redis.register_script(FLOWS_LUA.read_text())
 
     def check(self) -> None:
         """Fail at start with one clear line when Redis or RedisTimeSeries is missing."""
@@ -79,7 +84,8 @@ class RedisSink:
 
     # -- series creation -------------------------------------------------------------------
 
-    def _series_to_create(self, states: list[PartitionState]) -> list[tuple[str, int, dict]]:
+    def _series_to_create(self) -> list[tuple[str, int, dict]]:
+        """The aggregate series this process has not created yet (flow series: flows.lua)."""
         out = []
         aggregate_retention = self.settings.series_retention_ms
         for metric, _ in METRICS:
@@ -91,15 +97,7 @@ class RedisSink:
             for app in APPS:
                 out.append((f"ts:app:{app}:{metric}", aggregate_retention,
                             {"dimension": "app", "app": app, "metric": metric}))
-        out = [item for item in out if item[0] not in self.created]
-        for state in states:
-            for flow in state.dirty_flows:
-                if flow.new:
-                    for metric, _ in METRICS:
-                        out.append((f"ts:flow:{flow.id}:{metric}",
-                                    self.settings.flow_series_retention_ms,
-                                    {"dimension": "flow", "flow_id": flow.id, "metric": metric}))
-        return out
+        return [item for item in out if item[0] not in self.created]
 
     def _create_series(self, series: list[tuple[str, int, dict]]) -> None:
         if not series:
@@ -113,14 +111,13 @@ class RedisSink:
         for (key, _, _), result in zip(series, pipe.execute(raise_on_error=False)):
             if isinstance(result, Exception) and "already exists" not in str(result):
                 raise result
-            if not key.startswith("ts:flow:"):
-                self.created.add(key)
+            self.created.add(key)
 
     # -- the transaction -------------------------------------------------------------------
 
     def write(self, states: list[PartitionState]) -> WriteResult:
         """Write the aggregates of these partitions with their offsets, exactly once."""
-        self._create_series(self._series_to_create(states))
+        self._create_series(self._series_to_create())
         keys = [self.offset_prefix + str(s.partition) for s in states]
         while True:
             result = WriteResult()
@@ -145,51 +142,21 @@ class RedisSink:
                 except WatchError:
                     continue  # an offset moved under us: look again
             result.rejected_samples = self._count_rejected(replies, sample_commands)
-            failed = [r for r in replies if isinstance(r, Exception)
-                      and not isinstance(r, ResponseError)]
-            if failed:
-                raise failed[0]
+            failed = [r for r in replies[:len(replies) - sample_commands]
+                      if isinstance(r, Exception)]
+            if failed:  # a bug, not bad data: say it loudly (the rest of the EXEC landed)
+                result.write_errors = len(failed)
+                log.error("%d commands of a flush failed, first: %s", len(failed), failed[0])
             result.written.extend(writable)
             return result
 
     def _queue_writes(self, pipe, states: list[PartitionState]) -> int:
-        samples: list = []
-        for state in states:
-            for sec, cell in state.global_.items():
-                for metric, i in METRICS:
-                    samples.append((sec, f"ts:global:{metric}", cell[i]))
-            for (proto, sec), cell in state.protocols.items():
-                for metric, i in METRICS:
-                    samples.append((sec, f"ts:protocol:{proto}:{metric}", cell[i]))
-            apps: dict[tuple[str, int], list[int]] = {}
-            for (flow, sec), cell in state.flow_seconds.items():
-                for metric, i in METRICS:
-                    samples.append((sec, f"ts:flow:{flow.id}:{metric}", cell[i]))
-                _add_cell(apps, (APPS[flow.app], sec), cell)
-            for sec, cell in state.no_flow.items():
-                _add_cell(apps, ("UNKNOWN", sec), cell)
-            for (app, sec), cell in apps.items():
-                for metric, i in METRICS:
-                    samples.append((sec, f"ts:app:{app}:{metric}", cell[i]))
-        # Sum duplicates before writing (each duplicate re-encodes a chunk), oldest first so
-        # that a retention window never rejects older samples written after newer ones.
-        summed: dict[tuple[int, str], int] = {}
-        for sec, key, value in samples:
-            summed[(sec, key)] = summed.get((sec, key), 0) + value
-        ordered = sorted(summed.items())
-        commands = 0
-        for start in range(0, len(ordered), MADD_CHUNK):
-            args: list = ["TS.MADD"]
-            for (sec, key), value in ordered[start:start + MADD_CHUNK]:
-                args += [key, sec * 1000, value]
-            pipe.execute_command(*args)
-            commands += 1
-        for state in states:
-            for flow in state.dirty_flows:
-                self._queue_flow(pipe, flow)
-            unknown = sum(cell[0] for cell in state.no_flow.values())
-            if unknown:
-                pipe.zincrby(TOP_APPS, unknown, "UNKNOWN")
+        """Queue the whole flush; return how many TS.MADD commands end the replies."""
+        # flows first: flows.lua creates the series of new flows that TS.MADD then writes
+        self._queue_flows(pipe, [f for state in states for f in state.dirty_flows])
+        unknown = sum(cell[0] for state in states for cell in state.no_flow.values())
+        if unknown:
+            pipe.zincrby(TOP_APPS, unknown, "UNKNOWN")
         counters = {
             "records": sum(s.records for s in states),
             "malformed_frames": sum(s.malformed_frames for s in states),
@@ -200,40 +167,53 @@ class RedisSink:
                 pipe.hincrby(COUNTERS, name, value)
         for state in states:
             pipe.set(self.offset_prefix + str(state.partition), state.next_offset)
+        return self._queue_samples(pipe, states)
+
+    def _queue_samples(self, pipe, states: list[PartitionState]) -> int:
+        samples: dict[tuple[int, str], int] = {}
+
+        def add(sec: int, series: str, cell: list[int]) -> None:
+            for metric, i in METRICS:
+                key = (sec, f"{series}:{metric}")
+                samples[key] = samples.get(key, 0) + cell[i]
+
+        for state in states:
+            for sec, cell in state.global_.items():
+                add(sec, "ts:global", cell)
+            for (proto, sec), cell in state.protocols.items():
+                add(sec, f"ts:protocol:{proto}", cell)
+            for (flow, sec), cell in state.flow_seconds.items():
+                add(sec, f"ts:flow:{flow.id}", cell)
+                add(sec, f"ts:app:{APPS[flow.app]}", cell)
+            for sec, cell in state.no_flow.items():
+                add(sec, "ts:app:UNKNOWN", cell)
+        # summed per (second, series) before writing (each duplicate re-encodes a chunk), and
+        # oldest first so that a retention window never refuses older samples written later
+        ordered = sorted(samples.items())
+        commands = 0
+        for start in range(0, len(ordered), MADD_CHUNK):
+            args: list = ["TS.MADD"]
+            for (sec, key), value in ordered[start:start + MADD_CHUNK]:
+                args += [key, sec * 1000, value]
+            pipe.execute_command(*args)
+            commands += 1
         return commands
 
-    def _queue_flow(self, pipe, flow: Flow) -> None:
-        meta = f"flow:{flow.id}:meta"
-        if flow.new:
-            for name, value in (("src", flow.src), ("dst", flow.dst), ("sport", flow.sport),
-                                ("dport", flow.dport), ("proto", flow.proto),
-                                ("first_seen", ns_text(flow.first_ns))):
-                pipe.hsetnx(meta, name, value)
-            for key in (meta, f"ts:flow:{flow.id}:bps", f"ts:flow:{flow.id}:pps"):
-                pipe.persist(key)  # it may have been set to expire when the flow went idle
-        if flow.labels_changed:
-            labels = {"app": APPS[flow.app], "app_guess": int(flow.app_guess)}
-            if flow.server_name:
-                labels["server_name"] = flow.server_name
-            if flow.fingerprint:
-                labels["fingerprint"] = flow.fingerprint
-            pipe.hset(meta, mapping=labels)
-        pipe.hincrby(meta, "bytes", flow.delta_bytes)
-        pipe.hincrby(meta, "packets", flow.delta_packets)
-        pipe.hset(meta, "last_seen", ns_text(flow.last_ns))
-        pipe.zincrby(TOP_FLOWS, flow.delta_bytes, flow.id)
-        pipe.zincrby(TOP_APPS, flow.delta_bytes, APPS[flow.app])
-        # top talkers: each endpoint counts the flow's bytes in both directions
-        pipe.zincrby(TOP_HOSTS, flow.delta_bytes, flow.src)
-        if flow.dst != flow.src:
-            pipe.zincrby(TOP_HOSTS, flow.delta_bytes, flow.dst)
-        if flow.server_name:
-            pipe.zincrby(TOP_DOMAINS, flow.delta_bytes, flow.server_name)
+    def _queue_flows(self, pipe, flows: list[Flow]) -> None:
+        s = self.settings
+        for start in range(0, len(flows), FLOWS_PER_CALL):
+            args: list = [s.flow_series_retention_ms, s.flow_series_chunk_bytes]
+            for f in flows[start:start + FLOWS_PER_CALL]:
+                args += [f.id, f.delta_bytes, f.delta_packets, ns_text(f.last_ns), int(f.new),
+                         f.src, f.dst, f.sport, f.dport, f.proto, ns_text(f.first_ns),
+                         int(f.labels_changed), APPS[f.app], int(f.app_guess),
+                         f.server_name or "", f.fingerprint or ""]
+            self.flows_script(args=args, client=pipe)
 
     @staticmethod
     def _count_rejected(replies: list, madd_commands: int) -> int:
         rejected = 0
-        for reply in replies[:madd_commands]:
+        for reply in replies[len(replies) - madd_commands:]:
             if isinstance(reply, Exception):
                 raise reply  # a whole TS.MADD refused: a bug, not bad data
             for item in reply:
@@ -263,15 +243,9 @@ class RedisSink:
             pipe.zremrangebyrank(key, 0, -(self.settings.top_flows_kept + 1))
         pipe.execute()
 
-    def add_rejected(self, count: int) -> None:
-        if count:
-            self.redis.hincrby(COUNTERS, "rejected_samples", count)
+    def add_errors(self, rejected_samples: int, write_errors: int) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hincrby(COUNTERS, "rejected_samples", rejected_samples)
+        pipe.hincrby(COUNTERS, "write_errors", write_errors)
+        pipe.execute()
 
-
-def _add_cell(cells: dict, key, cell: list[int]) -> None:
-    total = cells.get(key)
-    if total is None:
-        cells[key] = [cell[0], cell[1]]
-    else:
-        total[0] += cell[0]
-        total[1] += cell[1]

@@ -13,8 +13,11 @@ from the content, never from the port alone:
   STARTTLS upgrade keeps the mail label, as tshark does, and gives the SNI and JA4 of the
   ClientHello that follows).
 * UDP: each datagram is matched against DNS (mDNS on port 5353), DHCP, DHCPv6, NTP and QUIC
-  (capture.inspect.quic). DNS is recognised on any port when the whole message is
-  consistent; on ports 53/5353 a message cut short (snaplen, IP fragment) still counts.
+  (capture.inspect.quic). DNS is recognised on any port when the whole message parses to its
+  last byte as a standard query with one question (or its answer); on ports 53/5353 any
+  consistent message counts, even one cut short (snaplen, first IP fragment). DHCP, DHCPv6
+  and NTP also need their port on one side, as tshark does. An HTTP request over UDP (SSDP)
+  gives its Host as the server name, without a label (tshark calls it SSDP).
 
 A well-known server port gives a label before any content is seen, with ``guess`` True (a TCP
 flow on 443 with no payload yet is TLS, guessed); content evidence replaces it. A guess that
@@ -66,6 +69,8 @@ class FlowInspector:
     client: the sender of the flow's first packet (from_client=True in feed()).
     """
 
+    errors = 0  # parser exceptions caught by feed() (a bug: each ends that flow's inspection)
+
     __slots__ = ("proto", "client_port", "server_port", "app", "guess", "server_name",
                  "fingerprint", "done", "_packets", "_bufs", "_next", "_closed", "_stage",
                  "_dir", "_tls_off", "_quic")
@@ -112,9 +117,12 @@ class FlowInspector:
             else:
                 self._feed_udp(payload, from_client)
         except Exception:  # noqa: BLE001 - a parser bug must not stop the capture loop
+            FlowInspector.errors += 1
             self.done = True
         if self._packets >= MAX_PACKETS:
             self.done = True
+        if self.done:  # the capture loop may keep the inspector: keep no payload bytes
+            self._bufs = self._quic = None
         return (self.app, self.guess, self.server_name, self.fingerprint) != before
 
     def _decide(self, app: str) -> None:
@@ -167,7 +175,7 @@ class FlowInspector:
                 self._tcp_detect(other, data)
         elif stage == _TLS_HELLO:
             if d == self._dir:
-                self._tls_hello(data, 0)
+                self._tls_hello(data)
         elif stage == _HTTP_HOST:
             self._http_host()
         elif stage == _MAIL or stage == _STARTTLS:
@@ -246,7 +254,7 @@ class FlowInspector:
                 self._stage = _MAIL
                 self._mail(client)
                 return
-        if not pending and not _mail_start(c) and not _mail_start(s):
+        if not pending and not _mail_pending(c, s) and not _mail_pending(s, c):
             self.done = True  # neither stream can still become anything this module knows
 
     def _set_hello(self, hello: tls.ClientHello) -> None:
@@ -254,8 +262,9 @@ class FlowInspector:
             self.server_name = hello.sni
         self.fingerprint = hello.ja4
 
-    def _tls_hello(self, data: bytes, off: int) -> None:
-        hello = tls.parse_tls_stream(data[off:] if off else data)
+    def _tls_hello(self, data: bytes) -> None:
+        """The stream started like a ClientHello: wait for the rest of it."""
+        hello = tls.parse_tls_stream(data)
         if hello is tls.NEED_MORE:
             if self.app != TLS and _tls_records(data) is True:
                 self._decide(TLS)
@@ -354,6 +363,14 @@ class FlowInspector:
             self._decide(NTP)
             self.done = True
             return
+        if 0x41 <= payload[0] <= 0x5A:
+            # HTTP over UDP (SSDP): tshark names it otherwise, but the Host is a server name
+            req = text.parse_http_request(payload)
+            if isinstance(req, text.HttpRequest):
+                if req.host is not None:
+                    self.server_name = req.host
+                self.done = True
+                return
         self._quic_datagram(payload, from_client)
 
     def _udp_dns(self, payload: bytes) -> bool:
@@ -369,10 +386,8 @@ class FlowInspector:
         if not on_port:
             if not (whole and _strict_dns(msg)):
                 return False
-        elif not (whole or msg.name is not None):
-            # cut short before the first question: consistent, but only the port says DNS
-            if self.guess:
-                self.app = MDNS if mdns else DNS
+        elif not (whole or msg.name is not None or len(payload) >= 6):
+            # cut short inside the header: consistent, but only the port says DNS
             return False
         if self.guess or self.app not in (DNS, MDNS):
             self._decide(MDNS if mdns else DNS)
@@ -435,6 +450,7 @@ def _tls_records(data: bytes) -> bool | str:
     return True
 
 
-def _mail_start(data: bytes) -> bool:
-    """A server greeting of SMTP, IMAP or POP3 that waits for the client's first command."""
-    return data[:3] in (b"220", b"* O", b"+OK")
+def _mail_pending(client: bytes, server: bytes) -> bool:
+    """A greeting that may be SMTP, IMAP or POP3, and the client's first command line (which
+    decides) has not come yet."""
+    return server[:3] in (b"220", b"* O", b"+OK") and b"\n" not in client

@@ -1,0 +1,576 @@
+"""Pipeline benchmark: `python bench/bench_pipeline.py [--packets N | --quick] [--no-e2e]`.
+
+Writes one synthetic capture (tests/synthetic.py) and measures, in the same run:
+
+1. the capture file path in this process, without Kafka: read only, read + decode, the full
+   capture CPU path (capture.__main__.pump with a producer that discards), and Scapy's full
+   dissection of the first packets of the same file;
+2. the record encoding: the packed packet_records batch against orjson list-of-lists;
+3. end to end through a real broker (Tansu) and Redis Stack started here as subprocesses:
+   `python -m capture --pcap FILE`, then `python -m flow_processor --exit-when-idle 1`;
+4. a summary table.
+
+It prints figures and ratios; it asserts nothing (this machine is shared and noisy: compare the
+ratios of one run, not absolute figures across runs). See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import orjson  # noqa: E402
+import redis  # noqa: E402
+
+from capture.__main__ import pump  # noqa: E402
+from capture.batching import RecordBatcher  # noqa: E402
+from capture.counters import CaptureCounters  # noqa: E402
+from capture.decode import decode_frame  # noqa: E402
+from capture.pcapfile import read_frames  # noqa: E402
+from capture.settings import CaptureSettings  # noqa: E402
+from flow_processor.aggregate import NS, PartitionState  # noqa: E402
+from flow_processor.flows import FlowTable  # noqa: E402
+from flow_processor.settings import ProcessorSettings  # noqa: E402
+from local_stack.services import start_kafka, start_redis  # noqa: E402
+from packet_records import RECORD, decode_batch, encode_batch  # noqa: E402
+from tests.synthetic import write_synthetic_pcap  # noqa: E402
+
+PARTITIONS = 12  # kafka/topics.json
+BATCH = 1000  # records per message (CaptureSettings.records_per_message default)
+ENCODING_RECORDS = 200_000
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+summary: list[tuple[str, str, str]] = []  # (what, figure, note)
+
+
+def rate(n: float, seconds: float) -> float:
+    if n == 0:
+        return 0.0
+    return n / seconds if seconds > 0 else float("inf")
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+def fmt(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def note(what: str, figure: str, extra: str = "") -> None:
+    summary.append((what, figure, extra))
+
+
+class Timer:
+    """Wall and CPU (this process) time of a block."""
+
+    def __enter__(self) -> Timer:
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall = time.perf_counter() - self.t0
+        self.cpu = time.process_time() - self.c0
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Capture file path, in process
+
+
+class NullProducer:
+    """Stands in for capture.producer.RecordProducer: takes the messages and drops them."""
+
+    def __init__(self) -> None:
+        self.messages = self.records = self.bytes = 0
+        self.kept: list[tuple[int, bytes]] = []  # (partition, message), for the processor row
+
+    def send(self, partition: int, message: bytes, records: int) -> bool:
+        self.kept.append((partition, message))
+        self.messages += 1
+        self.records += records
+        self.bytes += len(message)
+        return True
+
+    def poll(self) -> None:
+        pass
+
+
+def read_only(path: Path) -> int:
+    n = 0
+    for _item in read_frames(path):
+        n += 1
+    return n
+
+
+def read_decode(path: Path) -> int:
+    n = 0
+    for _ts, _wire, frame, linktype in read_frames(path):
+        decode_frame(frame, linktype)
+        n += 1
+    return n
+
+
+def full_capture_path(path: Path, inspect: bool | None = None) -> tuple[int, NullProducer]:
+    """pump() as `python -m capture --pcap` runs it; inspect=False turns L7 inspection off."""
+    settings = CaptureSettings()
+    producer = NullProducer()
+    counters = CaptureCounters()
+    if inspect is None:
+        inspect = getattr(settings, "inspect_payloads", None)  # as capture.__main__.main() does
+    batcher = (RecordBatcher(PARTITIONS, settings.records_per_message) if inspect is None
+               else RecordBatcher(PARTITIONS, settings.records_per_message, inspect))
+    pump(read_frames(path), batcher, producer, counters, settings)  # type: ignore[arg-type]
+    return counters.frames, producer
+
+
+def processor_aggregation(messages: list[tuple[int, bytes]]) -> int:
+    """The processor's CPU path before Redis: decode_batch + PartitionState.add_records."""
+    settings = ProcessorSettings()
+    states: dict[int, PartitionState] = {}
+    for partition, message in messages:
+        state = states.get(partition)
+        if state is None:
+            table = FlowTable(settings.flow_idle_timeout_s * NS,
+                              settings.flow_active_timeout_s * NS, settings.max_flows)
+            states[partition] = state = PartitionState(partition, None, table)
+        state.add_records(decode_batch(message)[0])
+    return sum(s.records for s in states.values())
+
+
+def scapy_dissect(path: Path, limit: int) -> int:
+    # scapy.all registers the link-layer dissectors: from scapy.utils alone, PcapReader would
+    # hand back undissected Raw packets ("unknown LL type")
+    from scapy.all import PcapReader
+
+    n = 0
+    with PcapReader(str(path)) as reader:
+        for pkt in reader:
+            pkt.layers()  # walks the fully dissected layer chain
+            last = pkt.lastlayer()
+            _ = last.name
+            n += 1
+            if n >= limit:
+                break
+    return n
+
+
+def section_capture(path: Path, packets: int, scapy_limit: int) -> dict:
+    print("\n== 1. Capture file path, in process, no Kafka ==")
+    print(f"{'stage':<44} {'frames':>10} {'wall s':>7} {'frames/s':>11} {'per CPU-s':>11}")
+    out = {}
+
+    def row(key: str, label: str, fn) -> None:
+        gc.collect()
+        with Timer() as t:
+            result = fn()
+        n = result[0] if isinstance(result, tuple) else result
+        out[key] = rate(n, t.wall)
+        out[key + "_cpu"] = rate(n, t.cpu)
+        out[key + "_result"] = result
+        print(f"{label:<44} {n:>10,} {t.wall:>7.2f} {fmt(rate(n, t.wall)):>11} "
+              f"{fmt(rate(n, t.cpu)):>11}", flush=True)
+
+    row("a", "(a) read only (read_frames, mmap)", lambda: read_only(path))
+    row("b", "(b) read + decode_frame", lambda: read_decode(path))
+    row("c", "(c) read + decode + batches (pump, no Kafka)", lambda: full_capture_path(path))
+    if getattr(CaptureSettings(), "inspect_payloads", None):
+        row("c2", "(c2) as (c), L7 payload inspection off", lambda: full_capture_path(path, False))
+        out["c2_result"] = None
+    import scapy.all  # noqa: F401  (loaded here so that its import time is not measured)
+
+    row("d", f"(d) Scapy PcapReader full dissection ({scapy_limit:,})",
+        lambda: scapy_dissect(path, scapy_limit))
+    producer: NullProducer = out["c_result"][1]
+    row("e", "(e) processor aggregation, no Kafka/Redis", lambda: processor_aggregation(
+        producer.kept))
+    producer.kept = []
+    print(f"    (c) produced {producer.messages:,} messages, {producer.records:,} records, "
+          f"{producer.records / max(1, producer.messages):,.0f} records/message, "
+          f"{producer.bytes / max(1, producer.records):.1f} bytes/record before compression")
+    frames_c = out["c_result"][0]
+    if producer.records != frames_c:
+        print(f"    WARNING: (c) read {frames_c:,} frames but produced {producer.records:,} "
+              "records: the capture path loses or adds records")
+    print(f"    decode costs {1 / out['b'] - 1 / out['a']:.2e} s/frame, batching "
+          f"{1 / out['c'] - 1 / out['b']:.2e} s/frame, reading {1 / out['a']:.2e} s/frame")
+    print(f"    ratio (c)/(d), full capture path vs Scapy dissection: {out['c'] / out['d']:.1f}x")
+    if "c2" in out:
+        print(f"    L7 payload inspection costs {1 / out['c'] - 1 / out['c2']:.2e} s/frame: "
+              f"(c)/(c2) = {out['c'] / out['c2']:.0%}")
+    print(f"    ratio (c)/(a), share of the read-only speed kept: {out['c'] / out['a']:.0%}")
+    note("(a) read only", f"{fmt(out['a'])} frames/s")
+    note("(b) read + decode", f"{fmt(out['b'])} frames/s")
+    note("(c) capture CPU path, no Kafka", f"{fmt(out['c'])} frames/s",
+         f"{out['c'] / out['d']:.0f}x Scapy")
+    if "c2" in out:
+        note("(c2) capture CPU path, inspection off", f"{fmt(out['c2'])} frames/s")
+    note("(d) Scapy full dissection", f"{fmt(out['d'])} frames/s", f"first {scapy_limit:,}")
+    note("(e) processor aggregation, no Redis", f"{fmt(out['e'])} records/s")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Record encoding
+
+
+def sample_records(path: Path, count: int) -> list[tuple]:
+    """Record tuples in RECORD field order, from the capture's real decoded frames."""
+    records = []
+    for ts, wire, frame, linktype in read_frames(path):
+        ipver, proto, src, dst, sport, dport, tcp_flags, flags = decode_frame(frame, linktype)[:8]
+        # the last three small fields (application / L7 label bits) are 0 here, as for
+        # unclassified traffic
+        records.append((ts, wire, ipver, proto, tcp_flags, flags, sport, dport, src, dst, 0, 0,
+                        0))
+        if len(records) >= count:
+            break
+    return records
+
+
+def packed_encode(batches: list[list[tuple]]) -> list[bytes]:
+    pack = RECORD.pack
+    return [encode_batch([pack(*r) for r in batch]) for batch in batches]
+
+
+def packed_decode(messages: list[bytes]) -> int:
+    n = 0
+    for message in messages:
+        records = decode_batch(message)[0]
+        for (_ts, _wire, _ipver, _proto, _tcp, _flags, _sport, _dport, _src, _dst, _app, _res,
+             _name) in records:
+            n += 1
+    return n
+
+
+def json_encode(batches: list[list[tuple]]) -> list[bytes]:
+    dumps = orjson.dumps
+    return [dumps([[ts, wire, ipver, proto, tcp, flags, sport, dport, src.hex(), dst.hex(), app,
+                    res, name]
+                   for ts, wire, ipver, proto, tcp, flags, sport, dport, src, dst, app, res, name
+                   in batch])
+            for batch in batches]
+
+
+def json_decode(messages: list[bytes]) -> int:
+    n = 0
+    loads = orjson.loads
+    for message in messages:
+        for (_ts, _wire, _ipver, _proto, _tcp, _flags, _sport, _dport, _src, _dst, _app, _res,
+             _name) in loads(message):
+            n += 1
+    return n
+
+
+def json_decode_bytes(messages: list[bytes]) -> int:
+    """As json_decode, plus turning the hex addresses back into the bytes the flow table keys."""
+    n = 0
+    loads, fromhex = orjson.loads, bytes.fromhex
+    for message in messages:
+        for (_ts, _wire, _ipver, _proto, _tcp, _flags, _sport, _dport, src, dst, _app, _res,
+             _name) in loads(message):
+            fromhex(src)
+            fromhex(dst)
+            n += 1
+    return n
+
+
+def best_of(fn, arg, repeat: int = 5, gc_on: bool = True) -> tuple[float, object]:
+    best, result = float("inf"), None
+    for _ in range(repeat):
+        gc.collect()
+        if not gc_on:
+            gc.disable()
+        try:
+            t0 = time.perf_counter()
+            result = fn(arg)
+            best = min(best, time.perf_counter() - t0)
+        finally:
+            gc.enable()
+    return best, result
+
+
+def section_encoding(path: Path, packets: int) -> dict:
+    count = min(packets, ENCODING_RECORDS)
+    records = sample_records(path, count)
+    batches = [records[i:i + BATCH] for i in range(0, len(records), BATCH)]
+    n = len(records)
+    print(f"\n== 2. Record encoding: {n:,} records of the capture, batches of {BATCH} "
+          "(best of 5) ==")
+    print(f"{'format':<34} {'encode rec/s':>13} {'decode rec/s':>13} {'decode, gc off':>15} "
+          f"{'bytes/rec':>10}")
+    out = {}
+    for key, label, enc, decs in (
+        ("packed", f"packed struct ({RECORD.size} B records)", packed_encode, (packed_decode,)),
+        ("json", "orjson list-of-lists (hex addrs)", json_encode, (json_decode,)),
+        ("json_bytes", "  + hex -> bytes on decode", None, (json_decode_bytes,)),
+    ):
+        if enc is None:  # the same messages as the row above
+            t_enc = float("nan")
+        else:
+            t_enc, messages = best_of(enc, batches)
+        t_dec, got = best_of(decs[0], messages)
+        t_dec_nogc, _ = best_of(decs[0], messages, gc_on=False)
+        size = sum(len(m) for m in messages) / n
+        if got != n:
+            print(f"    warning: {label} decoded {got} records, expected {n}")
+        out[key] = {"enc": rate(n, t_enc), "dec": rate(n, t_dec), "dec_nogc": rate(n, t_dec_nogc),
+                    "size": size}
+        enc_text = "(same)" if t_enc != t_enc else fmt(rate(n, t_enc))
+        print(f"{label:<34} {enc_text:>13} {fmt(rate(n, t_dec)):>13} "
+              f"{fmt(rate(n, t_dec_nogc)):>15} {size:>10.1f}", flush=True)
+    p, j = out["packed"], out["json"]
+    print(f"    packed/orjson: encode {p['enc'] / j['enc']:.2f}x, decode {p['dec'] / j['dec']:.2f}x"
+          f" (gc off {p['dec_nogc'] / j['dec_nogc']:.2f}x), size {p['size'] / j['size']:.2f}x")
+    print("    (decode with the gc on runs while this process holds the sample records, as the "
+          "processor holds its flow table)")
+    note("packed records encode / decode", f"{fmt(p['enc'])} / {fmt(p['dec'])} rec/s",
+         f"{p['size']:.0f} B/rec")
+    note("orjson records encode / decode", f"{fmt(j['enc'])} / {fmt(j['dec'])} rec/s",
+         f"{j['size']:.0f} B/rec")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# 3. End to end
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a running process, from /proc (0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+FIELD = re.compile(r"(\w+)=(\[[^\]]*\]|\S+)")
+LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+
+
+def log_time(log: str, marker: str) -> float | None:
+    """Epoch time of the first log line containing marker (logging's asctime, local time)."""
+    for line in log.splitlines():
+        if marker in line:
+            m = LOG_TIME.match(line)
+            if m:
+                return datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    return None
+
+
+def log_fields(log: str, prefix: str) -> dict[str, str]:
+    """key=value pairs of the last log line whose message starts with prefix."""
+    found: dict[str, str] = {}
+    for line in log.splitlines():
+        if f": {prefix} " in line:
+            found = dict(FIELD.findall(line.split(f": {prefix} ", 1)[1]))
+    return found
+
+
+def section_e2e(path: Path, packets: int, workdir: Path) -> dict:
+    print("\n== 3. End to end: real broker (Tansu) and Redis Stack, services as subprocesses ==")
+    out: dict = {}
+    kafka = start_kafka(workdir=workdir / "run")
+    try:
+        rds = start_redis(workdir=workdir / "run")
+    except Exception:
+        kafka.stop()
+        raise
+    try:
+        tag = uuid.uuid4().hex[:10]
+        redis_url = rds.url.rsplit("/", 1)[0] + "/0"
+        env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=kafka.url, KAFKA_TOPIC=f"bench.{tag}",
+                   KAFKA_GROUP_ID=f"bench-{tag}", REDIS_URL=redis_url, LOG_LEVEL="INFO",
+                   STATS_INTERVAL_S="3600", PYTHONPATH=str(ROOT))
+        print(f"broker {kafka.url} (pid {kafka.pid}), redis {redis_url} (pid {rds.pid}), "
+              f"topic bench.{tag}")
+
+        # capture --pcap
+        servers_cpu0 = cpu_seconds(kafka.pid), cpu_seconds(rds.pid)
+        child0 = children_cpu()
+        t0 = time.time()
+        p0 = time.perf_counter()
+        cap = subprocess.run([sys.executable, "-m", "capture", "--pcap", str(path)], cwd=ROOT,
+                             env=env, capture_output=True, text=True, timeout=3600)
+        wall = time.perf_counter() - p0
+        cap_cpu = children_cpu() - child0
+        broker_cpu = cpu_seconds(kafka.pid) - servers_cpu0[0]
+        final = log_fields(cap.stderr, "final")
+        if cap.returncode != 0:
+            print(f"capture exited {cap.returncode}:\n{cap.stderr[-3000:]}")
+            return out
+        started = log_time(cap.stderr, "capturing from")
+        done = log_time(cap.stderr, ": final ")
+        frames = int(final.get("frames", packets))
+        produced = int(final.get("records_produced", -1))
+        out["capture_wall"] = rate(frames, wall)
+        print(f"python -m capture --pcap: {frames:,} frames, {produced:,} records acknowledged, "
+              f"exit {cap.returncode}")
+        if produced != frames:
+            print(f"    WARNING: capture read {frames:,} frames but the broker acknowledged "
+                  f"{produced:,} records")
+        print(f"    wall {wall:.2f} s -> {fmt(rate(frames, wall))} frames/s into Kafka "
+              "(process start to exit)")
+        if started and done and done > started:
+            out["capture_active"] = rate(frames, done - started)
+            print(f"    {done - started:.2f} s from 'capturing from' to the final line (pump + "
+                  f"delivery, no start-up) -> {fmt(out['capture_active'])} frames/s; start-up "
+                  f"{started - t0:.2f} s")
+        print(f"    CPU: capture {cap_cpu:.2f} s ({fmt(rate(frames, cap_cpu))} frames per CPU-s),"
+              f" broker {broker_cpu:.2f} s")
+
+        # flow_processor --exit-when-idle 1, polled from here
+        r = redis.Redis.from_url(redis_url)
+        servers_cpu0 = cpu_seconds(kafka.pid), cpu_seconds(rds.pid)
+        child0 = children_cpu()
+        proc_log = workdir / "flow_processor.log"
+        samples: list[tuple[float, int]] = []
+        with open(proc_log, "w+") as log:
+            t0 = time.time()
+            p0 = time.perf_counter()
+            proc = subprocess.Popen([sys.executable, "-m", "flow_processor", "--exit-when-idle",
+                                     "1"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            last = 0
+            while True:
+                exited = proc.poll() is not None
+                value = int(r.hget("pipeline:processor", "records") or 0)
+                now = time.perf_counter() - p0
+                if value != last:
+                    samples.append((now, value))
+                    last = value
+                if exited:
+                    break
+                if now > 3600:
+                    proc.kill()
+                    proc.wait()
+                    break
+                time.sleep(0.05)
+            wall = time.perf_counter() - p0
+            proc_cpu = children_cpu() - child0
+            broker_cpu = cpu_seconds(kafka.pid) - servers_cpu0[0]
+            redis_cpu = cpu_seconds(rds.pid) - servers_cpu0[1]
+            log.seek(0)
+            plog = log.read()
+        print(f"python -m flow_processor --exit-when-idle 1: exit {proc.returncode}, "
+              f"{last:,} records in Redis (capture sent {frames:,})")
+        if proc.returncode != 0:
+            print(plog[-3000:])
+        out["proc_wall"] = rate(last, wall)
+        print(f"    wall {wall:.2f} s -> {fmt(out['proc_wall'])} records/s (with start-up, group "
+              "join and the 1 s idle exit)")
+        assigned = log_time(plog, "assigned partitions")
+        if assigned:
+            print(f"    consumer group joined {assigned - t0:.2f} s after start")
+        if len(samples) >= 2:
+            (t_first, v_first), (t_last, v_last) = samples[0], samples[-1]
+            out["proc_active"] = rate(v_last - v_first, t_last - t_first)
+            print(f"    first write at {t_first:.2f} s ({v_first:,} records), last at "
+                  f"{t_last:.2f} s ({v_last:,}), {len(samples)} distinct values seen")
+            print(f"    first -> last write: {fmt(out['proc_active'])} records/s into Redis "
+                  f"(exit {wall - t_last:.2f} s after the last write)")
+        elif samples:
+            print(f"    one write seen at {samples[0][0]:.2f} s: everything landed in one flush; "
+                  "no first-to-last rate (use more packets)")
+        print(f"    CPU: processor {proc_cpu:.2f} s ({fmt(rate(last, proc_cpu))} records per "
+              f"CPU-s), redis {redis_cpu:.2f} s, broker {broker_cpu:.2f} s")
+        pfinal = log_fields(plog, "final")
+        if pfinal:
+            print("    processor totals: " + " ".join(f"{k}={v}" for k, v in pfinal.items()))
+
+        # what is in Redis
+        info = r.info("memory")
+        keys = r.dbsize()
+        try:
+            pps = r.execute_command("TS.RANGE", "ts:global:pps", "-", "+")
+        except redis.ResponseError:  # nothing was written
+            pps = []
+        seconds_n = len(pps)
+        pps_sum = sum(int(float(v)) for _ts, v in pps)
+        out["mem"] = info["used_memory_human"]
+        out["keys"] = keys
+        print(f"Redis after: used_memory_human={info['used_memory_human']} "
+              f"(used_memory={info['used_memory']:,} B), {keys:,} keys, "
+              f"{info['used_memory'] / max(1, keys):,.0f} B/key")
+        print(f"    ts:global:pps sums to {pps_sum:,} frames over {seconds_n} seconds "
+              f"({'matches' if pps_sum == frames else 'DIFFERS FROM'} the {frames:,} captured)")
+        note("capture --pcap into Kafka (wall)", f"{fmt(out['capture_wall'])} frames/s")
+        if "capture_active" in out:
+            note("capture --pcap, without start-up", f"{fmt(out['capture_active'])} frames/s")
+        note("flow_processor into Redis (wall)", f"{fmt(out['proc_wall'])} records/s")
+        if "proc_active" in out:
+            note("flow_processor, first->last write", f"{fmt(out['proc_active'])} records/s")
+        note("Redis after", f"{out['mem']}", f"{keys:,} keys")
+        return out
+    finally:
+        rds.stop()
+        kafka.stop()
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--packets", type=int, default=1_000_000, help="packets in the capture")
+    parser.add_argument("--quick", action="store_true", help="100,000 packets")
+    parser.add_argument("--flows", type=int, help="flows in the capture (default 65 per 1000 "
+                        "packets, 65,000 for a million)")
+    parser.add_argument("--seconds", type=int, default=20, help="capture time span")
+    parser.add_argument("--scapy-packets", type=int, default=20_000,
+                        help="packets Scapy dissects in (d)")
+    parser.add_argument("--no-e2e", action="store_true", help="skip section 3 (broker, Redis)")
+    args = parser.parse_args()
+    packets = 100_000 if args.quick else args.packets
+    flows = args.flows or max(10, packets * 65 // 1000)
+    scapy_limit = min(args.scapy_packets, packets)
+
+    with tempfile.TemporaryDirectory(prefix="dpi-bench-") as tmp:
+        work = Path(tmp)
+        path = work / "synthetic.pcap"
+        with Timer() as t:
+            write_synthetic_pcap(path, packets, flows=flows, seconds=args.seconds)
+        size = path.stat().st_size
+        print(f"synthetic capture: {packets:,} packets, {flows:,} flows, {args.seconds} s, "
+              f"{size / 1e6:,.1f} MB ({size / packets:.0f} B/packet), written in {t.wall:.1f} s;"
+              f" Python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
+        cap = section_capture(path, packets, scapy_limit)
+        section_encoding(path, packets)
+        e2e = {} if args.no_e2e else section_e2e(path, packets, work)
+
+    ratios = [("(c) capture CPU path / (d) Scapy dissection", cap["c"] / cap["d"])]
+    if "capture_wall" in e2e:
+        ratios.append(("capture into Kafka (wall) / (c) no Kafka", e2e["capture_wall"] / cap["c"]))
+    if "capture_active" in e2e:
+        ratios.append(("capture into Kafka (no start-up) / (c)", e2e["capture_active"] / cap["c"]))
+    if "proc_active" in e2e:
+        ratios.append(("processor first->last write / (c)", e2e["proc_active"] / cap["c"]))
+        ratios.append(("processor first->last write / (e) no Redis",
+                       ratio(e2e["proc_active"], cap["e"])))
+    print("\n== 4. Summary (one run; compare ratios) ==")
+    width = max(len(w) for w in [w for w, _, _ in summary] + [w for w, _ in ratios])
+    for what, figure, extra in summary:
+        print(f"{what:<{width}}  {figure:>30}  {extra}".rstrip())
+    print("ratios")
+    for what, value in ratios:
+        print(f"{what:<{width}}  {value:>29.2f}x")
+
+
+if __name__ == "__main__":
+    main()
