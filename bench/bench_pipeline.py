@@ -129,11 +129,53 @@ def full_capture_path(path: Path, inspect: bool | None = None) -> tuple[int, Nul
     producer = NullProducer()
     counters = CaptureCounters()
     if inspect is None:
-        inspect = getattr(settings, "inspect_payloads", None)  # as capture.__main__.main() does
-    batcher = (RecordBatcher(PARTITIONS, settings.records_per_message) if inspect is None
-               else RecordBatcher(PARTITIONS, settings.records_per_message, inspect))
+        inspect = settings.inspect_payloads  # as capture.__main__.main() does
+    batcher = RecordBatcher(PARTITIONS, settings.records_per_message, inspect)
     pump(read_frames(path), batcher, producer, counters, settings)  # type: ignore[arg-type]
     return counters.frames, producer
+
+
+def inspection_cost(label: str, frames: list, passes: int = 1, repeat: int = 3) -> tuple:
+    """Decode + batching of the same frames with L7 inspection on and off, alternating runs,
+    best of `repeat` each (this machine is shared and noisy). Each pass over `frames` uses a
+    fresh batcher, so every flow is inspected from its first packet."""
+    best = {True: float("inf"), False: float("inf")}
+    for _ in range(repeat):
+        for inspect in (True, False):
+            gc.collect()
+            start = time.perf_counter()
+            for _pass in range(passes):
+                batcher = RecordBatcher(PARTITIONS, 1000, inspect)
+                for ts, wire, frame, linktype in frames:
+                    batcher.add(ts, wire, frame, decode_frame(frame, linktype))
+                    if batcher.ready:
+                        batcher.take()
+                batcher.flush(final=True)
+                batcher.take()
+            best[inspect] = min(best[inspect], time.perf_counter() - start)
+    total = len(frames) * passes
+    on, off = total / best[True], total / best[False]
+    print(f"{label:<44} {total:>10,} {fmt(on):>12} {fmt(off):>12} {off / on - 1:>+8.0%}")
+    return on, off
+
+
+def section_inspection(path: Path) -> dict:
+    print("\n== 1b. L7 inspection cost: decode + batching, inspection on vs off (best of 3) ==")
+    print(f"{'frames':<44} {'count':>10} {'on frames/s':>12} {'off frames/s':>12} {'cost':>8}")
+    out = {"synthetic": inspection_cost("the synthetic capture (payloads of zeros)",
+                                        list(read_frames(path)))}
+    # the same mix, but each flow opens with a real DNS query, HTTP GET or TLS ClientHello
+    # (with SNI), and flows average 50 packets
+    packets = sum(1 for _ in read_frames(path))
+    real_first = path.with_name("real-first-payloads.pcap")
+    write_synthetic_pcap(real_first, packets, flows=max(10, packets // 50), real_payloads=True)
+    out["real_first"] = inspection_cost("synthetic, real first payloads, 50 pkts/flow",
+                                        list(read_frames(real_first)))
+    pcap_dir = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "ndpi" / "pcap"
+    if pcap_dir.is_dir():  # real traffic: every flow of the 45 captures, 40 times over
+        real = [item for p in sorted(pcap_dir.iterdir()) for item in read_frames(p)]
+        out["corpus"] = inspection_cost("45 corpus captures (handshakes), 40 passes", real, 40)
+    return out
 
 
 def processor_aggregation(messages: list[tuple[int, bytes]]) -> int:
@@ -186,9 +228,8 @@ def section_capture(path: Path, packets: int, scapy_limit: int) -> dict:
     row("a", "(a) read only (read_frames, mmap)", lambda: read_only(path))
     row("b", "(b) read + decode_frame", lambda: read_decode(path))
     row("c", "(c) read + decode + batches (pump, no Kafka)", lambda: full_capture_path(path))
-    if getattr(CaptureSettings(), "inspect_payloads", None):
-        row("c2", "(c2) as (c), L7 payload inspection off", lambda: full_capture_path(path, False))
-        out["c2_result"] = None
+    row("c2", "(c2) as (c), L7 payload inspection off", lambda: full_capture_path(path, False))
+    out["c2_result"] = None
     import scapy.all  # noqa: F401  (loaded here so that its import time is not measured)
 
     row("d", f"(d) Scapy PcapReader full dissection ({scapy_limit:,})",
@@ -551,6 +592,7 @@ def main() -> None:
               f"{size / 1e6:,.1f} MB ({size / packets:.0f} B/packet), written in {t.wall:.1f} s;"
               f" Python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
         cap = section_capture(path, packets, scapy_limit)
+        section_inspection(path)
         section_encoding(path, packets)
         e2e = {} if args.no_e2e else section_e2e(path, packets, work)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from capture.inspect.table import INSPECTED_PROTOCOLS, InspectionTable
+from capture.flowcache import FlowCache
 from packet_records import (
     FLAG_FRAGMENT,
     FLAG_HAS_META,
@@ -20,7 +20,6 @@ from packet_records import (
     FLAG_TRUNCATED,
     RECORD,
     encode_batch,
-    partition_for,
 )
 
 _pack = RECORD.pack
@@ -90,7 +89,7 @@ class RecordBatcher:
         self.pending_meta: list[list[tuple[int, int, str]]] = [[] for _ in range(partitions)]
         self.ready: list[tuple[int, bytes, int]] = []  # (partition, message, record count)
         self.fragments = FragmentTracker()
-        self.inspection = InspectionTable() if inspect else None
+        self.flows = FlowCache(partitions, inspect)
         self.last_ts = 0
 
     def add(self, ts_ns: int, wire_len: int, frame: bytes, decoded: tuple) -> None:
@@ -98,10 +97,6 @@ class RecordBatcher:
         if len(frame) < wire_len:
             flags |= FLAG_TRUNCATED
         self.last_ts = ts_ns
-        app = app_flags = 0
-        meta = None
-        if self.inspection is not None and l4_off >= 0 and proto in INSPECTED_PROTOCOLS:
-            app, app_flags, meta = self.inspection.inspect(frame, decoded)
         if flags & FLAG_FRAGMENT:
             key = (src, dst, proto, frag_id)
             if not flags & FLAG_LATER_FRAGMENT:
@@ -116,18 +111,24 @@ class RecordBatcher:
                     return
                 sport, dport = known[0], known[1]
         self._emit(ts_ns, wire_len, ipver, proto, src, dst, tcp_flags, flags, sport, dport,
-                   app, app_flags, meta)
+                   frame if l4_off >= 0 else None, decoded)
 
     def _emit(self, ts_ns, wire_len, ipver, proto, src, dst, tcp_flags, flags, sport, dport,
-              app=0, app_flags=0, meta=None):
-        partition = partition_for(src, dst, sport, dport, proto, self.partitions)
+              frame=None, decoded=None):
+        """Pack one record into its flow's partition batch; `frame` (with `decoded`) is given
+        when the packet has an L4 header the flow's inspector may want."""
+        flow = self.flows.get(proto, src, sport, dst, dport)
+        meta = None
+        if flow.inspector is not None and frame is not None:
+            meta = self.flows.inspect(flow, frame, decoded)
+        partition = flow.partition
         batch = self.pending[partition]
         if meta:
             flags |= FLAG_HAS_META
             index = len(batch)
             self.pending_meta[partition].extend((index, kind, text) for kind, text in meta)
         batch.append(_pack(ts_ns, wire_len, ipver, proto, tcp_flags, flags, sport, dport, src, dst,
-                           app, app_flags, 0))
+                           flow.app, flow.app_flags, 0))
         if len(batch) >= self.records_per_message:
             self._close(partition)
 

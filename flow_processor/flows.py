@@ -24,13 +24,14 @@ def address_text(ipver: int, raw: bytes) -> str:
 class Flow:
     """One flow as this process knows it since the flow entered its table."""
 
-    __slots__ = ("id", "key", "src", "dst", "sport", "dport", "proto", "first_ns", "last_ns",
-                 "opened_ns", "delta_bytes", "delta_packets", "new", "dirty", "app", "app_guess",
-                 "server_name", "fingerprint", "labels_changed")
+    __slots__ = ("id", "bps_key", "pps_key", "key", "src", "dst", "sport", "dport", "proto",
+                 "first_ns", "last_ns", "opened_ns", "delta_bytes", "delta_packets", "new", "dirty",
+                 "app", "app_guess", "server_name", "fingerprint", "labels_changed")
 
     def __init__(self, key: tuple, ipver: int, proto: int, src: bytes, sport: int, dst: bytes,
                  dport: int, ts_ns: int):
         self.id = flow_id(key)
+        self.bps_key, self.pps_key = f"ts:flow:{self.id}:bps", f"ts:flow:{self.id}:pps"
         self.key = key
         # src is the sender of the first frame seen of the flow (kept in Redis with HSETNX)
         self.src, self.dst = address_text(ipver, src), address_text(ipver, dst)

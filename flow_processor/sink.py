@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 MADD_CHUNK = 2000  # samples per TS.MADD
 FLOWS_PER_CALL = 1000  # flows per call of flows.lua (a call blocks Redis while it runs)
 FLOWS_LUA = Path(__file__).with_name("flows.lua")
+APP_SERIES = tuple(f"ts:app:{app}" for app in APPS)  # by app id
 METRICS = (("bps", 0), ("pps", 1))  # series suffix, index in the [bytes, packets] cells
 TOP_FLOWS = "flows:top:bytes"
 TOP_APPS, TOP_HOSTS, TOP_DOMAINS = "apps:top:bytes", "hosts:top:bytes", "domains:top:bytes"
@@ -170,32 +171,40 @@ class RedisSink:
         return self._queue_samples(pipe, states)
 
     def _queue_samples(self, pipe, states: list[PartitionState]) -> int:
-        samples: dict[tuple[int, str], int] = {}
+        """TS.MADD every sample of the flush. Aggregate series are summed across partitions
+        first (each duplicate would re-encode a chunk) and go oldest first, so a retention
+        window never refuses an older sample written after a newer one. A flow lives on one
+        partition: its (flow, second) cells are already unique and in capture order."""
+        totals: dict[tuple[int, str], list[int]] = {}
 
         def add(sec: int, series: str, cell: list[int]) -> None:
-            for metric, i in METRICS:
-                key = (sec, f"{series}:{metric}")
-                samples[key] = samples.get(key, 0) + cell[i]
+            total = totals.get((sec, series))
+            if total is None:
+                totals[(sec, series)] = [cell[0], cell[1]]
+            else:
+                total[0] += cell[0]
+                total[1] += cell[1]
 
+        args: list = []
         for state in states:
             for sec, cell in state.global_.items():
                 add(sec, "ts:global", cell)
             for (proto, sec), cell in state.protocols.items():
                 add(sec, f"ts:protocol:{proto}", cell)
-            for (flow, sec), cell in state.flow_seconds.items():
-                add(sec, f"ts:flow:{flow.id}", cell)
-                add(sec, f"ts:app:{APPS[flow.app]}", cell)
             for sec, cell in state.no_flow.items():
                 add(sec, "ts:app:UNKNOWN", cell)
-        # summed per (second, series) before writing (each duplicate re-encodes a chunk), and
-        # oldest first so that a retention window never refuses older samples written later
-        ordered = sorted(samples.items())
+            app_keys = APP_SERIES
+            for (flow, sec), cell in state.flow_seconds.items():
+                ms = sec * 1000
+                args += (flow.bps_key, ms, cell[0], flow.pps_key, ms, cell[1])
+                add(sec, app_keys[flow.app], cell)
+        for (sec, series), cell in sorted(totals.items()):
+            ms = sec * 1000
+            args += (series + ":bps", ms, cell[0], series + ":pps", ms, cell[1])
         commands = 0
-        for start in range(0, len(ordered), MADD_CHUNK):
-            args: list = ["TS.MADD"]
-            for (sec, key), value in ordered[start:start + MADD_CHUNK]:
-                args += [key, sec * 1000, value]
-            pipe.execute_command(*args)
+        step = 3 * MADD_CHUNK
+        for start in range(0, len(args), step):
+            pipe.execute_command("TS.MADD", *args[start:start + step])
             commands += 1
         return commands
 

@@ -24,8 +24,8 @@ def _ipv6(src: int, dst: int, proto: int, payload: bytes) -> bytes:
                        src.to_bytes(16, "big"), dst.to_bytes(16, "big")) + payload
 
 
-def _l4(proto: int, sport: int, dport: int, size: int) -> bytes:
-    body = bytes(size)
+def _l4(proto: int, sport: int, dport: int, body: bytes) -> bytes:
+    size = len(body)
     if proto == 6:
         return struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 0x50, 0x18, 65535, 0, 0) + body
     if proto == 17:
@@ -33,37 +33,65 @@ def _l4(proto: int, sport: int, dport: int, size: int) -> bytes:
     return struct.pack("!BBHHH", 8, 0, 0, 1, 1) + body  # ICMP / ICMPv6 echo-like
 
 
+def _first_payload(proto: int, dport: int, i: int) -> bytes | None:
+    """A real first client payload for the flow's server port (DNS query, HTTP GET, TLS
+    ClientHello), as a flow's first packet carries on a real network."""
+    from traffic_generator import messages
+
+    if proto == 17 and dport == 53:
+        return messages.dns_query(f"host{i}.example.com", i & 0xFFFF)
+    if proto == 6 and dport in (80, 8080):
+        return messages.http_get(f"www{i}.example.com")
+    if proto == 6 and dport == 443:
+        return messages.tls_client_hello(f"site{i}.example.org")
+    return None
+
+
 def write_synthetic_pcap(path: str | Path, packets: int, flows: int = 5000, seconds: int = 20,
-                         seed: int = 7) -> Path:
+                         seed: int = 7, real_payloads: bool = False) -> Path:
+    """real_payloads: each flow's first packet carries a real first payload for its port (the
+    rest carry zeros), so L7 inspection does its real work once per flow."""
     rnd = random.Random(seed)
-    specs = []
+    frames = []  # per flow: [client frame, server frame, first frame]
     for i in range(flows):
         version = 6 if i % 5 == 0 else 4
         proto = (6, 6, 17, 17, 1)[i % 5] if version == 4 else (6, 17, 58)[i % 3]
         src = (0xC0000200 + (i % 250)) if version == 4 else (0x20010DB8 << 96) + i
         dst = (0xC6336400 + (i // 250) % 250) if version == 4 else (0x20010DB8 << 96) + 0x10000 + i
         vlan = 100 + i % 4 if i % 7 == 0 else None
-        specs.append((version, proto, src, dst, 1024 + i % 60000, (53, 80, 443, 8080)[i % 4], vlan))
-    frames = []
-    for version, proto, src, dst, sport, dport, vlan in specs:
-        both = []
-        for reply in (False, True):
-            s, d, sp, dp = (dst, src, dport, sport) if reply else (src, dst, sport, dport)
-            l4 = _l4(proto, sp, dp, rnd.choice((0, 18, 200, 1200)))
-            ip = _ipv4(s, d, proto, l4) if version == 4 else _ipv6(s, d, proto, l4)
-            eth = b"\x02\x00\x00\x00\x00\x02\x02\x00\x00\x00\x00\x01"
-            if vlan is not None:
-                eth += struct.pack("!HH", 0x8100, vlan)
-            both.append(eth + struct.pack("!H", 0x0800 if version == 4 else 0x86DD) + ip)
-        frames.append(both)
+        sport, dport = 1024 + i % 60000, (53, 80, 443, 8080)[i % 4]
+        first = _first_payload(proto, dport, i) if real_payloads else None
+        frames.append([
+            _frame(version, proto, src, dst, sport, dport, vlan, bytes(rnd.choice(SIZES))),
+            _frame(version, proto, dst, src, dport, sport, vlan, bytes(rnd.choice(SIZES))),
+            _frame(version, proto, src, dst, sport, dport, vlan, first) if first else None,
+        ])
+    started = [False] * flows
     step_ns = seconds * 1_000_000_000 // max(1, packets)
     with open(path, "wb") as fh:
         fh.write(PCAP_HEADER)
         ts = BASE_S * 1_000_000_000
         for n in range(packets):
-            frame = frames[rnd.randrange(flows)][n & 1]
+            flow = rnd.randrange(flows)
+            frame = frames[flow][n & 1]
+            if not started[flow]:
+                started[flow] = True
+                frame = frames[flow][2] or frame
             ts += step_ns
             fh.write(RECORD.pack(ts // 1_000_000_000, ts % 1_000_000_000 // 1000, len(frame),
                                  len(frame)))
             fh.write(frame)
     return Path(path)
+
+
+SIZES = (0, 18, 200, 1200)  # payload sizes of the synthetic packets
+
+
+def _frame(version: int, proto: int, src: int, dst: int, sport: int, dport: int,
+           vlan: int | None, payload: bytes) -> bytes:
+    eth = b"\x02\x00\x00\x00\x00\x02\x02\x00\x00\x00\x00\x01"
+    if vlan is not None:
+        eth += struct.pack("!HH", 0x8100, vlan)
+    l4 = _l4(proto, sport, dport, payload)
+    ip = _ipv4(src, dst, proto, l4) if version == 4 else _ipv6(src, dst, proto, l4)
+    return eth + struct.pack("!H", 0x0800 if version == 4 else 0x86DD) + ip
