@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Iterable
@@ -16,11 +18,12 @@ from capture.decode import decode_frame
 from capture.pcapfile import CaptureFileError, read_frames
 from capture.producer import RecordProducer
 from capture.settings import CaptureSettings
-from packet_records import FLAG_MALFORMED, FLAG_UNSUPPORTED_LINK
+from packet_records import FLAG_MALFORMED, FLAG_UNSUPPORTED_LINK, encode_stats
 from packet_records.runtime import StartupError, configure_logging, load_settings
 from packet_records.topics import ensure_topics
 
 log = logging.getLogger("capture")
+SOURCE = f"{socket.gethostname()}:{os.getpid()}"  # names this capture in its stats messages
 
 
 class Stop:
@@ -55,6 +58,9 @@ def pump(frames: Iterable, batcher: RecordBatcher, producer: RecordProducer,
             source.read_drops()
             counters.kernel_drops = source.kernel_drops
 
+    def send_stats() -> None:
+        producer.send_stats(encode_stats(SOURCE, time.time_ns(), counters.health_increments()))
+
     def send_ready() -> None:
         for partition, message, count in take():
             send(partition, message, count)
@@ -88,6 +94,7 @@ def pump(frames: Iterable, batcher: RecordBatcher, producer: RecordProducer,
             if now >= next_stats:
                 sync_counters()
                 counters.log_summary()
+                send_stats()
                 next_stats = now + settings.stats_interval_s
             if Stop.requested:
                 break
@@ -95,6 +102,7 @@ def pump(frames: Iterable, batcher: RecordBatcher, producer: RecordProducer,
         batcher.flush(final=True)
         send_ready()
         sync_counters()
+        send_stats()
 
 
 def main(argv: list[str] | None = None) -> int:

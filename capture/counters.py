@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 log = logging.getLogger("capture")
 
@@ -19,12 +19,27 @@ class CaptureCounters:
     delivery_failed: int = 0  # records in messages the broker did not take
     delivery_failed_messages: int = 0
     dropped_buffer_full: int = 0  # records dropped because the producer buffer was full (live)
+    _reported: dict = field(default_factory=dict, repr=False)
+
+    # counters sent to the processor for the pipeline-health series (ts:health:<name>:count)
+    HEALTH = {"frames": "capture_frames", "kernel_drops": "capture_kernel_drops",
+              "malformed": "capture_malformed", "delivery_failed": "capture_delivery_failed",
+              "dropped_buffer_full": "capture_dropped_buffer_full"}
+
+    def health_increments(self) -> dict[str, int]:
+        """What the health counters gained since the previous call."""
+        out = {}
+        for attr, name in self.HEALTH.items():
+            value = getattr(self, attr)
+            out[name] = value - self._reported.get(attr, 0)
+            self._reported[attr] = value
+        return out
 
     def lost(self) -> int:
         return self.delivery_failed + self.dropped_buffer_full + self.kernel_drops
 
     def summary(self) -> str:
-        return " ".join(f"{k}={v}" for k, v in asdict(self).items())
+        return " ".join(f"{k}={v}" for k, v in asdict(self).items() if not k.startswith("_"))
 
     def log_summary(self, prefix: str = "stats") -> None:
         log.info("%s %s", prefix, self.summary())

@@ -9,7 +9,7 @@ from confluent_kafka import KafkaError, Producer
 
 from capture.counters import CaptureCounters
 from capture.settings import CaptureSettings
-from packet_records import HEADER
+from packet_records import HEADER, STATS_MAGIC
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,13 @@ class RecordProducer:
     def poll(self) -> None:
         self.producer.poll(0)
 
+    def send_stats(self, message: bytes) -> None:
+        """A stats message (packet_records.encode_stats); never blocks, never counted as records."""
+        try:
+            self.producer.produce(self.topic, message, partition=0, on_delivery=self._on_delivery)
+        except BufferError:
+            log.warning("producer buffer full: a stats message was not sent")
+
     def close(self, timeout: float) -> int:
         """Deliver everything still queued; return how many messages could not be delivered."""
         deadline = time.monotonic() + timeout
@@ -68,6 +75,10 @@ class RecordProducer:
         return remaining
 
     def _on_delivery(self, err, msg) -> None:
+        if msg.value()[:4] == STATS_MAGIC:
+            if err is not None:
+                log.warning("a stats message was not delivered: %s", err)
+            return
         records = HEADER.unpack_from(msg.value(), 0)[3]
         if err is None:
             self.counters.records_produced += records

@@ -35,9 +35,18 @@ class PartitionState:
         self.flow_seconds: dict[tuple[Flow, int], list[int]] = {}  # (flow, second) -> [b, p]
         self.no_flow: dict[int, list[int]] = {}  # second -> [b, p] of frames without a 5-tuple
         self.dirty_flows: list[Flow] = []
+        self.health: dict[tuple[str, int], int] = {}  # (ts:health name, second) -> increment
+        self.capture_totals: dict[str, int] = {}  # health name -> increment
         self.records = 0
         self.malformed_frames = 0
         self.malformed_messages = 0
+
+    def add_stats(self, ts_ns: int, counters: dict[str, int]) -> None:
+        """A capture stats message: counter increments at that (wall-clock) second."""
+        sec = ts_ns // NS
+        for name, value in counters.items():  # zeros too: "no drops" is worth a point
+            self.health[(name, sec)] = self.health.get((name, sec), 0) + value
+            self.capture_totals[name] = self.capture_totals.get(name, 0) + value
 
     @property
     def pending(self) -> bool:

@@ -7,13 +7,20 @@ import random
 import time
 
 import redis
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
 
 from flow_processor.aggregate import NS, PartitionState
 from flow_processor.flows import FlowTable
 from flow_processor.settings import ProcessorSettings
 from flow_processor.sink import RedisSink
-from packet_records import MalformedMessage, decode_batch
+from packet_records import STATS_MAGIC, MalformedMessage, decode_batch, decode_stats
 
 log = logging.getLogger("flow_processor")
 
@@ -120,6 +127,11 @@ class Processor:
             return  # not ours (any more), or already aggregated
         value = msg.value() or b""
         try:
+            if value[:4] == STATS_MAGIC:
+                _source, ts_ns, counters = decode_stats(value)
+                state.add_stats(ts_ns, counters)
+                state.next_offset = offset + 1
+                return
             records, meta = decode_batch(value)
             before = state.records
             state.add_records(records, meta)
@@ -192,20 +204,30 @@ class Processor:
 
     # -- the loop --------------------------------------------------------------------------
 
+    def lag(self) -> int:
+        """Messages in the topic not yet written to Redis by any member of the group."""
+        partitions = sorted(self.watermarks.list_topics(self.topic, timeout=5)
+                            .topics[self.topic].partitions)
+        stored = self.sink.stored_offsets(partitions)
+        lag = 0
+        for partition, offset in zip(partitions, stored):
+            low, high = self.watermarks.get_watermark_offsets(
+                TopicPartition(self.topic, partition), timeout=5, cached=False)
+            lag += max(0, high - (offset if offset is not None else low))
+        return lag
+
     def caught_up(self) -> bool:
         """Everything in the topic is written to Redis, whoever wrote it: every partition's
         stored offset (ours or another member's) has reached the partition's end."""
         if not self.joined or any(s.pending for s in self.states.values()):
             return False
-        partitions = sorted(self.watermarks.list_topics(self.topic, timeout=5)
-                            .topics[self.topic].partitions)
-        stored = self.sink.stored_offsets(partitions)
-        for partition, offset in zip(partitions, stored):
-            low, high = self.watermarks.get_watermark_offsets(
-                TopicPartition(self.topic, partition), timeout=5, cached=False)
-            if (offset if offset is not None else low) < high:
-                return False
-        return True
+        return self.lag() == 0
+
+    def _record_lag(self) -> None:
+        try:
+            self.sink.record_lag(self.lag())
+        except (REDIS_DOWN + (KafkaException,)) as exc:
+            log.debug("consumer lag not recorded: %s", exc)
 
     def _safely_caught_up(self) -> bool:
         try:
@@ -252,6 +274,7 @@ class Processor:
                                     exc, retry_at - now)
                 if now >= next_stats:
                     self.log_stats()
+                    self._record_lag()
                     next_stats = now + s.stats_interval_s
                 if (self.exit_when_idle is not None and now - last_message >= self.exit_when_idle
                         and not self.paused and self._safely_caught_up()):

@@ -1,10 +1,10 @@
 -- One flush's flow updates, run inside the flush's MULTI/EXEC (see sink.py).
 -- ARGV[1] per-flow series retention (ms), ARGV[2] their chunk size (bytes), then 16 values per
 -- flow: id, bytes, packets, last_seen, new, src, dst, sport, dport, proto, first_seen,
--- labels_changed, app, app_guess, server_name, fingerprint.
+-- labels_changed, app, app_guess, server_name, fingerprint, endpoints label.
 -- Doing this server-side saves a client round of ~10 commands per flow.
 local retention, chunk = ARGV[1], ARGV[2]
-for i = 3, #ARGV, 16 do
+for i = 3, #ARGV, 17 do
   local id, bytes, packets = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local src, dst, app, server_name = ARGV[i + 5], ARGV[i + 6], ARGV[i + 12], ARGV[i + 14]
   local meta = 'flow:' .. id .. ':meta'
@@ -37,6 +37,7 @@ for i = 3, #ARGV, 16 do
     if ARGV[i + 15] ~= '' then redis.call('HSET', meta, 'fingerprint', ARGV[i + 15]) end
   end
   redis.call('ZINCRBY', 'flows:top:bytes', bytes, id)
+  redis.call('ZINCRBY', 'flows:top:endpoints', bytes, ARGV[i + 16])  -- readable, for panels
   redis.call('ZINCRBY', 'apps:top:bytes', bytes, app)
   -- top talkers: each endpoint counts the flow's bytes in both directions
   redis.call('ZINCRBY', 'hosts:top:bytes', bytes, src)

@@ -6,6 +6,8 @@ import hashlib
 import socket
 import struct
 
+from packet_records import PROTO_NAMES
+
 
 def flow_id(key: tuple) -> str:
     """Deterministic digest of a canonical flow key: the same in every process and run."""
@@ -21,10 +23,19 @@ def address_text(ipver: int, raw: bytes) -> str:
     return socket.inet_ntop(socket.AF_INET6, raw)
 
 
+def endpoints_label(proto: int, src: str, sport: int, dst: str, dport: int, fid: str) -> str:
+    """'TCP 192.0.2.1:51000 -> 198.51.100.2:443 (id)': a flow as the top-N panel shows it."""
+    def end(addr: str, port: int) -> str:
+        return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+    name = PROTO_NAMES.get(proto, str(proto))
+    return f"{name} {end(src, sport)} -> {end(dst, dport)} ({fid})"
+
+
 class Flow:
     """One flow as this process knows it since the flow entered its table."""
 
-    __slots__ = ("id", "bps_key", "pps_key", "key", "src", "dst", "sport", "dport", "proto",
+    __slots__ = ("id", "bps_key", "pps_key", "label", "key", "src", "dst", "sport", "dport", "proto",
                  "first_ns", "last_ns", "opened_ns", "delta_bytes", "delta_packets", "new", "dirty",
                  "app", "app_guess", "server_name", "fingerprint", "labels_changed")
 
@@ -36,6 +47,7 @@ class Flow:
         # src is the sender of the first frame seen of the flow (kept in Redis with HSETNX)
         self.src, self.dst = address_text(ipver, src), address_text(ipver, dst)
         self.sport, self.dport, self.proto = sport, dport, proto
+        self.label = endpoints_label(proto, self.src, sport, self.dst, dport, self.id)
         self.first_ns = self.last_ns = self.opened_ns = ts_ns
         self.delta_bytes = self.delta_packets = 0
         self.new = True  # meta not yet initialised in Redis by this table entry

@@ -35,8 +35,9 @@ APP_SERIES = tuple(f"ts:app:{app}" for app in APPS)  # by app id
 METRICS = (("bps", 0), ("pps", 1))  # series suffix, index in the [bytes, packets] cells
 TOP_FLOWS = "flows:top:bytes"
 TOP_APPS, TOP_HOSTS, TOP_DOMAINS = "apps:top:bytes", "hosts:top:bytes", "domains:top:bytes"
-TOP_SETS = (TOP_FLOWS, TOP_APPS, TOP_HOSTS, TOP_DOMAINS)
+TOP_SETS = (TOP_FLOWS, "flows:top:endpoints", TOP_APPS, TOP_HOSTS, TOP_DOMAINS)
 COUNTERS = "pipeline:processor"
+CAPTURE_COUNTERS = "pipeline:capture"  # totals of the capture stats messages
 
 
 def ns_text(ns: int) -> str:
@@ -153,6 +154,13 @@ class RedisSink:
 
     def _queue_writes(self, pipe, states: list[PartitionState]) -> int:
         """Queue the whole flush; return how many TS.MADD commands end the replies."""
+        for state in states:
+            for (name, sec), value in state.health.items():
+                pipe.execute_command("TS.ADD", f"ts:health:{name}:count", sec * 1000, value,
+                                     "ON_DUPLICATE", "SUM", "LABELS", "dimension", "health",
+                                     "metric", name)
+            for name, value in state.capture_totals.items():
+                pipe.hincrby(CAPTURE_COUNTERS, name, value)
         # flows first: flows.lua creates the series of new flows that TS.MADD then writes
         self._queue_flows(pipe, [f for state in states for f in state.dirty_flows])
         unknown = sum(cell[0] for state in states for cell in state.no_flow.values())
@@ -216,7 +224,7 @@ class RedisSink:
                 args += [f.id, f.delta_bytes, f.delta_packets, ns_text(f.last_ns), int(f.new),
                          f.src, f.dst, f.sport, f.dport, f.proto, ns_text(f.first_ns),
                          int(f.labels_changed), APPS[f.app], int(f.app_guess),
-                         f.server_name or "", f.fingerprint or ""]
+                         f.server_name or "", f.fingerprint or "", f.label]
             self.flows_script(args=args, client=pipe)
 
     @staticmethod
@@ -251,6 +259,13 @@ class RedisSink:
         for key in TOP_SETS:
             pipe.zremrangebyrank(key, 0, -(self.settings.top_flows_kept + 1))
         pipe.execute()
+
+    def record_lag(self, lag: int) -> None:
+        """Consumer lag of the whole group now (a gauge: every member computes the same)."""
+        self.redis.execute_command(
+            "TS.ADD", "ts:health:consumer_lag:count", "*", lag, "ON_DUPLICATE", "LAST",
+            "RETENTION", 7 * 86_400_000, "LABELS", "dimension", "health", "metric",
+            "consumer_lag")
 
     def add_errors(self, rejected_samples: int, write_errors: int) -> None:
         pipe = self.redis.pipeline(transaction=False)

@@ -8,6 +8,11 @@ A Kafka message on the packets topic is one batch of packet records:
              value: the L7 names found in that record's packet (records with FLAG_HAS_META)
 
 A record carries headers and extracted L7 metadata only: never payload bytes.
+
+Capture also sends, every few seconds, a stats message (magic b"DPIS", version byte, then JSON
+{"source", "ts_ns", "counters"}) holding what its counters gained since the previous one
+(frames, kernel drops, malformed frames, delivery failures, ...), for the pipeline-health
+series the processor writes.
 The packed layout was chosen over orjson by measurement (see README, "Record encoding").
 """
 
@@ -17,6 +22,8 @@ import struct
 import zlib
 from collections.abc import Iterator
 from typing import NamedTuple
+
+import orjson
 
 MAGIC = b"DPIR"
 VERSION = 1
@@ -121,6 +128,26 @@ def _decode_meta(message: bytes, pos: int, records: int) -> list[tuple[int, int,
     if pos != len(message):
         raise MalformedMessage("trailing bytes after the meta section")
     return meta
+
+
+STATS_MAGIC = b"DPIS"
+
+
+def encode_stats(source: str, ts_ns: int, counters: dict[str, int]) -> bytes:
+    body = orjson.dumps({"source": source, "ts_ns": ts_ns, "counters": counters})
+    return STATS_MAGIC + bytes((VERSION,)) + body
+
+
+def decode_stats(message: bytes) -> tuple[str, int, dict[str, int]]:
+    """(source, ts_ns, counter increments) of a stats message."""
+    if message[:4] != STATS_MAGIC or message[4:5] != bytes((VERSION,)):
+        raise MalformedMessage("not a stats message of this version")
+    try:
+        body = orjson.loads(message[5:])
+        counters = {str(k): int(v) for k, v in body["counters"].items()}
+        return str(body["source"]), int(body["ts_ns"]), counters
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise MalformedMessage(f"bad stats message: {exc}") from None
 
 
 def partition_for(src: bytes, dst: bytes, sport: int, dport: int, proto: int,
