@@ -35,7 +35,8 @@ def endpoints_label(proto: int, src: str, sport: int, dst: str, dport: int, fid:
 class Flow:
     """One flow as this process knows it since the flow entered its table."""
 
-    __slots__ = ("id", "bps_key", "pps_key", "label", "key", "src", "dst", "sport", "dport", "proto",
+    __slots__ = ("id", "bps_key", "pps_key", "label", "key", "src", "dst", "sport", "dport",
+                 "proto",
                  "first_ns", "last_ns", "opened_ns", "delta_bytes", "delta_packets", "new", "dirty",
                  "app", "app_guess", "server_name", "fingerprint", "labels_changed")
 
