@@ -26,6 +26,7 @@ PACKET_MR_PROMISC = 1
 PACKET_STATISTICS = 6
 PACKET_AUXDATA = 8
 SO_TIMESTAMPNS = 35
+SO_RCVBUFFORCE = 33
 PACKET_OUTGOING = 4
 TP_STATUS_VLAN_VALID = 1 << 4
 TP_STATUS_VLAN_TPID_VALID = 1 << 6
@@ -50,7 +51,11 @@ class LiveSource:
                 "no permission to open a capture socket: run as root or with CAP_NET_RAW"
             ) from None
         self.sock = sock
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, socket_buffer_mb * 1024 * 1024)
+        size = socket_buffer_mb * 1024 * 1024
+        try:  # past net.core.rmem_max, which CAP_NET_ADMIN allows
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
+        except PermissionError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
         if bpf_filter:
             self._attach_filter(bpf_filter)
         sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
