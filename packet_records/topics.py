@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from packet_records.runtime import StartupError, topic_definitions
+from packet_records.runtime import StartupError, load_settings, topic_definitions
 
 log = logging.getLogger(__name__)
 
@@ -41,20 +44,25 @@ def ensure_topics(bootstrap: str, packets_topic: str, timeout: float = 15.0) -> 
     return partitions
 
 
+class TopicSettings(BaseSettings):
+    model_config = SettingsConfigDict(frozen=True, extra="ignore")
+
+    kafka_bootstrap_servers: str = Field("localhost:9092", min_length=1,
+                                         description="Kafka bootstrap servers (host:port,...)")
+    kafka_topic: str = Field("raw.packets", min_length=1, description="Topic of packet records")
+
+
 def main() -> int:
     """python -m packet_records.topics: create the topics (compose's one-shot kafka-init)."""
-    import os
-    import sys
-
     logging.basicConfig(level="INFO", format="%(message)s")
-    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "localhost:9092")
-    topic = os.environ.get("KAFKA_TOPIC", "raw.packets")
+    settings = load_settings(TopicSettings, "kafka-init")
     try:
-        partitions = ensure_topics(bootstrap, topic, timeout=60.0)
+        partitions = ensure_topics(settings.kafka_bootstrap_servers, settings.kafka_topic,
+                                   timeout=60.0)
     except StartupError as exc:
         print(f"kafka-init: {exc}", file=sys.stderr)
         return 2
-    print(f"kafka-init: {topic} ready with {partitions} partitions")
+    print(f"kafka-init: {settings.kafka_topic} ready with {partitions} partitions")
     return 0
 
 
