@@ -28,10 +28,26 @@ def big_capture(tmp_path_factory):
     return path, read_capture(path)
 
 
+STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def no_orphans():
+    """A failing test must not leave its processors running."""
+    yield
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
 def start_processor(env: dict, *args: str, log: str = os.devnull) -> subprocess.Popen:
     with open(log, "w") as fh:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen([sys.executable, "-m", "flow_processor", *args], env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "flow_processor", *args], env=env,
                                 cwd=REPO, stdout=subprocess.DEVNULL, stderr=fh)
+    STARTED.append(proc)
+    return proc
 
 
 def written_records(env: dict) -> int:
