@@ -107,6 +107,9 @@ class NullProducer:
     def poll(self) -> None:
         pass
 
+    def send_stats(self, message: bytes) -> None:
+        pass
+
 
 def read_only(path: Path) -> int:
     n = 0

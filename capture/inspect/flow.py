@@ -23,9 +23,32 @@ A well-known server port gives a label before any content is seen, with ``guess`
 flow on 443 with no payload yet is TLS, guessed); content evidence replaces it. A guess that
 content never confirms stays a guess (tshark labels such flows by port too).
 
-Budgets: at most MAX_PACKETS packets with payload per flow and MAX_BUFFER bytes per direction
-are looked at; then ``done`` is True and the capture loop stops feeding. Nothing raises on
-hostile payloads.
+``done`` becomes True (and the capture loop stops feeding) as soon as nothing more can be
+learned, at the latest after MAX_PACKETS packets with payload (MAX_BUFFER bytes are kept per
+direction):
+
+* the label is decided and the name / fingerprint it can carry is known, or can no longer
+  come: an HTTP header block ended without Host (or neither stream starts with a request),
+  the first DNS message of each direction had no question, a mail client went on without
+  STARTTLS;
+* TCP, nothing decided: the start of each direction's stream has ruled out every protocol
+  above (no parser can still match more bytes of it: a partial request line or record header
+  still can, and so can a first segment of only the 2-byte DNS length prefix), and no mail
+  dialogue can still start (a greeting whose client has not sent its first line yet). A
+  direction that has sent nothing yet keeps the flow open: the server may speak first (SSH,
+  mail greetings, an HTTP error answering an unknown request, TLS records of a stream seen
+  from the middle). A direction whose reassembly ended (a gap, the buffer full) cannot
+  change its verdict any more.
+* UDP, nothing decided: the first datagram of each direction matched nothing (one that looks
+  like a QUIC long header of a version or key this module cannot read does not count: the
+  same side's next datagram may still be QUIC). Each protocol above shows itself in the first
+  datagram each side sends (a QUIC client's first datagram is its Initial, a DNS query and
+  its answer both carry the question). Until both sides have spoken every datagram is
+  matched, so a flow only one side sends in is looked at up to MAX_PACKETS as before.
+
+Each stream's verdict is kept, so a TCP segment re-parses only its own stream, and only while
+that stream can still match; a segment that adds no bytes (a retransmission) parses nothing.
+Nothing raises on hostile payloads.
 """
 
 from __future__ import annotations
@@ -54,6 +77,12 @@ TCP_PORT_GUESS = {80: HTTP, 8080: HTTP, 443: TLS, 465: TLS, 853: TLS, 993: TLS, 
 UDP_PORT_GUESS = {53: DNS, 5353: MDNS, 123: NTP, 67: DHCP, 68: DHCP, 546: DHCPV6,
                   547: DHCPV6, 443: QUIC}
 
+# UDP: what the flow's ports allow (the union over both ports), computed once per flow
+_P_DNS, _P_MDNS, _P_NOT_DNS, _P_DHCP, _P_DHCPV6, _P_NTP = 1, 2, 4, 8, 16, 32
+_UDP_PORT_ROLES = {DNS_PORT: _P_DNS, MDNS_PORT: _P_MDNS, NTP_PORT: _P_NTP,
+                   **{p: _P_NOT_DNS for p in NOT_DNS_PORTS}, **{p: _P_DHCP for p in DHCP_PORTS},
+                   **{p: _P_DHCPV6 for p in DHCPV6_PORTS}}
+
 _SEQ_MASK = 0xFFFFFFFF
 _SEQ_HALF = 1 << 31
 _U16 = struct.Struct("!H").unpack_from
@@ -61,6 +90,16 @@ NEED_MORE = text.NEED_MORE
 
 # TCP stages after the label is known
 _DETECT, _TLS_HELLO, _HTTP_HOST, _MAIL, _STARTTLS, _DNS_NAME = range(6)
+# _seen[d], TCP: the length of direction d's stream when it was last matched (it is matched
+# again only once it has grown), or RULED_OUT: the stream can no longer match anything (stage
+# _DETECT), start with a request (_HTTP_HOST) or give a DNS name (_DNS_NAME). UDP: RULED_OUT
+# once a datagram of direction d matched nothing (or, DNS known, had no name).
+RULED_OUT = -1
+
+# First bytes of a stream that may start a mail client's first command (SMTP's, matched
+# case-insensitively) or a mail server's greeting ("220", "* OK", "+OK"): text.detect_mail()
+# and _mail_pending() can only answer for a flow whose streams start with one of these.
+_MAIL_FIRST = frozenset(b"EeHhMmSs2*+")
 
 
 class FlowInspector:
@@ -73,7 +112,7 @@ class FlowInspector:
 
     __slots__ = ("proto", "client_port", "server_port", "app", "guess", "server_name",
                  "fingerprint", "done", "_packets", "_bufs", "_next", "_closed", "_stage",
-                 "_dir", "_tls_off", "_quic")
+                 "_dir", "_tls_off", "_quic", "_seen", "_roles")
 
     def __init__(self, proto: int, client_port: int, server_port: int):
         self.proto = proto
@@ -87,13 +126,20 @@ class FlowInspector:
         self._dir = 0  # TCP: the direction (0 client, 1 server) the label's evidence came from
         self._tls_off = 0
         self._quic: quic.QuicState | None = None
+        # TCP: the reassembly state is made with the first payload (many flows carry none)
+        self._bufs = self._next = self._closed = None
         if proto == TCP:
-            self._bufs = (bytearray(), bytearray())
-            self._next: list[int | None] = [None, None]
-            self._closed = [False, False]
+            self._seen = None
+            guesses = TCP_PORT_GUESS
         else:
-            self._bufs = self._next = self._closed = None
-        guesses = TCP_PORT_GUESS if proto == TCP else UDP_PORT_GUESS if proto == UDP else {}
+            if proto == UDP:
+                self._seen = [0, 0]
+                self._roles = (_UDP_PORT_ROLES.get(client_port, 0)
+                               | _UDP_PORT_ROLES.get(server_port, 0))
+                guesses = UDP_PORT_GUESS
+            else:
+                self._seen = None
+                guesses = {}
         app = guesses.get(server_port) or guesses.get(client_port)
         self.app = app or UNKNOWN
         self.guess = app is not None
@@ -158,104 +204,143 @@ class FlowInspector:
         return True
 
     def _feed_tcp(self, payload: bytes, d: int, seq: int | None) -> None:
-        first_bytes = not self._bufs[d]
-        if not self._append(d, payload, seq):
-            if self._closed[0] and self._closed[1]:
-                self.done = True
-            return
         bufs = self._bufs
-        # the common case, one segment so far: no copy of the buffer
-        data = payload if first_bytes and len(bufs[d]) == len(payload) else bytes(bufs[d])
+        if bufs is None:  # the flow's first payload
+            bufs = self._bufs = (bytearray(), bytearray())
+            self._next: list[int | None] = [None, None]
+            self._closed = [False, False]
+            self._seen = [0, 0]
+        closed = self._closed
+        first_bytes = not bufs[d]
+        was_closed = closed[d]
+        if not self._append(d, payload, seq):
+            if closed[0] and closed[1]:
+                self.done = True
+            elif closed[d] and not was_closed and self._stage == _DETECT:
+                self._tcp_detect(d, None)  # a gap ended this stream: its verdict is final
+            return
         stage = self._stage
         if stage == _DETECT:
-            other = bytes(bufs[1 - d])
-            if d == 0:
-                self._tcp_detect(data, other)
-            else:
-                self._tcp_detect(other, data)
+            # the common case, one segment so far: no copy of the buffer
+            self._tcp_detect(d, payload if first_bytes and len(bufs[d]) == len(payload)
+                             else None)
         elif stage == _TLS_HELLO:
             if d == self._dir:
-                self._tls_hello(data)
+                self._tls_hello(bytes(bufs[d]))
         elif stage == _HTTP_HOST:
             self._http_host()
         elif stage == _MAIL or stage == _STARTTLS:
             if d == self._dir:
-                self._mail(data)
+                self._mail(bytes(bufs[d]))
         elif stage == _DNS_NAME:
-            self._tcp_dns(data)
+            seen = self._seen
+            if seen[d] != RULED_OUT:
+                verdict = self._tcp_dns(bytes(bufs[d]))
+                if verdict is not NEED_MORE:
+                    seen[d] = RULED_OUT  # its first message is whole: it has no name
+                    if seen[1 - d] == RULED_OUT:
+                        self.done = True  # neither stream's first message can give a name
         if self._closed[0] and self._closed[1]:
             self.done = True
 
-    def _tcp_detect(self, c: bytes, s: bytes) -> None:
-        """Match the start of both streams (c: client's, s: server's) against every TCP
-        protocol; decide on the first match."""
-        pending = False
-        for d, data in ((0, c), (1, s)):
-            if len(data) < 2:
-                pending = True
+    def _tcp_detect(self, new: int, data: bytes | None) -> None:
+        """Match the start of both streams against every TCP protocol; decide on the first
+        match. Only a stream that grew since it was last matched is matched again (the
+        verdict of every parser on a stream start is final once it is not NEED_MORE); data is
+        direction new's stream when the caller has it as bytes."""
+        bufs, seen = self._bufs, self._seen
+        for d in (0, 1):
+            n = len(bufs[d])
+            if seen[d] == RULED_OUT or seen[d] == n:
                 continue
-            first = data[0]
-            if first == 0x16:
-                hello = tls.parse_tls_stream(data)
-                if hello is tls.NEED_MORE:
-                    self._dir = d
-                    self._stage = _TLS_HELLO
-                    if _tls_records(data) is True:
-                        self._decide(TLS)
-                        return
-                    pending = True
-                    continue
-                if hello is not None:
-                    self._decide(TLS)
-                    self._set_hello(hello)
-                    self.done = True
-                    return
-            if 20 <= first <= 24:
-                verdict = _tls_records(data)
-                if verdict is True:
-                    self._decide(TLS)
-                    self.done = True  # no ClientHello at the start of this stream
-                    return
-                pending = pending or verdict is NEED_MORE
+            seen[d] = n
+            if n < 2:
                 continue
-            if first == 0x53:  # "S"
-                verdict = text.is_ssh_banner(data)
-                if verdict is True:
-                    self._decide(SSH)
-                    self.done = True
-                    return
-                pending = pending or verdict is NEED_MORE
-            if first == 0x48:  # "H"
-                verdict = text.is_http_response(data)
-                if verdict is True:
-                    self._decide(HTTP)
-                    self._stage = _HTTP_HOST
-                    self._http_host()
-                    return
-                pending = pending or verdict is NEED_MORE
-            if 0x41 <= first <= 0x5A:  # an upper-case method token
-                req = text.parse_http_request(data)
-                if req is NEED_MORE:
-                    pending = True
-                elif req is not None:
-                    self._decide(HTTP)
-                    self._stage = _HTTP_HOST
-                    self._http_request(req)
-                    return
-            verdict = self._tcp_dns(data)
+            verdict = self._tcp_match(d, data if d == new and data is not None
+                                      else bytes(bufs[d]))
             if verdict is True:
                 return
-            pending = pending or verdict is NEED_MORE
-        for d, (client, server) in enumerate(((c, s), (s, c))):
-            mail = text.detect_mail(client, server)
-            if mail is not None:
-                self._decide(mail)
-                self._dir = d  # the direction that carries the client's commands
-                self._stage = _MAIL
-                self._mail(client)
-                return
-        if not pending and not _mail_pending(c, s) and not _mail_pending(s, c):
-            self.done = True  # neither stream can still become anything this module knows
+            if verdict is False:
+                seen[d] = RULED_OUT
+        c, s = bufs
+        if (c and c[0] in _MAIL_FIRST) or (s and s[0] in _MAIL_FIRST):
+            heads = (bytes(c[:512]), bytes(s[:512]))  # all that detect_mail() looks at
+            for d in (0, 1):
+                mail = text.detect_mail(heads[d], heads[1 - d])
+                if mail is not None:
+                    self._decide(mail)
+                    self._dir = d  # the direction that carries the client's commands
+                    self._stage = _MAIL
+                    self._mail(bytes(bufs[d]))
+                    return
+        self._detect_done()
+
+    def _detect_done(self) -> None:
+        """done when neither stream can still become anything this module knows: each is
+        ruled out, or its reassembly ended (its verdict cannot change any more)."""
+        seen, closed = self._seen, self._closed
+        if (seen[0] == RULED_OUT or closed[0]) and (seen[1] == RULED_OUT or closed[1]):
+            c, s = self._bufs
+            if not (_mail_pending(c, s) or _mail_pending(s, c)):
+                self.done = True
+
+    def _tcp_match(self, d: int, data: bytes) -> bool | str:
+        """Match one stream start (at least 2 bytes) against the protocols one stream shows
+        alone: True when decided (stage set), NEED_MORE, or False (final for this stream)."""
+        first = data[0]
+        if first == 0x16:
+            hello = tls.parse_tls_stream(data)
+            if hello is tls.NEED_MORE:
+                self._dir = d
+                self._stage = _TLS_HELLO
+                if _tls_records(data) is True:
+                    self._decide(TLS)
+                    return True
+                return NEED_MORE
+            if hello is not None:
+                self._decide(TLS)
+                self._set_hello(hello)
+                self.done = True
+                return True
+        if 20 <= first <= 24:
+            verdict = _tls_records(data)
+            if verdict is True:
+                self._decide(TLS)
+                self.done = True  # no ClientHello at the start of this stream
+            return verdict
+        pending = False
+        if first == 0x53:  # "S"
+            verdict = text.is_ssh_banner(data)
+            if verdict is True:
+                self._decide(SSH)
+                self.done = True
+                return True
+            pending = verdict is NEED_MORE
+        elif first == 0x48:  # "H"
+            verdict = text.is_http_response(data)
+            if verdict is True:
+                self._decide(HTTP)
+                self._stage = _HTTP_HOST
+                self._http_host()
+                return True
+            pending = verdict is NEED_MORE
+        if 0x41 <= first <= 0x5A:  # an upper-case method token
+            req = text.parse_http_request(data)
+            if req is NEED_MORE:
+                pending = True
+            elif req is not None:
+                self._decide(HTTP)
+                self._stage = _HTTP_HOST
+                self._http_request(req)
+                return True
+        verdict = self._tcp_dns(data)
+        if verdict is True:
+            if not self.done:  # DNS without a name in this stream's (whole) first message
+                self._seen[d] = RULED_OUT
+                if self._seen[1 - d] == RULED_OUT:
+                    self.done = True  # nor can the other stream's first message give one
+            return True
+        return NEED_MORE if pending or verdict is NEED_MORE else False
 
     def _set_hello(self, hello: tls.ClientHello) -> None:
         if hello.sni:
@@ -286,24 +371,47 @@ class FlowInspector:
             self.done = True
 
     def _http_host(self) -> None:
-        """HTTP is known: find the Host of the request at the start of either stream."""
-        for buf in self._bufs:
-            if buf and 0x41 <= buf[0] <= 0x5A:
+        """HTTP is known: find the Host of the request at the start of either stream. A
+        stream that does not start with a request never will (parse_http_request() answers
+        None only for good): it is not parsed again, and when neither stream can start with
+        one, no Host can come."""
+        seen = self._seen
+        for d in (0, 1):
+            if seen[d] == RULED_OUT:
+                continue
+            buf = self._bufs[d]
+            if not buf:
+                continue
+            if 0x41 <= buf[0] <= 0x5A:
                 req = text.parse_http_request(bytes(buf))
                 if isinstance(req, text.HttpRequest):
                     self._http_request(req)
                     return
+                if req is NEED_MORE:
+                    continue
+            seen[d] = RULED_OUT
+        if seen[0] == RULED_OUT and seen[1] == RULED_OUT:
+            self.done = True
 
     def _tcp_dns(self, data: bytes) -> bool | str:
         """DNS over TCP at the start of data (2-byte length prefix, then the message)."""
+        n = len(data)
+        if n < 2:
+            return NEED_MORE
         size = _U16(data, 0)[0]
         if size < 12:
             return False
+        if n < 6:  # the length prefix alone (often a segment of its own): parse_dns needs 4
+            return NEED_MORE
         on_port = DNS_PORT in (self.client_port, self.server_port)
+        # off the DNS port only a standard query (opcode 0) with one question counts: fixed by
+        # the header, so a stream whose header says otherwise can stop here
+        if not on_port and n >= 8 and (data[4] & 0x78 or data[6] or data[7] != 1):
+            return False
         msg = parse_dns(data[2:2 + size], 16 if on_port else 1)
         if msg is None:
             return False
-        whole = len(data) >= 2 + size
+        whole = n >= 2 + size
         if on_port:
             ok = msg.name is not None or (whole and msg.complete)
         else:
@@ -341,29 +449,49 @@ class FlowInspector:
 
     # ------------------------------------------------------------------------------ UDP
     def _feed_udp(self, payload: bytes, from_client: bool) -> None:
+        """Every datagram is matched until the label is decided or the flow is done: each
+        protocol shows itself in the first datagram each side sends (a QUIC client's first is
+        its Initial, a DNS query and its answer both carry the question), so the flow is done
+        once the first datagram of each side has ruled everything out (_seen[d] RULED_OUT), or
+        for DNS, has shown no name. A flow only one side has spoken in stays open."""
         app = self.app
         if app != UNKNOWN and not self.guess:  # known: only a name or a hello is missing
             if app == QUIC:
                 self._quic_datagram(payload, from_client)
             elif app in (DNS, MDNS):
-                self._udp_dns(payload)
+                # a name needs a question, whole: 12 header bytes, a name, type and class
+                if len(payload) >= 17 and (payload[4] or payload[5]):
+                    self._udp_dns(payload)
+                if not self.done:
+                    self._side_done(from_client)
             return
-        ports = (self.client_port, self.server_port)
-        if self._udp_dns(payload):
-            return
-        if DHCP_PORTS.intersection(ports) and is_dhcp(payload):
+        roles = self._roles
+        pending = False
+        first = payload[0]
+        # DNS: on its ports any consistent message; elsewhere (_strict_dns) only a whole
+        # standard query (opcode 0) with one question: 12 header bytes, a name, type and class
+        if not roles & _P_NOT_DNS and (roles & (_P_DNS | _P_MDNS) or (
+                len(payload) >= 17 and not payload[2] & 0x78 and not payload[4]
+                and payload[5] == 1)):
+            verdict = self._udp_dns(payload)
+            if verdict is True:
+                if not self.done:  # DNS, but this first message has no name
+                    self._side_done(from_client)
+                return
+            pending = verdict is NEED_MORE
+        if roles & _P_DHCP and is_dhcp(payload):
             self._decide(DHCP)
             self.done = True
             return
-        if DHCPV6_PORTS.intersection(ports) and is_dhcpv6(payload):
+        if roles & _P_DHCPV6 and is_dhcpv6(payload):
             self._decide(DHCPV6)
             self.done = True
             return
-        if NTP_PORT in ports and is_ntp(payload):
+        if roles & _P_NTP and is_ntp(payload):
             self._decide(NTP)
             self.done = True
             return
-        if 0x41 <= payload[0] <= 0x5A:
+        if 0x41 <= first <= 0x5A:
             # HTTP over UDP (SSDP): tshark names it otherwise, but the Host is a server name
             req = text.parse_http_request(payload)
             if isinstance(req, text.HttpRequest):
@@ -371,14 +499,32 @@ class FlowInspector:
                     self.server_name = req.host
                 self.done = True
                 return
-        self._quic_datagram(payload, from_client)
+        # A fresh QuicState answers only for a long header (0x80) or, from the client, a
+        # gQUIC public header with the version flag (flags & 0xCB == 0x09): skip the rest
+        if self._quic is not None or first & 0x80 or (from_client and first & 0xCB == 0x09):
+            if self._quic_datagram(payload, from_client):
+                return
+            # a long header this module could not read (an unknown version, an Initial that
+            # did not decrypt): this side's next datagrams may still be QUIC
+            pending = pending or (first & 0xC0 == 0xC0 and len(payload) >= 7
+                                  and payload[5] <= quic.MAX_CID)
+        if not pending:
+            self._side_done(from_client)
 
-    def _udp_dns(self, payload: bytes) -> bool:
-        ports = (self.client_port, self.server_port)
-        if NOT_DNS_PORTS.intersection(ports):
-            return False
-        mdns = MDNS_PORT in ports
-        on_port = mdns or DNS_PORT in ports
+    def _side_done(self, from_client: bool) -> None:
+        """This side's datagram told all its side can tell: done once both sides have."""
+        seen = self._seen
+        seen[0 if from_client else 1] = RULED_OUT
+        if seen[0] == seen[1]:
+            self.done = True
+
+    def _udp_dns(self, payload: bytes) -> bool | str:
+        """DNS in one datagram: True when it is (decided), NEED_MORE for a consistent DNS
+        header cut short on a DNS port (only the port says DNS), else False. Not called on
+        the NetBIOS / LLMNR ports."""
+        roles = self._roles
+        mdns = roles & _P_MDNS
+        on_port = roles & (_P_DNS | _P_MDNS)
         msg = parse_dns(payload, 64 if mdns else 16 if on_port else 1)
         if msg is None:
             return False
@@ -388,7 +534,7 @@ class FlowInspector:
                 return False
         elif not (whole or msg.name is not None or len(payload) >= 6):
             # cut short inside the header: consistent, but only the port says DNS
-            return False
+            return NEED_MORE
         if self.guess or self.app not in (DNS, MDNS):
             self._decide(MDNS if mdns else DNS)
         if msg.name is not None and self.server_name is None:
@@ -396,12 +542,13 @@ class FlowInspector:
             self.done = True
         return True
 
-    def _quic_datagram(self, payload: bytes, from_client: bool) -> None:
+    def _quic_datagram(self, payload: bytes, from_client: bool) -> bool:
+        """True when the datagram is QUIC (the label is decided)."""
         if self._quic is None:
             self._quic = quic.QuicState()
         res = quic.parse_quic_datagram(payload, self._quic, from_client)
         if res is None:
-            return
+            return False
         if self.app != QUIC or self.guess:
             self._decide(QUIC)
         if res.sni:
@@ -410,6 +557,7 @@ class FlowInspector:
             self.fingerprint = res.hello.ja4
         if res.complete:
             self.done = True
+        return True
 
 
 # ---------------------------------------------------------------------------------- helpers

@@ -435,3 +435,158 @@ def test_ten_thousand_random_payloads_never_raise_and_stay_bounded():
         assert ins.app in APPS
         if ins._packets == MAX_PACKETS:
             assert ins.done
+
+
+# ------------------------------------------------------------------------------ early done
+# A flow is done as soon as no protocol can still match it (not after MAX_PACKETS packets).
+# matches nothing on any port, for good (as DNS over TCP: a 5-byte message, too short)
+UNKNOWN_BYTES = b"\x00\x05\x99" + bytes(60)
+
+
+def test_udp_done_once_the_first_datagram_of_each_side_matched_nothing():
+    for port, app in ((8080, "UNKNOWN"), (443, "QUIC")):
+        ins = FlowInspector(UDP, 40000, port)
+        ins.feed(bytes(200), True, None)
+        assert not ins.done  # the other side's first datagram may still tell (a DNS answer)
+        ins.feed(bytes(18), False, None)
+        assert ins.done and ins._packets == 2
+        assert (ins.app, ins.guess) == (app, app != "UNKNOWN")  # a port guess stays
+
+
+def test_udp_one_sided_flow_keeps_matching_every_datagram():
+    ins = udp(40000, 5300, UNKNOWN_BYTES, UNKNOWN_BYTES, query("late.example"))
+    assert (ins.app, ins.server_name, ins.done) == ("DNS", "late.example", True)
+
+
+def test_udp_unreadable_quic_long_header_keeps_its_side_open():
+    """An Initial of a version this module does not know: the server's Version Negotiation
+    labels QUIC, the client's next Initial (a known version) gives the SNI."""
+    unknown = b"\xc3\x12\x34\x56\x78\x08" + bytes(8) + b"\x00" + bytes(1200)
+    vn = b"\x80\x00\x00\x00\x00\x00\x08" + bytes(8) + struct.pack("!I", 1)
+    ins = FlowInspector(UDP, 50000, 4443)
+    ins.feed(unknown, True, None)
+    ins.feed(UNKNOWN_BYTES, False, None)
+    assert not ins.done and ins.app == "UNKNOWN"
+    ins.feed(vn, False, None)
+    assert ins.app == "QUIC" and not ins.guess and not ins.done
+    ins.feed(initial(crypto_frame(0, tls_hello(sni=b"after.vn"))), True, None)
+    assert ins.server_name == "after.vn" and ins.done
+
+
+def test_quic_hello_over_two_initials_with_short_headers_between():
+    hello = tls_hello(sni=b"two.example", pad=1500)
+    ins = FlowInspector(UDP, 50000, 443)
+    ins.feed(initial(crypto_frame(0, hello[:1000]), pn=0), True, None)
+    assert ins.app == "QUIC" and not ins.guess and not ins.done
+    ins.feed(b"\x40" + bytes(40), False, None)  # a server short-header packet
+    assert not ins.done
+    ins.feed(initial(crypto_frame(1000, hello[1000:]), pn=1), True, None)
+    assert ins.server_name == "two.example" and ins.done
+
+
+def test_udp_dns_without_a_name_is_done_when_each_side_had_none():
+    ins = FlowInspector(UDP, 40000, 53)
+    ins.feed(bytes(200), True, None)  # a consistent header on the DNS port: DNS, no question
+    assert (ins.app, ins.guess, ins.done) == ("DNS", False, False)
+    ins.feed(bytes(200), True, None)
+    assert not ins.done  # only one side so far (mDNS announcements, then a query)
+    ins.feed(bytes(18), False, None)
+    assert ins.done and ins.server_name is None
+
+
+def test_udp_dns_cut_short_on_port_53_then_the_answer_names_it():
+    ins = FlowInspector(UDP, 40000, 53)
+    ins.feed(query("cut.example")[:10], True, None)  # cut inside the header
+    assert (ins.app, ins.guess, ins.server_name, ins.done) == ("DNS", False, None, False)
+    ins.feed(response_with_pointers(), False, None)
+    assert ins.server_name == "www.example.com" and ins.done
+
+
+def test_tcp_dns_length_prefix_in_its_own_segment():
+    msg = query("split.example")
+    t = Tcp(server_port=5300)
+    t.send(struct.pack("!H", len(msg)))
+    t.send(UNKNOWN_BYTES, from_client=False)
+    assert not t.ins.done  # two bytes of length prefix: the message may still be DNS
+    t.send(msg)
+    assert (t.ins.app, t.ins.server_name, t.ins.done) == ("DNS", "split.example", True)
+
+
+def test_tcp_dns_name_from_the_other_stream():
+    no_question = struct.pack("!HHHHHH", 1, 0x0100, 0, 0, 0, 0)
+    answer = response_with_pointers()
+    t = Tcp(server_port=53)
+    t.send(struct.pack("!H", 12) + no_question)
+    assert (t.ins.app, t.ins.guess, t.ins.done) == ("DNS", False, False)
+    t.send(struct.pack("!H", len(answer)), from_client=False)
+    assert not t.ins.done
+    t.send(answer, from_client=False)
+    assert t.ins.server_name == "www.example.com" and t.ins.done
+    t = Tcp(server_port=53)  # neither stream's first message names anything: done
+    t.send(struct.pack("!H", 12) + no_question)
+    t.send(struct.pack("!H", 12) + no_question, from_client=False)
+    assert t.ins.done and t.ins.server_name is None
+
+
+@pytest.mark.parametrize("reply, app", [
+    (b"SSH-2.0-OpenSSH_9.6\r\n", "SSH"),
+    (b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n", "HTTP"),
+    (b"\x17\x03\x03\x00\x20" + bytes(32), "TLS"),  # a stream seen from the middle
+    (b"220 mx.example.com ESMTP\r\n", "SMTP"),
+])
+def test_tcp_the_server_may_answer_an_unknown_client(reply, app):
+    t = Tcp(server_port=5000)
+    for _ in range(3):
+        t.send(UNKNOWN_BYTES)  # ruled out at once, the flow still waits for the server
+    assert not t.ins.done
+    t.send(reply, from_client=False)
+    assert t.ins.app == app and not t.ins.guess and t.ins.server_name is None
+    if app in ("SSH", "TLS", "HTTP"):  # HTTP: neither stream starts with a request
+        assert t.ins.done
+
+
+def test_tcp_mail_greeting_waits_for_the_client_line():
+    t = Tcp(server_port=2525)
+    t.send(b"220 mail.example.net ready\r\n", from_client=False)  # FTP or SMTP
+    t.send(b"\x01\x02\x03\x04")  # no line yet: its first line may still be EHLO...
+    assert not t.ins.done
+    t.send(b" something\r\n")  # ...it is not
+    assert t.ins.done and t.ins.app == "UNKNOWN"
+
+
+def test_tcp_a_gap_ends_a_pending_stream():
+    t = Tcp(server_port=5000)
+    t.send(b"GET /inde")  # may still become a request line
+    t.send(UNKNOWN_BYTES, from_client=False)
+    assert not t.ins.done
+    t.send(b"zzz", seq=t.seq[0] + 100)  # bytes missing: the stream start cannot grow
+    assert t.ins.done and t.ins.app == "UNKNOWN"
+
+
+def test_streams_are_not_parsed_again_once_ruled_out(monkeypatch):
+    from capture.inspect import text
+    calls = []
+    real = text.parse_http_request
+    monkeypatch.setattr(text, "parse_http_request", lambda b: calls.append(len(b)) or real(b))
+    t = Tcp(server_port=5000)
+    t.send(b"ZZZ not a request\r\n")
+    for _ in range(5):
+        t.send(b"more bytes\r\n")
+        t.send(b"more bytes\r\n", seq=t.seq[0] - 12)  # a retransmission
+    assert calls == [19] and not t.ins.done
+    # HTTP known from a response: the response stream is not parsed as a request again
+    t = Tcp(server_port=5000)
+    t.send(b"HTTP/1.1 200 OK\r\n\r\n", from_client=False)
+    calls.clear()
+    for _ in range(5):
+        t.send(b"x" * 100, from_client=False)
+    assert calls == [] and t.ins.app == "HTTP" and not t.ins.done
+    t.send(b"GET / HTTP/1.1\r\nHost: late.example\r\n\r\n")
+    assert t.ins.server_name == "late.example" and t.ins.done
+
+
+def test_payloadless_tcp_flows_keep_no_buffers():
+    t = Tcp()
+    assert t.ins._bufs is None and not t.ins.done
+    t.send(b"\x99\x98")
+    assert t.ins._bufs is not None
