@@ -57,11 +57,14 @@ class DnsMessage(NamedTuple):
     trailing: int = 0
 
 
-def parse_dns(msg: bytes, max_questions: int = 16) -> DnsMessage | None:
+def parse_dns(msg: bytes, max_questions: int = 16, walk_records: bool = True
+              ) -> DnsMessage | None:
     """Parse a DNS message (UDP payload, or a TCP message without its length prefix).
 
     Returns None when the bytes are not a consistent DNS message; a DnsMessage with
     complete=False when everything present is consistent but the payload ends early.
+    walk_records=False stops after the questions once the first name is read (on the DNS
+    ports the question decides: checking every answer record would only cost time).
     """
     n = len(msg)
     if n < 4:
@@ -97,6 +100,8 @@ def parse_dns(msg: bytes, max_questions: int = 16) -> DnsMessage | None:
             name = text
             qtype, qclass = _TYPE_CLASS(msg, end)
         pos = end + 4
+    if not walk_records and name is not None:
+        return DnsMessage(response, opcode, rcode, qd, an, ns, ar, name, qtype, qclass, True, 0)
     records = an + ns + ar
     for _ in range(min(records, MAX_RECORDS)):
         end, _text = read_name(msg, pos, False)

@@ -408,7 +408,7 @@ class FlowInspector:
         # the header, so a stream whose header says otherwise can stop here
         if not on_port and n >= 8 and (data[4] & 0x78 or data[6] or data[7] != 1):
             return False
-        msg = parse_dns(data[2:2 + size], 16 if on_port else 1)
+        msg = parse_dns(data[2:2 + size], 16 if on_port else 1, walk_records=not on_port)
         if msg is None:
             return False
         whole = n >= 2 + size
@@ -525,7 +525,8 @@ class FlowInspector:
         roles = self._roles
         mdns = roles & _P_MDNS
         on_port = roles & (_P_DNS | _P_MDNS)
-        msg = parse_dns(payload, 64 if mdns else 16 if on_port else 1)
+        msg = parse_dns(payload, 64 if mdns else 16 if on_port else 1,
+                        walk_records=not on_port)
         if msg is None:
             return False
         whole = msg.complete and not msg.trailing
