@@ -6,6 +6,7 @@ comes back is inspected afresh.
 
 from __future__ import annotations
 
+import struct
 from collections import OrderedDict
 
 from capture.inspect.flow import FlowInspector
@@ -13,15 +14,20 @@ from packet_records import APP_GUESS, META_FINGERPRINT, META_SERVER_NAME, partit
 from packet_records.apps import APP_ID
 
 INSPECTED_PROTOCOLS = (6, 17)
+_U16 = struct.Struct("!H").unpack_from
+_U32 = struct.Struct("!I").unpack_from
 
 
 class CachedFlow:
-    __slots__ = ("partition", "inspector", "client", "app", "app_flags", "sent_name", "sent_fp")
+    __slots__ = ("partition", "inspector", "client_addr", "client_port", "app", "app_flags",
+                 "sent_name", "sent_fp")
 
-    def __init__(self, partition: int, inspector: FlowInspector | None, client: tuple):
+    def __init__(self, partition: int, inspector: FlowInspector | None, client_addr: bytes,
+                 client_port: int):
         self.partition = partition
         self.inspector = inspector  # None once done (or for flows that are not inspected)
-        self.client = client  # (address, port) of the flow's first sender
+        self.client_addr = client_addr  # the flow's first sender
+        self.client_port = client_port
         self.app = APP_ID.get(inspector.app, 0) if inspector else 0
         self.app_flags = APP_GUESS if inspector and inspector.guess else 0
         self.sent_name = self.sent_fp = None
@@ -45,7 +51,7 @@ class FlowCache:
             if self.inspect_payloads and proto in INSPECTED_PROTOCOLS:
                 inspector = FlowInspector(proto, sport, dport)
             partition = partition_for(src, dst, sport, dport, proto, self.partitions)
-            flow = self.flows[key] = CachedFlow(partition, inspector, (src, sport))
+            flow = self.flows[key] = CachedFlow(partition, inspector, src, sport)
             if len(self.flows) > self.max_flows:
                 self.flows.popitem(last=False)
         return flow
@@ -54,22 +60,24 @@ class FlowCache:
     def inspect(flow: CachedFlow, frame: bytes, decoded: tuple) -> list | None:
         """Feed one packet's payload to the flow's inspector; return new meta entries as
         (kind, text), or None."""
-        proto, src, sport, l4_off, ip_end = decoded[1], decoded[2], decoded[4], decoded[9], \
-            decoded[10]
-        if proto == 6:
+        l4_off, end = decoded[9], decoded[10]
+        if decoded[1] == 6:
             if len(frame) < l4_off + 13:
                 return None
             start = l4_off + (frame[l4_off + 12] >> 4) * 4
-            seq = int.from_bytes(frame[l4_off + 4:l4_off + 8], "big")
-            end = ip_end
+            if end <= start:
+                return None  # no payload (a TCP handshake or ACK): the common case
+            seq = _U32(frame, l4_off + 4)[0]
         else:
             start, seq = l4_off + 8, None
-            udp_len = int.from_bytes(frame[l4_off + 4:l4_off + 6], "big")
-            end = min(ip_end, l4_off + udp_len) if udp_len >= 8 else ip_end
-        if end <= start:
-            return None  # no payload (a TCP handshake or ACK)
+            udp_len = _U16(frame, l4_off + 4)[0] if len(frame) >= l4_off + 6 else 0
+            if udp_len >= 8 and l4_off + udp_len < end:
+                end = l4_off + udp_len
+            if end <= start:
+                return None
         inspector = flow.inspector
-        changed = inspector.feed(frame[start:end], (src, sport) == flow.client, seq)
+        from_client = decoded[4] == flow.client_port and decoded[2] == flow.client_addr
+        changed = inspector.feed(frame[start:end], from_client, seq)
         if inspector.done:
             flow.inspector = None  # its label stays on the flow; its buffers go
         if not changed:

@@ -35,7 +35,7 @@ def _l4(proto: int, sport: int, dport: int, body: bytes) -> bytes:
 
 def _first_payload(proto: int, dport: int, i: int) -> bytes | None:
     """A real first client payload for the flow's server port (DNS query, HTTP GET, TLS
-    ClientHello), as a flow's first packet carries on a real network."""
+    ClientHello, QUIC Initial), as a flow's first packet carries on a real network."""
     from traffic_generator import messages
 
     if proto == 17 and dport == 53:
@@ -44,6 +44,8 @@ def _first_payload(proto: int, dport: int, i: int) -> bytes | None:
         return messages.http_get(f"www{i}.example.com")
     if proto == 6 and dport == 443:
         return messages.tls_client_hello(f"site{i}.example.org")
+    if proto == 17 and dport == 443:
+        return messages.quic_initial(f"video{i}.example.net", dcid=i.to_bytes(8, "big"))
     return None
 
 

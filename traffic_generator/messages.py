@@ -1,10 +1,15 @@
 """Wire bytes of the mix mode, built by hand: DNS queries and answers, HTTP/1.1 requests and
-responses, a TLS ClientHello with SNI and the alert a refusing server sends back."""
+responses, a TLS ClientHello with SNI and the alert a refusing server sends back, and a QUIC v1
+client Initial carrying such a ClientHello (RFC 9001 protection)."""
 
 from __future__ import annotations
 
+import hmac
 import os
 import struct
+
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 DNS_NAMES = ("example.com", "www.example.org", "api.example.net", "cdn.example.com",
              "mail.example.org", "login.example.net", "static.example.com", "news.example.org")
@@ -106,7 +111,8 @@ def _extension(ext_type: int, body: bytes) -> bytes:
 
 
 def tls_client_hello(server_name: str, random: bytes | None = None,
-                     session_id: bytes | None = None, key_share: bytes | None = None) -> bytes:
+                     session_id: bytes | None = None, key_share: bytes | None = None,
+                     alpn_protocols: tuple[bytes, ...] = _ALPN) -> bytes:
     """One TLS record holding a ClientHello that offers TLS 1.3 and 1.2, with SNI.
 
     The layout is RFC 8446 4.1.2 (record version 0x0301, legacy_version 0x0303, a 32-byte
@@ -119,7 +125,7 @@ def tls_client_hello(server_name: str, random: bytes | None = None,
         raise ValueError("random and key share take 32 bytes, a session id at most 32")
     host = server_name.encode("ascii")
     server_name_list = struct.pack("!BH", 0, len(host)) + host  # name_type host_name
-    alpn = b"".join(bytes((len(p),)) + p for p in _ALPN)
+    alpn = b"".join(bytes((len(p),)) + p for p in alpn_protocols)
     share = struct.pack("!HH", 0x001D, len(key_share)) + key_share
     extensions = b"".join((
         _extension(TLS_EXT_SERVER_NAME, struct.pack("!H", len(server_name_list))
@@ -144,3 +150,60 @@ def tls_client_hello(server_name: str, random: bytes | None = None,
     ))
     handshake = bytes((TLS_HANDSHAKE_CLIENT_HELLO,)) + len(body).to_bytes(3, "big") + body
     return struct.pack("!BHH", TLS_CONTENT_HANDSHAKE, 0x0301, len(handshake)) + handshake
+
+
+# --- QUIC ----------------------------------------------------------------------------------
+
+QUIC_V1 = 0x00000001
+_QUIC_V1_SALT = bytes.fromhex("38762cf7f55934b34d179ae6a4c80cadccbb7f0a")  # RFC 9001 5.2
+QUIC_INITIAL_SIZE = 1200  # RFC 9000 14.1: a client pads its first datagram to 1200 bytes
+
+
+def _hkdf_expand_label(secret: bytes, label: bytes, length: int) -> bytes:
+    full = b"tls13 " + label
+    info = struct.pack("!HB", length, len(full)) + full + b"\x00\x01"
+    return hmac.digest(secret, info, "sha256")[:length]
+
+
+def _varint(value: int) -> bytes:
+    if value < 0x40:
+        return bytes((value,))
+    if value < 0x4000:
+        return struct.pack("!H", 0x4000 | value)
+    return struct.pack("!I", 0x80000000 | value)
+
+
+def quic_initial(server_name: str, dcid: bytes | None = None, scid: bytes | None = None,
+                 packet_number: int = 0) -> bytes:
+    """A QUIC v1 client Initial datagram of QUIC_INITIAL_SIZE bytes: one CRYPTO frame with a
+    TLS 1.3 ClientHello (SNI, ALPN h3), PADDING, AES-128-GCM packet protection and header
+    protection with the Initial keys of the DCID (RFC 9001 5)."""
+    dcid = os.urandom(8) if dcid is None else dcid
+    scid = os.urandom(8) if scid is None else scid
+    hello = tls_client_hello(server_name, alpn_protocols=(b"h3",))[5:]  # no record layer
+    frames = b"\x06" + _varint(0) + _varint(len(hello)) + hello  # CRYPTO at offset 0
+    pn_len = 4
+    header_len = 1 + 4 + 1 + len(dcid) + 1 + len(scid) + 1 + 2 + pn_len  # token length 0
+    plain_len = QUIC_INITIAL_SIZE - header_len - 16  # 16: the AEAD tag
+    if len(frames) > plain_len:
+        raise ValueError("the ClientHello does not fit one Initial")
+    frames += bytes(plain_len - len(frames))  # PADDING frames
+    header = (bytes((0xC0 | (pn_len - 1),)) + struct.pack("!I", QUIC_V1)
+              + bytes((len(dcid),)) + dcid + bytes((len(scid),)) + scid + b"\x00"
+              + struct.pack("!H", 0x4000 | (pn_len + plain_len + 16))
+              + packet_number.to_bytes(pn_len, "big"))
+    secret = _hkdf_expand_label(hmac.digest(_QUIC_V1_SALT, dcid, "sha256"), b"client in", 32)
+    key = _hkdf_expand_label(secret, b"quic key", 16)
+    iv = _hkdf_expand_label(secret, b"quic iv", 12)
+    hp = _hkdf_expand_label(secret, b"quic hp", 16)
+    nonce = (int.from_bytes(iv, "big") ^ packet_number).to_bytes(12, "big")
+    sealed = AESGCM(key).encrypt(nonce, frames, header)
+    # header protection: the sample starts 4 bytes after the packet number's first byte
+    pn_offset = len(header) - pn_len
+    sample = sealed[4 - pn_len:4 - pn_len + 16]
+    mask = Cipher(algorithms.AES(hp), modes.ECB()).encryptor().update(sample)
+    protected = bytearray(header)
+    protected[0] ^= mask[0] & 0x0F
+    for i in range(pn_len):
+        protected[pn_offset + i] ^= mask[1 + i]
+    return bytes(protected) + sealed

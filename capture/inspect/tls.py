@@ -65,6 +65,11 @@ _BYTE_TEXT = [chr(c) if 0x20 <= c < 0x7F else _C_ESCAPES.get(c, f"\\{c:03o}") if
               else "\ufffd" for c in range(256)]
 _EMPTY_HASH = "000000000000"
 _GREASE = frozenset(0x0A0A + 0x1010 * i for i in range(16))
+# The ClientHello extension loop looks each type up once: 0 for GREASE (left out of JA4), an
+# action for the four extensions whose bodies are read, absent for every other type
+EXT_SNI_ACTION, EXT_ALPN_ACTION, EXT_SIG_ALGS_ACTION, EXT_VERSIONS_ACTION = 1, 2, 3, 4
+_EXT_ACTIONS = {**dict.fromkeys(_GREASE, 0), EXT_SNI: EXT_SNI_ACTION, EXT_ALPN: EXT_ALPN_ACTION,
+                EXT_SIG_ALGS: EXT_SIG_ALGS_ACTION, EXT_SUPPORTED_VERSIONS: EXT_VERSIONS_ACTION}
 
 
 class ClientHello(NamedTuple):
@@ -117,8 +122,9 @@ def ja4(quic: bool, version: int, has_sni: bool, ciphers: list[int], extensions:
         part_b = sha256(_hex_list(sorted(ciphers))).hexdigest()[:12]
     else:
         part_b = _EMPTY_HASH
-    exts = sorted(e for e in extensions if e != EXT_SNI and e != EXT_ALPN)
+    exts = [e for e in extensions if e != EXT_SNI and e != EXT_ALPN]
     if exts:
+        exts.sort()
         raw_c = _hex_list(exts)
         if sig_algs:
             raw_c += b"_" + _hex_list(sig_algs)
@@ -185,27 +191,34 @@ def _client_hello(data: bytes, pos: int, end: int, quic: bool) -> ClientHello | 
         pos += 2
         if ext_end > end:  # the extension block lies about its length
             return None
+        actions, pair, append = _EXT_ACTIONS, _U16_PAIR, extensions.append
         while pos < ext_end:
-            if pos + 4 > ext_end:
-                return None
-            ext_type, ext_len = _U16_PAIR(data, pos)
-            pos += 4
-            body_end = pos + ext_len
+            # reads past ext_end give a body_end past it too; past the data, struct raises
+            # (callers catch it: malformed)
+            ext_type, ext_len = pair(data, pos)
+            body_end = pos + 4 + ext_len
             if body_end > ext_end:
                 return None
-            if ext_type not in _GREASE:
-                extensions.append(ext_type)
-            if ext_type == EXT_SNI and not has_sni:
-                has_sni = True
-                sni = _server_name(data, pos, body_end)
-            elif ext_type == EXT_ALPN and first_alpn is None:
-                first_alpn = _alpn(data, pos, body_end, alpn)
-            elif ext_type == EXT_SIG_ALGS and ext_len >= 2:
-                list_end = min(pos + 2 + _U16(data, pos)[0], body_end)
-                sig_algs = _u16_list(data, pos + 2, list_end)
-            elif ext_type == EXT_SUPPORTED_VERSIONS and ext_len >= 1 and versions is None:
-                list_end = min(pos + 1 + data[pos], body_end)
-                versions = _u16_list(data, pos + 1, list_end)
+            action = actions.get(ext_type)
+            if action is None:  # most extensions: only their type counts (in JA4)
+                append(ext_type)
+            elif action:
+                append(ext_type)
+                pos += 4
+                if action == EXT_SNI_ACTION:
+                    if not has_sni:
+                        has_sni = True
+                        sni = _server_name(data, pos, body_end)
+                elif action == EXT_ALPN_ACTION:
+                    if first_alpn is None:
+                        first_alpn = _alpn(data, pos, body_end, alpn)
+                elif action == EXT_SIG_ALGS_ACTION:
+                    if ext_len >= 2:
+                        list_end = min(pos + 2 + _U16(data, pos)[0], body_end)
+                        sig_algs = _u16_list(data, pos + 2, list_end)
+                elif ext_len >= 1 and versions is None:  # supported_versions
+                    list_end = min(pos + 1 + data[pos], body_end)
+                    versions = _u16_list(data, pos + 1, list_end)
             pos = body_end
     if not versions:
         versions = [legacy_version]

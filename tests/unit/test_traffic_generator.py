@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from capture.inspect.flow import FlowInspector
 from traffic_generator.generator import StopFlag, run
 from traffic_generator.messages import (
     TLS_ALERT_HANDSHAKE_FAILURE,
@@ -24,6 +26,7 @@ from traffic_generator.messages import (
     dns_response,
     encode_name,
     http_get,
+    quic_initial,
     tls_client_hello,
 )
 from traffic_generator.pacing import TokenBucket, bucket_capacity, burst_size
@@ -275,6 +278,31 @@ def test_client_hello_parses_with_scapy_tls():
     assert 0x0304 in hello.getlayer(TLS_Ext_SupportedVersion_CH).versions
     alert = TLS(TLS_ALERT_HANDSHAKE_FAILURE)
     assert alert.type == 21
+
+
+@pytest.mark.skipif(shutil.which("tshark") is None, reason="tshark not installed")
+def test_quic_initial_decrypts_in_tshark(tmp_path):
+    """tshark, an independent reader, removes the protection with the DCID's Initial keys and
+    reads the ClientHello inside."""
+    from scapy.all import IP, UDP, Ether, wrpcap
+
+    datagram = quic_initial("video.example.net", dcid=bytes.fromhex("0011223344556677"))
+    assert len(datagram) == 1200
+    path = tmp_path / "initial.pcap"
+    wrpcap(str(path), [Ether() / IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=50000, dport=443)
+                       / datagram])
+    fields = ["quic.version", "quic.long.packet_type", "quic.dcid",
+              "tls.handshake.extensions_server_name", "tls.handshake.extensions_alpn_str"]
+    out = subprocess.run(["tshark", "-r", str(path), "-T", "fields",
+                          *[arg for f in fields for arg in ("-e", f)]],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip().split("\t") == ["0x00000001", "0", "0011223344556677",
+                                        "video.example.net", "h3"]
+    inspector = FlowInspector(17, 50000, 443)
+    inspector.feed(datagram, True, None)
+    assert (inspector.app, inspector.guess, inspector.server_name) == ("QUIC", False,
+                                                                       "video.example.net")
+    assert inspector.fingerprint.startswith("q13d") and inspector.fingerprint[8:10] == "h3"
 
 
 def test_http_get_has_host_header():
