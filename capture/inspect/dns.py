@@ -32,6 +32,9 @@ _RR_TAIL = struct.Struct("!HHIH").unpack_from  # type, class, ttl, rdlength
 # Opcodes in use: QUERY, IQUERY (obsolete), STATUS, NOTIFY, UPDATE, DSO
 OPCODES = frozenset((0, 1, 2, 4, 5, 6))
 
+# NamedTuple construction through its Python-level __new__ costs twice tuple.__new__
+_new = tuple.__new__
+
 # Outcomes of a name walk besides a name: the message ends inside the name, or it is invalid
 TRUNCATED = -1
 INVALID = -2
@@ -79,7 +82,7 @@ def parse_dns(msg: bytes, max_questions: int = 16, walk_records: bool = True
         # a header cut short: only what there is can be checked
         if n >= 6 and _U16(msg, 4)[0] > max_questions:
             return None
-        return DnsMessage(response, opcode, rcode, 0, 0, 0, 0, None, None, None, False)
+        return _new(DnsMessage, (response, opcode, rcode, 0, 0, 0, 0, None, None, None, False, 0))
     _ident, _flags, qd, an, ns, ar = _HEADER(msg, 0)
     if qd > max_questions:
         return None
@@ -94,30 +97,31 @@ def parse_dns(msg: bytes, max_questions: int = 16, walk_records: bool = True
         if end == INVALID:
             return None
         if end == TRUNCATED or end + 4 > n:
-            return DnsMessage(response, opcode, rcode, qd, an, ns, ar, name, qtype, qclass,
-                              False)
+            return _new(DnsMessage, (response, opcode, rcode, qd, an, ns, ar, name, qtype, qclass,
+                                     False, 0))
         if i == 0:
             name = text
             qtype, qclass = _TYPE_CLASS(msg, end)
         pos = end + 4
     if not walk_records and name is not None:
-        return DnsMessage(response, opcode, rcode, qd, an, ns, ar, name, qtype, qclass, True, 0)
+        return _new(DnsMessage, (response, opcode, rcode, qd, an, ns, ar, name, qtype, qclass,
+                                 True, 0))
     records = an + ns + ar
     for _ in range(min(records, MAX_RECORDS)):
         end, _text = read_name(msg, pos, False)
         if end == INVALID:
             return None
         if end == TRUNCATED or end + 10 > n:
-            return DnsMessage(response, opcode, rcode, qd, an, ns, ar, name, qtype, qclass,
-                              False)
+            return _new(DnsMessage, (response, opcode, rcode, qd, an, ns, ar, name, qtype, qclass,
+                                     False, 0))
         rdlength = _RR_TAIL(msg, end)[3]
         pos = end + 10 + rdlength
         if pos > n:
-            return DnsMessage(response, opcode, rcode, qd, an, ns, ar, name, qtype, qclass,
-                              False)
+            return _new(DnsMessage, (response, opcode, rcode, qd, an, ns, ar, name, qtype, qclass,
+                                     False, 0))
     trailing = n - pos if records <= MAX_RECORDS else 0
-    return DnsMessage(response, opcode, rcode, qd, an, ns, ar, name, qtype, qclass, True,
-                      trailing)
+    return _new(DnsMessage, (response, opcode, rcode, qd, an, ns, ar, name, qtype, qclass, True,
+                             trailing))
 
 
 def read_name(msg: bytes, pos: int, want_text: bool) -> tuple[int, str | None]:

@@ -206,6 +206,8 @@ class FlowInspector:
     def _feed_tcp(self, payload: bytes, d: int, seq: int | None) -> None:
         bufs = self._bufs
         if bufs is None:  # the flow's first payload
+            if d == 0 and self._first_segment(payload):
+                return  # decided and done: no reassembly state needed
             bufs = self._bufs = (bytearray(), bytearray())
             self._next: list[int | None] = [None, None]
             self._closed = [False, False]
@@ -242,6 +244,30 @@ class FlowInspector:
                         self.done = True  # neither stream's first message can give a name
         if self._closed[0] and self._closed[1]:
             self.done = True
+
+    def _first_segment(self, payload: bytes) -> bool:
+        """The client's first segment holds a whole ClientHello or HTTP request header (the
+        common case): decide as _tcp_match() would, without building the reassembly state.
+        False leaves everything to the general path (which parses the segment again: only
+        for a segment that looks like a whole hello or header block and is not one)."""
+        first = payload[0]
+        if first == 0x16:
+            hello = tls.parse_tls_stream(payload)
+            if not hello:  # NEED_MORE or not a hello: the general path looks again
+                return False
+            self._decide(TLS)
+            self._set_hello(hello)
+        elif 0x41 <= first <= 0x5A and payload.endswith(b"\r\n\r\n"):  # a whole header
+            req = text.parse_http_request(payload)
+            if not isinstance(req, text.HttpRequest) or not req.complete:
+                return False
+            self._decide(HTTP)
+            if req.host is not None:
+                self.server_name = req.host
+        else:
+            return False
+        self.done = True
+        return True
 
     def _tcp_detect(self, new: int, data: bytes | None) -> None:
         """Match the start of both streams against every TCP protocol; decide on the first

@@ -20,9 +20,8 @@ MAX_* constants below.
 
 from __future__ import annotations
 
-import hmac
-import re
 import struct
+from hashlib import sha256
 from typing import NamedTuple
 
 from cryptography.exceptions import InvalidTag
@@ -88,11 +87,25 @@ def _build_versions() -> dict[int, _Version]:
 
 _VERSIONS = _build_versions()
 
+# NamedTuple construction through its Python-level __new__ costs twice tuple.__new__
+_new = tuple.__new__
 _U16 = struct.Struct("!H").unpack_from
 _U32 = struct.Struct("!I").unpack_from
 _U16LE = struct.Struct("<H").unpack_from
 _U32LE = struct.Struct("<I").unpack_from
-_NONZERO = re.compile(rb"[^\x00]")
+
+
+_ZEROS = memoryview(bytes(2048))
+
+
+def _skip_padding(p: bytes, pos: int) -> int:
+    """Where the run of PADDING (zero bytes) at p[pos] ends; len(p) when it reaches the end
+    of the packet, as it usually does (checked by one memcmp; a regex search cost ~70
+    instructions a byte)."""
+    n = len(p)
+    if n - pos <= len(_ZEROS) and p.endswith(_ZEROS[:n - pos]):
+        return n
+    return n - len(p[pos:].lstrip(b"\x00"))
 
 
 def version_name(version: int) -> str:
@@ -149,7 +162,7 @@ class QuicState:
         self.largest_pn = -1
 
     def result(self) -> QuicResult:
-        return QuicResult(self.version or "unknown", self.hello, self.sni, self.complete)
+        return _new(QuicResult, (self.version or "unknown", self.hello, self.sni, self.complete))
 
     def __repr__(self) -> str:
         return (f"QuicState(version={self.version!r}, sni={self.sni!r}, "
@@ -237,13 +250,15 @@ def _varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
     if pos >= end:
         return -1, end
     first = data[pos]
+    if first < 0x40:  # the common 1-byte form
+        return first, pos + 1
     length = 1 << (first >> 6)
     if pos + length > end:
         return -1, end
-    value = first & 0x3F
-    for i in range(1, length):
-        value = (value << 8) | data[pos + i]
-    return value, pos + length
+    if length == 2:
+        return ((first & 0x3F) << 8) | data[pos + 1], pos + 2
+    return (int.from_bytes(data[pos:pos + length], "big") & ((1 << (8 * length - 2)) - 1),
+            pos + length)
 
 
 def _long_header(dg: bytes, pos: int, size: int, v2: bool) -> tuple | None:
@@ -302,24 +317,63 @@ def _initial_keys(state: QuicState, version: int, info: _Version, dcid: bytes) -
     cache_key = (version, dcid)
     keys = state.keys.get(cache_key)
     if keys is None:
-        initial = hmac.digest(info.salt, dcid, "sha256")
-        client = _expand_label(initial, b"client in", 32)
-        prefix = b"quicv2 " if info.v2 else b"quic "
-        key = _expand_label(client, prefix + b"key", 16)
-        iv = _expand_label(client, prefix + b"iv", 12)
-        hp = _expand_label(client, prefix + b"hp", 16)
-        keys = (AESGCM(key), _ecb_encryptor(hp), int.from_bytes(iv, "big"))
+        initial = _hmac(_salt_pads(info.salt), dcid)  # HKDF-Extract
+        client = _hmac(_hmac_pads(initial), _CLIENT_IN)[:32]
+        client_pads = _hmac_pads(client)
+        key_info, iv_info, hp_info = _V2_INFO if info.v2 else _V1_INFO
+        keys = (AESGCM(_hmac(client_pads, key_info)[:16]),
+                _ecb_encryptor(_hmac(client_pads, hp_info)[:16]),
+                int.from_bytes(_hmac(client_pads, iv_info)[:12], "big"))
         if len(state.keys) >= 2:
             state.keys.clear()
         state.keys[cache_key] = keys
     return keys
 
 
-def _expand_label(secret: bytes, label: bytes, length: int) -> bytes:
-    """TLS 1.3 HKDF-Expand-Label with an empty context, for lengths up to one SHA-256 block."""
+# HMAC-SHA256 (RFC 2104) from the key's inner and outer pad hashes, computed once per key and
+# copied per message: the client secret keys three HKDF-Expand-Label calls and each version's
+# salt every flow's HKDF-Extract. Measured with valgrind: 60% of the instructions of five
+# hmac.digest() calls, whose OpenSSL digest lookup dominates for messages this short.
+_IPAD = bytes(x ^ 0x36 for x in range(256))
+_OPAD = bytes(x ^ 0x5C for x in range(256))
+
+
+def _hmac_pads(key: bytes) -> tuple:
+    """Inner and outer hashes of a key of at most 64 bytes (the salts and secrets here)."""
+    key = key.ljust(64, b"\x00")
+    return sha256(key.translate(_IPAD)), sha256(key.translate(_OPAD))
+
+
+def _hmac(pads: tuple, message: bytes) -> bytes:
+    inner = pads[0].copy()
+    inner.update(message)
+    outer = pads[1].copy()
+    outer.update(inner.digest())
+    return outer.digest()
+
+
+_SALT_PADS: dict[bytes, tuple] = {}
+
+
+def _salt_pads(salt: bytes) -> tuple:
+    pads = _SALT_PADS.get(salt)
+    if pads is None:
+        pads = _SALT_PADS[salt] = _hmac_pads(salt)
+    return pads
+
+
+def _label_info(label: bytes, length: int) -> bytes:
+    """The HKDF info of TLS 1.3 HKDF-Expand-Label (empty context) with the counter byte of the
+    first (only) output block: lengths up to 32 take one SHA-256 block."""
     full = b"tls13 " + label
-    info = struct.pack("!HB", length, len(full)) + full + b"\x00\x01"
-    return hmac.digest(secret, info, "sha256")[:length]
+    return struct.pack("!HB", length, len(full)) + full + b"\x00\x01"
+
+
+_CLIENT_IN = _label_info(b"client in", 32)
+_V1_INFO = tuple(_label_info(b"quic " + name, n) for name, n in ((b"key", 16), (b"iv", 12),
+                                                                  (b"hp", 16)))
+_V2_INFO = tuple(_label_info(b"quicv2 " + name, n) for name, n in ((b"key", 16), (b"iv", 12),
+                                                                    (b"hp", 16)))
 
 
 def _decode_pn(truncated: int, pn_bits: int, largest: int) -> int:
@@ -402,8 +456,7 @@ def _ietf_frames(p: bytes, state: QuicState) -> None:
             return
         ftype = p[pos]
         if ftype == 0x00:  # PADDING run
-            match = _NONZERO.search(p, pos)
-            pos = match.start() if match else n
+            pos = _skip_padding(p, pos)
         elif ftype == 0x01:  # PING
             pos += 1
         elif ftype in (0x02, 0x03):  # ACK (with ECN counts for 0x03)
@@ -450,8 +503,7 @@ def _google_frames(p: bytes, state: QuicState) -> None:
             return
         ftype = p[pos]
         if ftype == 0x00:
-            match = _NONZERO.search(p, pos)
-            pos = match.start() if match else n
+            pos = _skip_padding(p, pos)
         elif ftype in (0x40, 0x60):  # gQUIC ACK: skipped by its usual size, as nDPI does
             pos += 6 if ftype == 0x40 else 9
         elif ftype == 0x08:
@@ -471,6 +523,14 @@ def _add_crypto(state: QuicState, offset: int, data: bytes) -> None:
         return
     end = min(offset + len(data), MAX_CRYPTO)
     ranges = state.ranges
+    if len(ranges) <= 1 and offset == (ranges[0][1] if ranges else 0) == len(state.crypto):
+        # in order: the first fragment, or the one that continues the only range
+        state.crypto += data[:end - offset]
+        if ranges:
+            ranges[0][1] = end
+        else:
+            state.ranges = [[0, end]]
+        return
     if len(ranges) >= MAX_RANGES and not any(s <= offset and end <= e for s, e in ranges):
         return  # too fragmented: a hostile client, keep what we have
     buf = state.crypto
@@ -544,10 +604,9 @@ def _chlo_sni(data: bytes):
 def _gquic_stream_chlo(p: bytes, pos: int, big_endian: bool) -> str | None | object:
     """SNI from the first gQUIC STREAM frame of stream 1 (the crypto stream) at p[pos:]."""
     n = len(p)
-    match = _NONZERO.search(p, pos)
-    if match is None:
+    pos = _skip_padding(p, pos)
+    if pos >= n:
         return None
-    pos = match.start()
     if p[pos] in (0x40, 0x60):  # an ACK before the STREAM frame: skipped as nDPI does
         pos += 6 if p[pos] == 0x40 else 9
     if pos >= n:

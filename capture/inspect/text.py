@@ -15,6 +15,8 @@ from typing import NamedTuple
 
 NEED_MORE = "NEED_MORE"  # sentinel: a consistent prefix, decide later
 
+# NamedTuple construction through its Python-level __new__ costs twice tuple.__new__
+_new = tuple.__new__
 MAX_LINE = 8192  # the request line or status line must end within this many bytes
 MAX_HEADERS = 16384  # header bytes scanned for Host
 
@@ -52,10 +54,10 @@ def parse_http_request(buf: bytes) -> HttpRequest | None | str:
     block = head if end < 0 else head[:end + 1]
     h = _HOST.search(block)
     if h is not None:
-        return HttpRequest(method, host_text(h.group(1)), True)
+        return _new(HttpRequest, (method, host_text(h.group(1)), True))
     if end >= 0 or len(buf) >= MAX_HEADERS:
-        return HttpRequest(method, None, True)
-    return HttpRequest(method, None, False)
+        return _new(HttpRequest, (method, None, True))
+    return _new(HttpRequest, (method, None, False))
 
 
 def _request_line_prefix(buf: bytes) -> bool:

@@ -49,6 +49,8 @@ HANDSHAKE_RECORD = 0x16
 CLIENT_HELLO = 0x01
 EXT_SNI, EXT_ALPN, EXT_SIG_ALGS, EXT_SUPPORTED_VERSIONS = 0x0000, 0x0010, 0x000D, 0x002B
 
+# NamedTuple construction through its Python-level __new__ costs twice tuple.__new__
+_new = tuple.__new__
 _U16 = struct.Struct("!H").unpack_from
 _U16_PAIR = struct.Struct("!HH").unpack_from
 _HS_HEADER = struct.Struct("!BBH").unpack_from  # type, 24-bit length as high byte + low 16 bits
@@ -59,11 +61,11 @@ _VERSION_CODES = {
     0xFEFF: "d1", 0xFEFD: "d2", 0xFEFC: "d3",
 }
 _ALNUM = frozenset(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
-_PRINTABLE = bytes(range(0x20, 0x7F))
 _C_ESCAPES = {7: "\\a", 8: "\\b", 12: "\\f", 10: "\\n", 13: "\\r", 9: "\\t", 11: "\\v"}
 _BYTE_TEXT = [chr(c) if 0x20 <= c < 0x7F else _C_ESCAPES.get(c, f"\\{c:03o}") if c < 0x80
               else "\ufffd" for c in range(256)]
 _EMPTY_HASH = "000000000000"
+_TWO_DIGITS = [f"{i:02d}" for i in range(100)]
 _GREASE = frozenset(0x0A0A + 0x1010 * i for i in range(16))
 # The ClientHello extension loop looks each type up once: 0 for GREASE (left out of JA4), an
 # action for the four extensions whose bodies are read, absent for every other type
@@ -91,8 +93,10 @@ def safe_text(raw: bytes) -> str:
     U+FFFD) and format_text() shows printable ASCII as is, \\a \\b \\f \\n \\r \\t \\v for those
     controls and \\ooo (octal) for the other ones.
     """
-    if raw.isascii() and not raw.translate(None, _PRINTABLE):
-        return raw.decode("ascii")
+    if raw.isascii():
+        text = raw.decode("ascii")
+        if text.isprintable():  # for ASCII: every character is in 0x20-0x7e
+            return text
     return "".join([_BYTE_TEXT[c] for c in raw])
 
 
@@ -115,23 +119,54 @@ def ja4(quic: bool, version: int, has_sni: bool, ciphers: list[int], extensions:
     sig_algs are in wire order. Empty cipher or (sorted, SNI/ALPN-less) extension lists give
     "000000000000" as the spec says.
     """
-    head = (f"{'q' if quic else 't'}{_VERSION_CODES.get(version, '00')}{'d' if has_sni else 'i'}"
-            f"{min(len(ciphers), 99):02d}{min(len(extensions), 99):02d}"
-            f"{_alpn_chars(first_alpn) if first_alpn is not None else '00'}")
+    n_ciphers, n_exts = len(ciphers), len(extensions)
+    head = ("q" if quic else "t") + _VERSION_CODES.get(version, "00") + ("d" if has_sni else "i") \
+        + _TWO_DIGITS[n_ciphers if n_ciphers < 99 else 99] \
+        + _TWO_DIGITS[n_exts if n_exts < 99 else 99] \
+        + (_alpn_chars(first_alpn) if first_alpn is not None else "00")
+    part_b = _EMPTY_HASH
     if ciphers:
-        part_b = sha256(_hex_list(sorted(ciphers))).hexdigest()[:12]
-    else:
-        part_b = _EMPTY_HASH
+        key = tuple(ciphers)
+        part_b = _CIPHER_HASHES.get(key)
+        if part_b is None:
+            part_b = sha256(_hex_list(sorted(ciphers))).hexdigest()[:12]
+            _remember(_CIPHER_HASHES, key, part_b)
+    part_c = _EMPTY_HASH
     exts = [e for e in extensions if e != EXT_SNI and e != EXT_ALPN]
     if exts:
-        exts.sort()
-        raw_c = _hex_list(exts)
-        if sig_algs:
-            raw_c += b"_" + _hex_list(sig_algs)
-        part_c = sha256(raw_c).hexdigest()[:12]
-    else:
-        part_c = _EMPTY_HASH
+        exts.sort()  # sorted, so that clients that shuffle their extensions hit the cache
+        key = (tuple(exts), tuple(sig_algs))
+        part_c = _EXTENSION_HASHES.get(key)
+        if part_c is None:
+            # one pack + hex for both lists: the comma between them becomes the "_" separator
+            raw_c = _hex_list(exts + sig_algs)
+            if sig_algs:
+                cut = 5 * len(exts) - 1
+                raw_c = raw_c[:cut] + b"_" + raw_c[cut + 1:]
+            part_c = sha256(raw_c).hexdigest()[:12]
+            _remember(_EXTENSION_HASHES, key, part_c)
     return f"{head}_{part_b}_{part_c}"
+
+
+# The two hashed parts of JA4 by the lists they hash. A network's clients are a handful of TLS
+# stacks offering the same lists on every connection, so after the first hello of each the
+# hex encoding and SHA-256 (about 40% of a hello's parse, by valgrind) are a lookup. Bounded:
+# full, a cache starts over.
+MAX_CACHED_HASHES = 4096
+_CIPHER_HASHES: dict[tuple, str] = {}
+_EXTENSION_HASHES: dict[tuple, str] = {}
+
+
+def _remember(cache: dict, key: tuple, value: str) -> None:
+    if len(cache) >= MAX_CACHED_HASHES:
+        cache.clear()
+    cache[key] = value
+
+
+def clear_fingerprint_cache() -> None:
+    """Forget the cached JA4 parts (the benchmark starts each pass cold with it)."""
+    _CIPHER_HASHES.clear()
+    _EXTENSION_HASHES.clear()
 
 
 def _hex_list(values: list[int]) -> bytes:
@@ -139,12 +174,24 @@ def _hex_list(values: list[int]) -> bytes:
     return struct.pack(f"!{len(values)}H", *values).hex(",", 2).encode()
 
 
+_U16_ARRAYS: dict[int, object] = {}  # count -> Struct("!{count}H").unpack_from
+
+
 def _u16_list(data: bytes, start: int, end: int) -> list[int]:
     """Non-GREASE 16-bit values of data[start:end] (an odd trailing byte is ignored)."""
     count = (end - start) >> 1
     if count <= 0:
         return []
-    values = struct.unpack_from(f"!{count}H", data, start)
+    unpack = _U16_ARRAYS.get(count)
+    if unpack is not None:
+        values = unpack(data, start)
+    elif count <= 128:  # the lengths real hellos use: at most 128 cached unpackers
+        unpack = _U16_ARRAYS[count] = struct.Struct(f"!{count}H").unpack_from
+        values = unpack(data, start)
+    else:
+        values = struct.unpack_from(f"!{count}H", data, start)
+    if _GREASE.isdisjoint(values):
+        return list(values)
     return [v for v in values if v not in _GREASE]
 
 
@@ -223,7 +270,7 @@ def _client_hello(data: bytes, pos: int, end: int, quic: bool) -> ClientHello | 
     if not versions:
         versions = [legacy_version]
     fingerprint = ja4(quic, max(versions), has_sni, ciphers, extensions, first_alpn, sig_algs)
-    return ClientHello(sni, tuple(alpn), tuple(versions), fingerprint)
+    return _new(ClientHello, (sni, tuple(alpn), tuple(versions), fingerprint))
 
 
 def _server_name(data: bytes, pos: int, end: int) -> str | None:

@@ -139,6 +139,26 @@ def test_spec_example():
         "t13d1516h2_8daaf6152771_6d807ffa2a79"  # the spec's example without signature algorithms
 
 
+def test_cached_fingerprint_parts_equal_fresh_ones_and_stay_bounded(monkeypatch):
+    from capture.inspect import tls
+
+    rnd = random.Random(5)
+    tls.clear_fingerprint_cache()
+    monkeypatch.setattr(tls, "MAX_CACHED_HASHES", 8)
+    for _ in range(50):
+        ciphers = rnd.sample(range(1, 0x1000), rnd.randrange(1, 20))
+        exts = rnd.sample(range(1, 0x100), rnd.randrange(1, 20))
+        sig_algs = rnd.sample(range(0x400, 0x900), rnd.randrange(0, 6))
+        want = expected_ja4("t13d" + f"{len(ciphers):02d}{len(exts):02d}00", ciphers, exts,
+                            sig_algs)
+        for _twice in range(2):  # computed, then from the cache
+            rnd.shuffle(exts)  # a client that shuffles its extensions hits the same entry
+            assert ja4(False, 0x0304, True, ciphers, exts, None, sig_algs) == want
+        assert len(tls._CIPHER_HASHES) <= 8 and len(tls._EXTENSION_HASHES) <= 8
+    tls.clear_fingerprint_cache()
+    assert not tls._CIPHER_HASHES and not tls._EXTENSION_HASHES
+
+
 def test_grease_is_ignored_everywhere():
     hello = parse_tls_stream(records(spec_hello(
         grease=True, versions=(0x3A3A, 0x0304, 0x0303), sig_algs=[0x1A1A] + SPEC_SIG_ALGS)))
