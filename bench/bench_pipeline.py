@@ -54,7 +54,7 @@ PARTITIONS = 12  # kafka/topics.json
 BATCH = 1000  # records per message (CaptureSettings.records_per_message default)
 ENCODING_RECORDS = 200_000
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-CAPTURE_REPEAT = 3  # alternating runs of (c) and (c2)
+CAPTURE_REPEAT = 5  # alternating runs of (c) and (c2)
 INSPECTION_ROUNDS = 40  # alternating on/off samples per row of section 1b
 summary: list[tuple[str, str, str]] = []  # (what, figure, note)
 
