@@ -1,6 +1,7 @@
-"""Wire bytes of the mix mode, built by hand: DNS queries and answers, HTTP/1.1 requests and
-responses, a TLS ClientHello with SNI and the alert a refusing server sends back, and a QUIC v1
-client Initial carrying such a ClientHello (RFC 9001 protection)."""
+"""Wire bytes built by hand, for the mix mode and the synthetic captures of the tests and
+benchmarks: DNS queries and answers, HTTP/1.1 requests and responses, a TLS ClientHello with
+SNI and the alert a refusing server sends back, and a QUIC v1 client Initial carrying such a
+ClientHello (RFC 9001 protection; the mix mode does not send it)."""
 
 from __future__ import annotations
 
