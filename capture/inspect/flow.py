@@ -43,8 +43,9 @@ direction):
   like a QUIC long header of a version or key this module cannot read does not count: the
   same side's next datagram may still be QUIC). Each protocol above shows itself in the first
   datagram each side sends (a QUIC client's first datagram is its Initial, a DNS query and
-  its answer both carry the question). Until both sides have spoken every datagram is
-  matched, so a flow only one side sends in is looked at up to MAX_PACKETS as before.
+  its answer both carry the question). So a side whose first datagram matched nothing is not
+  looked at again: when it sends again before the other side has spoken, the flow is done (a
+  one-way stream: syslog, RTP, a scan) instead of being matched up to MAX_PACKETS times.
 
 Each stream's verdict is kept, so a TCP segment re-parses only its own stream, and only while
 that stream can still match; a segment that adds no bytes (a retransmission) parses nothing.
@@ -479,7 +480,8 @@ class FlowInspector:
         protocol shows itself in the first datagram each side sends (a QUIC client's first is
         its Initial, a DNS query and its answer both carry the question), so the flow is done
         once the first datagram of each side has ruled everything out (_seen[d] RULED_OUT), or
-        for DNS, has shown no name. A flow only one side has spoken in stays open."""
+        for DNS, has shown no name. A side that matched nothing and speaks again before the
+        other side has spoken ends the flow (nothing it sends can tell more)."""
         app = self.app
         if app != UNKNOWN and not self.guess:  # known: only a name or a hello is missing
             if app == QUIC:
@@ -490,6 +492,9 @@ class FlowInspector:
                     self._udp_dns(payload)
                 if not self.done:
                     self._side_done(from_client)
+            return
+        if self._seen[0 if from_client else 1] == RULED_OUT and self._quic is None:
+            self.done = True  # this side again, the other still silent: a one-way flow
             return
         roles = self._roles
         pending = False

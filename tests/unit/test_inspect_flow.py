@@ -453,9 +453,12 @@ def test_udp_done_once_the_first_datagram_of_each_side_matched_nothing():
         assert (ins.app, ins.guess) == (app, app != "UNKNOWN")  # a port guess stays
 
 
-def test_udp_one_sided_flow_keeps_matching_every_datagram():
-    ins = udp(40000, 5300, UNKNOWN_BYTES, UNKNOWN_BYTES, query("late.example"))
-    assert (ins.app, ins.server_name, ins.done) == ("DNS", "late.example", True)
+def test_udp_one_sided_flow_is_done_when_the_same_side_speaks_again():
+    ins = FlowInspector(UDP, 40000, 5300)
+    ins.feed(UNKNOWN_BYTES, True, None)
+    assert not ins.done  # the other side may still answer
+    ins.feed(query("late.example"), True, None)  # the same side again, unanswered: given up
+    assert (ins.app, ins.server_name, ins.done, ins._packets) == ("UNKNOWN", None, True, 2)
 
 
 def test_udp_unreadable_quic_long_header_keeps_its_side_open():
