@@ -119,25 +119,28 @@ def ja4(quic: bool, version: int, has_sni: bool, ciphers: list[int], extensions:
     sig_algs are in wire order. Empty cipher or (sorted, SNI/ALPN-less) extension lists give
     "000000000000" as the spec says.
     """
-    n_ciphers, n_exts = len(ciphers), len(extensions)
+    return _fingerprint(quic, version, has_sni, _cipher_part(_pack_u16(ciphers)), extensions,
+                        first_alpn, _pack_u16(sig_algs))
+
+
+def _fingerprint(quic: bool, version: int, has_sni: bool, cipher_part: tuple[int, str],
+                 extensions: list[int], first_alpn: bytes | None, raw_sig_algs: bytes) -> str:
+    """ja4() with the cipher list as its (count, hash) and the signature algorithms as their
+    wire bytes: _client_hello() never unpacks either list once its hash is cached."""
+    n_ciphers, part_b = cipher_part
+    n_exts = len(extensions)
     head = ("q" if quic else "t") + _VERSION_CODES.get(version, "00") + ("d" if has_sni else "i") \
         + _TWO_DIGITS[n_ciphers if n_ciphers < 99 else 99] \
         + _TWO_DIGITS[n_exts if n_exts < 99 else 99] \
         + (_alpn_chars(first_alpn) if first_alpn is not None else "00")
-    part_b = _EMPTY_HASH
-    if ciphers:
-        key = tuple(ciphers)
-        part_b = _CIPHER_HASHES.get(key)
-        if part_b is None:
-            part_b = sha256(_hex_list(sorted(ciphers))).hexdigest()[:12]
-            _remember(_CIPHER_HASHES, key, part_b)
     part_c = _EMPTY_HASH
     exts = [e for e in extensions if e != EXT_SNI and e != EXT_ALPN]
     if exts:
         exts.sort()  # sorted, so that clients that shuffle their extensions hit the cache
-        key = (tuple(exts), tuple(sig_algs))
+        key = (tuple(exts), raw_sig_algs)
         part_c = _EXTENSION_HASHES.get(key)
         if part_c is None:
+            sig_algs = _u16_list(raw_sig_algs, 0, len(raw_sig_algs))
             # one pack + hex for both lists: the comma between them becomes the "_" separator
             raw_c = _hex_list(exts + sig_algs)
             if sig_algs:
@@ -148,16 +151,28 @@ def ja4(quic: bool, version: int, has_sni: bool, ciphers: list[int], extensions:
     return f"{head}_{part_b}_{part_c}"
 
 
-# The two hashed parts of JA4 by the lists they hash. A network's clients are a handful of TLS
-# stacks offering the same lists on every connection, so after the first hello of each the
-# hex encoding and SHA-256 (about 40% of a hello's parse, by valgrind) are a lookup. Bounded:
-# full, a cache starts over.
+def _cipher_part(raw: bytes) -> tuple[int, str]:
+    """(count, JA4 b hash) of a cipher_suites list given as its wire bytes (GREASE left out)."""
+    part = _CIPHER_HASHES.get(raw)
+    if part is None:
+        ciphers = _u16_list(raw, 0, len(raw))
+        part = (len(ciphers),
+                sha256(_hex_list(sorted(ciphers))).hexdigest()[:12] if ciphers else _EMPTY_HASH)
+        _remember(_CIPHER_HASHES, raw, part)
+    return part
+
+
+# The two hashed parts of JA4, by the wire bytes of the cipher list and by the sorted extension
+# types with the wire bytes of the signature algorithms. A network's clients are a handful of
+# TLS stacks offering the same lists on every connection (GREASE values vary: a few entries
+# per stack), so after the first hello of each, unpacking, hex encoding and SHA-256 (about half
+# of a hello's parse, by valgrind) are a lookup. Bounded: full, a cache starts over.
 MAX_CACHED_HASHES = 4096
-_CIPHER_HASHES: dict[tuple, str] = {}
+_CIPHER_HASHES: dict[bytes, tuple[int, str]] = {}
 _EXTENSION_HASHES: dict[tuple, str] = {}
 
 
-def _remember(cache: dict, key: tuple, value: str) -> None:
+def _remember(cache: dict, key, value) -> None:
     if len(cache) >= MAX_CACHED_HASHES:
         cache.clear()
     cache[key] = value
@@ -169,9 +184,13 @@ def clear_fingerprint_cache() -> None:
     _EXTENSION_HASHES.clear()
 
 
+def _pack_u16(values: list[int]) -> bytes:
+    return struct.pack(f"!{len(values)}H", *values)
+
+
 def _hex_list(values: list[int]) -> bytes:
     """b"0a0b,1301,..." : 4-digit lower-case hex, comma separated."""
-    return struct.pack(f"!{len(values)}H", *values).hex(",", 2).encode()
+    return _pack_u16(values).hex(",", 2).encode()
 
 
 _U16_ARRAYS: dict[int, object] = {}  # count -> Struct("!{count}H").unpack_from
@@ -215,7 +234,7 @@ def _client_hello(data: bytes, pos: int, end: int, quic: bool) -> ClientHello | 
     pos += 2
     if cs_len & 1 or pos + cs_len > end:
         return None
-    ciphers = _u16_list(data, pos, pos + cs_len)
+    cipher_part = _cipher_part(data[pos:pos + cs_len])
     pos += cs_len
     # legacy_compression_methods<1..2^8-1>
     if pos + 1 > end:
@@ -229,7 +248,7 @@ def _client_hello(data: bytes, pos: int, end: int, quic: bool) -> ClientHello | 
     has_sni = False
     alpn: list[str] = []
     first_alpn: bytes | None = None
-    sig_algs: list[int] = []
+    raw_sig_algs = b""
     versions: list[int] | None = None
     if pos < end:  # extensions<8..2^16-1> (absent in old hellos)
         if pos + 2 > end:
@@ -262,14 +281,15 @@ def _client_hello(data: bytes, pos: int, end: int, quic: bool) -> ClientHello | 
                 elif action == EXT_SIG_ALGS_ACTION:
                     if ext_len >= 2:
                         list_end = min(pos + 2 + _U16(data, pos)[0], body_end)
-                        sig_algs = _u16_list(data, pos + 2, list_end)
+                        raw_sig_algs = data[pos + 2:list_end]
                 elif ext_len >= 1 and versions is None:  # supported_versions
                     list_end = min(pos + 1 + data[pos], body_end)
                     versions = _u16_list(data, pos + 1, list_end)
             pos = body_end
     if not versions:
         versions = [legacy_version]
-    fingerprint = ja4(quic, max(versions), has_sni, ciphers, extensions, first_alpn, sig_algs)
+    fingerprint = _fingerprint(quic, max(versions), has_sni, cipher_part, extensions,
+                               first_alpn, raw_sig_algs)
     return _new(ClientHello, (sni, tuple(alpn), tuple(versions), fingerprint))
 
 
