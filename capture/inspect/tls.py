@@ -170,6 +170,9 @@ def _cipher_part(raw: bytes) -> tuple[int, str]:
 MAX_CACHED_HASHES = 4096
 _CIPHER_HASHES: dict[bytes, tuple[int, str]] = {}
 _EXTENSION_HASHES: dict[tuple, str] = {}
+# Likewise the ALPN and supported_versions lists, by their bytes
+_ALPN_LISTS: dict[bytes, tuple] = {}
+_VERSION_LISTS: dict[bytes, tuple[int, ...]] = {}
 
 
 def _remember(cache: dict, key, value) -> None:
@@ -179,9 +182,9 @@ def _remember(cache: dict, key, value) -> None:
 
 
 def clear_fingerprint_cache() -> None:
-    """Forget the cached JA4 parts (the benchmark starts each pass cold with it)."""
-    _CIPHER_HASHES.clear()
-    _EXTENSION_HASHES.clear()
+    """Forget the cached JA4 parts and lists (the benchmark starts each pass cold)."""
+    for cache in (_CIPHER_HASHES, _EXTENSION_HASHES, _ALPN_LISTS, _VERSION_LISTS):
+        cache.clear()
 
 
 def _pack_u16(values: list[int]) -> bytes:
@@ -246,10 +249,10 @@ def _client_hello(data: bytes, pos: int, end: int, quic: bool) -> ClientHello | 
     extensions: list[int] = []
     sni: str | None = None
     has_sni = False
-    alpn: list[str] = []
+    alpn: tuple[str, ...] = ()
     first_alpn: bytes | None = None
     raw_sig_algs = b""
-    versions: list[int] | None = None
+    versions: tuple[int, ...] | None = None
     if pos < end:  # extensions<8..2^16-1> (absent in old hellos)
         if pos + 2 > end:
             return None
@@ -277,20 +280,19 @@ def _client_hello(data: bytes, pos: int, end: int, quic: bool) -> ClientHello | 
                         sni = _server_name(data, pos, body_end)
                 elif action == EXT_ALPN_ACTION:
                     if first_alpn is None:
-                        first_alpn = _alpn(data, pos, body_end, alpn)
+                        alpn, first_alpn = _alpn_list(data[pos:body_end])
                 elif action == EXT_SIG_ALGS_ACTION:
                     if ext_len >= 2:
                         list_end = min(pos + 2 + _U16(data, pos)[0], body_end)
                         raw_sig_algs = data[pos + 2:list_end]
                 elif ext_len >= 1 and versions is None:  # supported_versions
-                    list_end = min(pos + 1 + data[pos], body_end)
-                    versions = _u16_list(data, pos + 1, list_end)
+                    versions = _version_list(data[pos + 1:min(pos + 1 + data[pos], body_end)])
             pos = body_end
     if not versions:
-        versions = [legacy_version]
+        versions = (legacy_version,)
     fingerprint = _fingerprint(quic, max(versions), has_sni, cipher_part, extensions,
                                first_alpn, raw_sig_algs)
-    return _new(ClientHello, (sni, tuple(alpn), tuple(versions), fingerprint))
+    return _new(ClientHello, (sni, alpn, versions, fingerprint))
 
 
 def _server_name(data: bytes, pos: int, end: int) -> str | None:
@@ -311,6 +313,27 @@ def _server_name(data: bytes, pos: int, end: int) -> str | None:
             return safe_text(data[pos:pos + min(name_len, MAX_NAME)])
         pos += name_len
     return None
+
+
+def _alpn_list(body: bytes) -> tuple[tuple[str, ...], bytes]:
+    """(ALPN protocol names, the first one's raw bytes) of an ALPN extension body, cached by
+    the body's bytes: a network's clients offer a few lists."""
+    known = _ALPN_LISTS.get(body)
+    if known is None:
+        names: list[str] = []
+        first = _alpn(body, 0, len(body), names)
+        known = (tuple(names), first)
+        _remember(_ALPN_LISTS, body, known)
+    return known
+
+
+def _version_list(raw: bytes) -> tuple[int, ...]:
+    """supported_versions without GREASE from the list's bytes, cached by them."""
+    known = _VERSION_LISTS.get(raw)
+    if known is None:
+        known = tuple(_u16_list(raw, 0, len(raw)))
+        _remember(_VERSION_LISTS, raw, known)
+    return known
 
 
 def _alpn(data: bytes, pos: int, end: int, out: list[str]) -> bytes:
