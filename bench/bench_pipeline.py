@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import multiprocessing
 import os
 import re
 import resource
@@ -54,7 +55,8 @@ PARTITIONS = 12  # kafka/topics.json
 BATCH = 1000  # records per message (CaptureSettings.records_per_message default)
 ENCODING_RECORDS = 200_000
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-CAPTURE_REPEAT = 5  # alternating runs of (c) and (c2)
+PAIRED_RUNS = 3  # paired runs of (c) and (c2): the median is reported
+PAIRED_SLICE = 2000  # frames per turn in a paired run
 INSPECTION_ROUNDS = 40  # alternating on/off samples per row of section 1b
 summary: list[tuple[str, str, str]] = []  # (what, figure, note)
 
@@ -129,8 +131,10 @@ def read_decode(path: Path) -> int:
     return n
 
 
-def full_capture_path(path: Path, inspect: bool | None = None) -> tuple[int, NullProducer]:
-    """pump() as `python -m capture --pcap` runs it; inspect=False turns L7 inspection off."""
+def full_capture_path(path: Path, inspect: bool | None = None,
+                      frames=None) -> tuple[int, NullProducer]:
+    """pump() as `python -m capture --pcap` runs it; inspect=False turns L7 inspection off.
+    frames: the file's frames as read_frames(path) yields them (default: read here)."""
     settings = CaptureSettings()
     producer = NullProducer()
     counters = CaptureCounters()
@@ -138,8 +142,76 @@ def full_capture_path(path: Path, inspect: bool | None = None) -> tuple[int, Nul
         inspect = settings.inspect_payloads  # as capture.__main__.main() does
     clear_fingerprint_cache()  # every run starts as a fresh capture process does
     batcher = RecordBatcher(PARTITIONS, settings.records_per_message, inspect)
-    pump(read_frames(path), batcher, producer, counters, settings)  # type: ignore[arg-type]
+    pump(read_frames(path) if frames is None else frames, batcher, producer, counters,
+         settings)  # type: ignore[arg-type]
     return counters.frames, producer
+
+
+class _Turns:
+    """Frames of a file, handed out PAIRED_SLICE at a time: between slices the process gives
+    the turn to its partner over `conn` and waits for it back. Only the time inside turns
+    counts (wall and this process's CPU)."""
+
+    def __init__(self, conn, path: Path) -> None:
+        self.conn, self.path = conn, path
+        self.wall = self.cpu = 0.0
+
+    def _start(self) -> None:
+        self.conn.recv()
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
+
+    def _stop(self) -> None:
+        self.wall += time.perf_counter() - self.t0
+        self.cpu += time.process_time() - self.c0
+
+    def __iter__(self):
+        self._start()
+        for n, item in enumerate(read_frames(self.path), 1):
+            yield item
+            if n % PAIRED_SLICE == 0:
+                self._stop()
+                self.conn.send(None)  # the turn is over, not the file
+                self._start()
+
+
+def _paired_side(conn, path: Path, inspect: bool, cpu: int) -> None:
+    """One process of paired_capture(): the capture path (pump) over the whole file."""
+    os.sched_setaffinity(0, {cpu})
+    gc.collect()
+    turns = _Turns(conn, path)
+    frames, producer = full_capture_path(path, inspect, turns)
+    turns._stop()  # the last turn ends with pump's final flush
+    conn.send((frames, producer.records, turns.wall, turns.cpu))
+
+
+def paired_capture(path: Path, modes: tuple[bool, bool]) -> list[tuple[int, int, float, float]]:
+    """The capture path (c) in two processes, inspection on or off as `modes` says, pinned to
+    the same CPU and taking turns over the same file PAIRED_SLICE frames at a time (the first
+    to go alternates). This VM's speed drifts by tens of percent within seconds and its two
+    CPUs differ: runs made one after the other, even alternating, disagree by more than the
+    inspection costs; turns of a few milliseconds on one CPU see the same machine.
+    Returns (frames, records, wall s, CPU s) per process, in the order of `modes`."""
+    ctx = multiprocessing.get_context("fork")
+    cpu = min(os.sched_getaffinity(0))
+    sides = []
+    for inspect in modes:
+        parent, child = ctx.Pipe()
+        process = ctx.Process(target=_paired_side, args=(child, path, inspect, cpu))
+        process.start()
+        sides.append((process, parent))
+    results: list = [None, None]
+    order = [0, 1]
+    while results[0] is None or results[1] is None:
+        for i in order:
+            if results[i] is None:
+                sides[i][1].send(None)  # your turn
+                answer = sides[i][1].recv()
+                if answer is not None:
+                    results[i] = answer
+        order.reverse()
+    for process, _conn in sides:
+        process.join()
+    return results
 
 
 def inspection_cost(label: str, frames: list, passes: int = 1,
@@ -181,8 +253,17 @@ def flows_of(frames: list) -> int:
 
 
 def section_inspection(path: Path, packets: int, flows: int, seconds: int) -> dict:
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})  # one CPU for all samples: this VM's two differ
+    try:
+        return _section_inspection(path, packets, flows, seconds)
+    finally:
+        os.sched_setaffinity(0, cpus)
+
+
+def _section_inspection(path: Path, packets: int, flows: int, seconds: int) -> dict:
     print(f"\n== 1b. L7 inspection cost: decode + batching, inspection on vs off (best of "
-          f"{INSPECTION_ROUNDS} alternating samples) ==")
+          f"{INSPECTION_ROUNDS} alternating samples, on one CPU) ==")
     print(f"{'frames':<52} {'count':>9} {'on frames/s':>12} {'off frames/s':>12} "
           f"{'frames/s':>9} {'time/frame':>10}")
     # Captures of `sample` packets (short samples, many rounds) made like the bench capture: the
@@ -258,24 +339,28 @@ def section_capture(path: Path, packets: int, scapy_limit: int) -> dict:
 
     row("a", "(a) read only (read_frames, mmap)", lambda: read_only(path))
     row("b", "(b) read + decode_frame", lambda: read_decode(path))
-    # (c) and (c2) alternate, best of CAPTURE_REPEAT each: the machine's speed drifts by tens
-    # of percent over seconds, and the comparison of the two is the point
-    best: dict[str, tuple] = {}
-    for _ in range(CAPTURE_REPEAT):
-        for key, inspect in (("c", True), ("c2", False)):
-            gc.collect()
-            with Timer() as t:
-                result = full_capture_path(path, inspect)
-            if key not in best or t.wall < best[key][0].wall:
-                best[key] = (t, result)
-    for key, label in (("c", "(c) read + decode + batches (pump, no Kafka)"),
-                       ("c2", "(c2) as (c), L7 payload inspection off")):
-        t, result = best[key]
-        n = result[0]
-        out[key], out[key + "_cpu"], out[key + "_result"] = rate(n, t.wall), rate(n, t.cpu), result
-        print(f"{label:<44} {n:>10,} {t.wall:>7.2f} {fmt(rate(n, t.wall)):>11} "
-              f"{fmt(rate(n, t.cpu)):>11}", flush=True)
-    out["c2_result"] = None
+    # (c) and (c2): paired runs (see paired_capture), the median one reported; then the same
+    # method with inspection on in both processes, which should show no difference
+    runs = []
+    for _ in range(PAIRED_RUNS):
+        on, off = paired_capture(path, (True, False))
+        runs.append((off[2] / on[2] - 1, on, off))
+    runs.sort(key=lambda run: run[0])
+    _added, on, off = runs[len(runs) // 2]
+    same = paired_capture(path, (True, True))
+    for key, label, (n, records, wall, cpu) in (
+            ("c", "(c) read + decode + batches (pump, no Kafka)", on),
+            ("c2", "(c2) as (c), L7 payload inspection off", off)):
+        out[key], out[key + "_cpu"] = rate(n, wall), rate(n, cpu)
+        print(f"{label:<44} {n:>10,} {wall:>7.2f} {fmt(rate(n, wall)):>11} "
+              f"{fmt(rate(n, cpu)):>11}", flush=True)
+        if records != n:
+            print(f"    WARNING: {key} read {n:,} frames but produced {records:,} records")
+    out["paired_runs"] = [1 - run[2][2] / run[1][2] for run in runs]
+    out["paired_same"] = 1 - same[1][2] / same[0][2]
+    # one plain run of (c) for the processor row and the message figures
+    gc.collect()
+    out["c_result"] = full_capture_path(path, True)
     import scapy.all  # noqa: F401  (loaded here so that its import time is not measured)
 
     row("d", f"(d) Scapy PcapReader full dissection ({scapy_limit:,})",
@@ -294,10 +379,14 @@ def section_capture(path: Path, packets: int, scapy_limit: int) -> dict:
     print(f"    decode costs {1 / out['b'] - 1 / out['a']:.2e} s/frame, batching "
           f"{1 / out['c'] - 1 / out['b']:.2e} s/frame, reading {1 / out['a']:.2e} s/frame")
     print(f"    ratio (c)/(d), full capture path vs Scapy dissection: {out['c'] / out['d']:.1f}x")
-    print(f"    (c) and (c2) are the best of {CAPTURE_REPEAT} alternating runs each. L7 payload "
-          f"inspection costs {1 - out['c'] / out['c2']:.0%} of the frames per second "
+    print(f"    (c) and (c2) ran paired: two processes on one CPU taking turns over the file, "
+          f"{PAIRED_SLICE:,} frames at a time; the median of {PAIRED_RUNS} runs is shown. L7 "
+          f"payload inspection costs {1 - out['c'] / out['c2']:.0%} of the frames per second "
           f"((c)/(c2) = {out['c'] / out['c2']:.0%}), {1 / out['c'] - 1 / out['c2']:.2e} s/frame "
-          f"(time per frame {out['c2'] / out['c'] - 1:+.0%})")
+          f"(time per frame {out['c2'] / out['c'] - 1:+.0%}); the {PAIRED_RUNS} runs: "
+          + ", ".join(f"{cost:.0%}" for cost in out["paired_runs"])
+          + f". The same pairing with inspection on in both processes: "
+          f"{out['paired_same']:+.1%} (the method's own error)")
     print(f"    ratio (c)/(a), share of the read-only speed kept: {out['c'] / out['a']:.0%}")
     note("(a) read only", f"{fmt(out['a'])} frames/s")
     note("(b) read + decode", f"{fmt(out['b'])} frames/s")
