@@ -159,6 +159,37 @@ def test_cached_fingerprint_parts_equal_fresh_ones_and_stay_bounded(monkeypatch)
     assert not tls._CIPHER_HASHES and not tls._EXTENSION_HASHES
 
 
+def test_hellos_parsed_with_cached_lists_equal_fresh_parses_and_caches_stay_bounded(
+        monkeypatch):
+    """Hellos whose cipher, ALPN, versions and signature lists vary (as a hostile client's
+    would): each parse from the caches equals a parse with empty caches, and no cache grows
+    past its bound."""
+    from capture.inspect import tls
+
+    rnd = random.Random(11)
+    monkeypatch.setattr(tls, "MAX_CACHED_HASHES", 8)
+    caches = (tls._CIPHER_HASHES, tls._EXTENSION_HASHES, tls._ALPN_LISTS, tls._VERSION_LISTS)
+    for _ in range(60):
+        ciphers = [rnd.choice((0x0A0A, 0x1301, 0x1302, 0xC02B, 0xC02F, 0x1A1A))
+                   for _ in range(rnd.randrange(1, 6))]
+        alpn = tuple(rnd.choice((b"h2", b"http/1.1", b"h3", b"x")) for _ in range(2))
+        versions = [rnd.choice((0x0304, 0x0303, 0x2A2A)) for _ in range(rnd.randrange(1, 4))]
+        algs = [rnd.choice((0x0403, 0x0804, 0x0401)) for _ in range(rnd.randrange(0, 4))]
+        message = handshake(hello_body(ciphers, [sni_ext(b"a.example"), alpn_ext(*alpn),
+                                                 versions_ext(*versions), sig_algs_ext(*algs)]))
+        tls.clear_fingerprint_cache()
+        fresh = parse_handshake(message, False)
+        assert fresh == parse_handshake(message, False)  # the second parse uses the caches
+        for _other in range(rnd.randrange(3)):  # other hellos in between fill the caches
+            parse_handshake(handshake(hello_body([0x1301 + rnd.randrange(50)], [
+                alpn_ext(bytes([97 + rnd.randrange(26)])),
+                versions_ext(0x0300 + rnd.randrange(5))])), False)
+        assert parse_handshake(message, False) == fresh
+        offered = tuple(v for v in versions if v != 0x2A2A)
+        assert fresh.alpn == alpn and fresh.versions == (offered or (0x0303,))
+        assert all(len(cache) <= 8 for cache in caches)
+
+
 def test_grease_is_ignored_everywhere():
     hello = parse_tls_stream(records(spec_hello(
         grease=True, versions=(0x3A3A, 0x0304, 0x0303), sig_algs=[0x1A1A] + SPEC_SIG_ALGS)))
