@@ -186,7 +186,8 @@ def test_hellos_parsed_with_cached_lists_equal_fresh_parses_and_caches_stay_boun
                 versions_ext(0x0300 + rnd.randrange(5))])), False)
         assert parse_handshake(message, False) == fresh
         offered = tuple(v for v in versions if v != 0x2A2A)
-        assert fresh.alpn == alpn and fresh.versions == (offered or (0x0303,))
+        assert fresh.alpn == tuple(p.decode() for p in alpn)
+        assert fresh.versions == (offered or (0x0303,))
         assert all(len(cache) <= 8 for cache in caches)
 
 
