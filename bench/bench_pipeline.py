@@ -397,8 +397,8 @@ def section_capture(path: Path, packets: int, scapy_limit: int) -> dict:
     note("(b) read + decode", f"{fmt(out['b'])} frames/s")
     note("(c) capture CPU path, no Kafka", f"{fmt(out['c_alone'])} frames/s",
          f"{out['c_alone'] / out['d']:.0f}x Scapy (plain run)")
-    note("(c2) capture CPU path, inspection off", f"{fmt(out['c2'])} frames/s",
-         f"inspection costs {1 - out['c'] / out['c2']:.0%} of frames/s (paired runs)")
+    note("(c) / (c2) paired: inspection on / off", f"{fmt(out['c'])} / {fmt(out['c2'])}",
+         f"inspection costs {1 - out['c'] / out['c2']:.0%} of frames/s")
     note("(d) Scapy full dissection", f"{fmt(out['d'])} frames/s", f"first {scapy_limit:,}")
     note("(e) processor aggregation, no Redis", f"{fmt(out['e'])} records/s")
     return out
