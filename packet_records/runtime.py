@@ -33,6 +33,15 @@ def load_settings(cls: type[S], service: str) -> S:
         raise SystemExit(2) from None
 
 
+def environment_help(cls: type[BaseSettings]) -> str:
+    """The environment variables a settings class reads, for a service's --help epilog."""
+    lines = ["environment variables:"]
+    for name, field in cls.model_fields.items():
+        default = field.default if field.default not in ("", None) else "(empty)"
+        lines.append(f"  {name.upper():<26} {field.description or ''} [default: {default}]")
+    return "\n".join(lines)
+
+
 def configure_logging(level: str) -> None:
     logging.basicConfig(
         level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
