@@ -36,7 +36,8 @@ lint: install
 bench: install
 	$(BIN)/python bench/bench_pipeline.py
 
-# The same services as compose, as local processes (no Docker engine needed).
+# The same services as compose, as local processes (no Docker engine needed), shown by the
+# terminal view (python -m dpi_top). Ctrl-C or `make demo-down` (another terminal) stops it.
 demo: install
 	bash scripts/demo.sh up
 

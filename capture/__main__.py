@@ -1,4 +1,7 @@
-"""python -m capture [--pcap FILE]: capture live (IFACE, BPF_FILTER) or replay a capture file."""
+"""python -m capture [--pcap FILE]: capture live (IFACE, BPF_FILTER) or replay a capture file.
+
+Live: frames from IFACE (empty: every interface) that pass BPF_FILTER, until SIGINT/SIGTERM.
+--pcap FILE: every frame of a pcap or pcapng file, then exit 0 once the broker has them all."""
 
 from __future__ import annotations
 
@@ -19,7 +22,13 @@ from capture.pcapfile import CaptureFileError, read_frames
 from capture.producer import RecordProducer
 from capture.settings import CaptureSettings
 from packet_records import FLAG_MALFORMED, FLAG_UNSUPPORTED_LINK, encode_stats
-from packet_records.runtime import StartupError, configure_logging, load_settings
+from packet_records.runtime import (
+    StartupError,
+    configure_logging,
+    environment_help,
+    load_settings,
+)
+from packet_records.security import kafka_client_config
 from packet_records.topics import ensure_topics
 
 log = logging.getLogger("capture")
@@ -106,7 +115,9 @@ def pump(frames: Iterable, batcher: RecordBatcher, producer: RecordProducer,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m capture", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m capture", description=__doc__,
+                                     epilog=environment_help(CaptureSettings),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pcap", metavar="FILE", help="read this pcap/pcapng file, then exit")
     args = parser.parse_args(argv)
     settings = load_settings(CaptureSettings, "capture")
@@ -125,12 +136,14 @@ def main(argv: list[str] | None = None) -> int:
 
             source = LiveSource(settings.iface, settings.bpf_filter, settings.socket_buffer_mb)
             frames = source.frames()
-        partitions = ensure_topics(settings.kafka_bootstrap_servers, settings.kafka_topic)
+        partitions = ensure_topics(settings.kafka_bootstrap_servers, settings.kafka_topic,
+                      client_config=kafka_client_config(settings))
     except (StartupError, CaptureFileError) as exc:
         print(f"capture: {exc}", file=sys.stderr)
         return 2
     producer = RecordProducer(settings, counters, block=source is None)
-    batcher = RecordBatcher(partitions, settings.records_per_message, settings.inspect_payloads)
+    batcher = RecordBatcher(partitions, settings.records_per_message, settings.inspect_payloads,
+                            replay=source is None)
     log.info("capturing from %s into %s (%d partitions)",
              args.pcap or (settings.iface or "every interface"), settings.kafka_topic, partitions)
     try:

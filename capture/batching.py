@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from capture.flowcache import FlowCache
+from capture.inspect.names import safe_name
 from packet_records import (
     FLAG_FRAGMENT,
     FLAG_HAS_META,
@@ -82,8 +83,10 @@ class RecordBatcher:
     """Packs one record per frame (with its L7 label when inspection is on) and groups them
     into one message per partition."""
 
-    def __init__(self, partitions: int, records_per_message: int, inspect: bool = True):
+    def __init__(self, partitions: int, records_per_message: int, inspect: bool = True,
+                 replay: bool = False):
         self.partitions = partitions
+        self.replay = replay  # frames from a capture file: batches say so (their times are old)
         self.records_per_message = records_per_message
         self.pending: list[list[bytes]] = [[] for _ in range(partitions)]
         self.pending_meta: list[list[tuple[int, int, str]]] = [[] for _ in range(partitions)]
@@ -126,7 +129,9 @@ class RecordBatcher:
         if meta:
             flags |= FLAG_HAS_META
             index = len(batch)
-            self.pending_meta[partition].extend((index, kind, text) for kind, text in meta)
+            # The one place where names enter a message: every entry's bytes (taken from the
+            # packet) become text through safe_name(), so none leaves capture unescaped
+            self.pending_meta[partition].extend((index, kind, safe_name(raw)) for kind, raw in meta)
         batch.append(_pack(ts_ns, wire_len, ipver, proto, tcp_flags, flags, sport, dport, src, dst,
                            flow.app, flow.app_flags, 0))
         if len(batch) >= self.records_per_message:
@@ -134,8 +139,8 @@ class RecordBatcher:
 
     def _close(self, partition: int) -> None:
         batch = self.pending[partition]
-        self.ready.append((partition, encode_batch(batch, self.pending_meta[partition]),
-                           len(batch)))
+        message = encode_batch(batch, self.pending_meta[partition], self.replay)
+        self.ready.append((partition, message, len(batch)))
         self.pending[partition] = []
         self.pending_meta[partition] = []
 

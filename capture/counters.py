@@ -5,7 +5,13 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, field
 
+from capture.inspect.flow import FlowInspector
+
 log = logging.getLogger("capture")
+
+
+def _inspector_errors() -> int:
+    return FlowInspector.errors
 
 
 @dataclass
@@ -19,15 +25,25 @@ class CaptureCounters:
     delivery_failed: int = 0  # records in messages the broker did not take
     delivery_failed_messages: int = 0
     dropped_buffer_full: int = 0  # records dropped because the producer buffer was full (live)
+    # DPI parser failures (a parser bug: it ends that flow's inspection; the flow is still
+    # counted). FlowInspector counts them for the whole process; this is the share since these
+    # counters were made, refreshed by health_increments() and summary().
+    parser_errors: int = 0
+    _parser_errors_base: int = field(default_factory=_inspector_errors, repr=False)
     _reported: dict = field(default_factory=dict, repr=False)
 
     # counters sent to the processor for the pipeline-health series (ts:health:<name>:count)
     HEALTH = {"frames": "capture_frames", "kernel_drops": "capture_kernel_drops",
               "malformed": "capture_malformed", "delivery_failed": "capture_delivery_failed",
-              "dropped_buffer_full": "capture_dropped_buffer_full"}
+              "dropped_buffer_full": "capture_dropped_buffer_full",
+              "parser_errors": "capture_parser_errors"}
+
+    def _sync_parser_errors(self) -> None:
+        self.parser_errors = FlowInspector.errors - self._parser_errors_base
 
     def health_increments(self) -> dict[str, int]:
         """What the health counters gained since the previous call."""
+        self._sync_parser_errors()
         out = {}
         for attr, name in self.HEALTH.items():
             value = getattr(self, attr)
@@ -39,6 +55,7 @@ class CaptureCounters:
         return self.delivery_failed + self.dropped_buffer_full + self.kernel_drops
 
     def summary(self) -> str:
+        self._sync_parser_errors()
         return " ".join(f"{k}={v}" for k, v in asdict(self).items() if not k.startswith("_"))
 
     def log_summary(self, prefix: str = "stats") -> None:

@@ -59,7 +59,8 @@ class FlowCache:
     @staticmethod
     def inspect(flow: CachedFlow, frame: bytes, decoded: tuple) -> list | None:
         """Feed one packet's payload to the flow's inspector; return new meta entries as
-        (kind, text), or None."""
+        (kind, bytes), or None. The bytes are those taken from the packet (the JA4, made here,
+        as ASCII): RecordBatcher turns each into text with names.safe_name()."""
         l4_off, end = decoded[9], decoded[10]
         if decoded[1] == 6:
             if len(frame) < l4_off + 13:
@@ -85,10 +86,12 @@ class FlowCache:
         flow.app = APP_ID.get(inspector.app, 0)
         flow.app_flags = APP_GUESS if inspector.guess else 0
         meta = []
-        if inspector.server_name and inspector.server_name != flow.sent_name:
-            flow.sent_name = inspector.server_name
-            meta.append((META_SERVER_NAME, inspector.server_name))
-        if inspector.fingerprint and inspector.fingerprint != flow.sent_fp:
-            flow.sent_fp = inspector.fingerprint
-            meta.append((META_FINGERPRINT, inspector.fingerprint))
+        raw_name = inspector.raw_name
+        if raw_name and raw_name != flow.sent_name:
+            flow.sent_name = raw_name
+            meta.append((META_SERVER_NAME, raw_name))
+        fingerprint = inspector.fingerprint
+        if fingerprint and fingerprint != flow.sent_fp:
+            flow.sent_fp = fingerprint
+            meta.append((META_FINGERPRINT, fingerprint.encode("ascii")))
         return meta or None

@@ -1,13 +1,15 @@
 """Live capture from a Linux AF_PACKET socket, filtered in the kernel by a BPF program.
 
-Scapy compiles the BPF filter through libpcap and attaches it; frames are then read raw with
-recvmsg (kernel timestamps, original length, VLAN tags from the packet auxdata) and never
-dissected by Scapy. This is the single capture source behind `frames()`; a TPACKET_V3 ring can
-replace it without touching the rest of the service.
+libpcap (through Scapy's bindings) compiles the BPF filter for the link type of the frames the
+socket sees, and we attach it; frames are then read raw with recvmsg (kernel timestamps,
+original length, VLAN tags from the packet auxdata) and never dissected by Scapy. This is the
+single capture source behind `frames()`; a TPACKET_V3 ring can replace it without touching the
+rest of the service.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import select
 import socket
@@ -27,6 +29,7 @@ PACKET_STATISTICS = 6
 PACKET_AUXDATA = 8
 SO_TIMESTAMPNS = 35
 SO_RCVBUFFORCE = 33
+SO_ATTACH_FILTER = 26
 PACKET_OUTGOING = 4
 TP_STATUS_VLAN_VALID = 1 << 4
 TP_STATUS_VLAN_TPID_VALID = 1 << 6
@@ -34,6 +37,12 @@ ARPHRD_ETHER, ARPHRD_LOOPBACK = 1, 772
 AUXDATA = struct.Struct("=IIIHHHH")  # status, len, snaplen, mac, net, vlan_tci, vlan_tpid
 TIMESPEC = struct.Struct("=qq")
 MAX_FRAME = 262144
+DLT_EN10MB, DLT_RAW = 1, 12  # libpcap's link types: Ethernet, raw IP
+# classic BPF: load the interface's ARPHRD type (a Linux ancillary field), compare, jump, return
+BPF_LD_HATYPE = (0x20, 0, 0, (-0x1000 + 28) & 0xFFFFFFFF)  # ld [SKF_AD_OFF + SKF_AD_HATYPE]
+BPF_JEQ_K, BPF_JA, BPF_RET_K = 0x15, 0x05, 0x06
+
+Insn = tuple[int, int, int, int]  # code, jt, jf, k
 
 
 class LiveSource:
@@ -56,12 +65,13 @@ class LiveSource:
             sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
         except PermissionError:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
-        if bpf_filter:
-            self._attach_filter(bpf_filter)
         sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
         sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         if iface:
             sock.bind((iface, ETH_P_ALL))
+        if bpf_filter:
+            self._attach_filter(bpf_filter)
+        if iface:
             mreq = struct.pack("iHH8s", ifindex, PACKET_MR_PROMISC, 0, b"")
             try:
                 sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, mreq)
@@ -72,13 +82,32 @@ class LiveSource:
         self.kernel_drops = 0
 
     def _attach_filter(self, bpf_filter: str) -> None:
-        from scapy.arch.linux import attach_filter  # libpcap compiles the filter
-        from scapy.error import Scapy_Exception
-
+        """Compile the filter for the frames this socket sees, as frames() reads them."""
         try:
-            attach_filter(self.sock, bpf_filter, self.iface or None)
-        except (Scapy_Exception, OSError, ImportError) as exc:
+            if self.iface:
+                hatype = self.sock.getsockname()[3]
+                dlt = DLT_EN10MB if hatype in (ARPHRD_ETHER, ARPHRD_LOOPBACK) else DLT_RAW
+                program = _compile(bpf_filter, dlt)
+            else:  # every interface: Ethernet (and loopback) frames, and raw IP (tun, ppp ...)
+                ethernet = _compile(bpf_filter, DLT_EN10MB)
+                try:
+                    raw = _compile(bpf_filter, DLT_RAW)
+                except ValueError as exc:  # e.g. `ether host ...`: it cannot apply to raw IP
+                    log.warning("BPF_FILTER applies to Ethernet frames only (%s): frames of "
+                                "interfaces without an Ethernet header (tun, ppp ...) are not "
+                                "captured", exc)
+                    raw = [(BPF_RET_K, 0, 0, 0)]
+                program = by_link_type(ethernet, raw)
+        except ValueError as exc:
             raise StartupError(f"invalid BPF_FILTER {bpf_filter!r}: {exc}") from None
+        code = b"".join(struct.pack("HBBI", *insn) for insn in program)
+        insns = ctypes.create_string_buffer(code, len(code))
+        fprog = struct.pack("HP", len(program), ctypes.addressof(insns))  # struct sock_fprog
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+        except OSError as exc:
+            raise StartupError(f"the kernel refused BPF_FILTER {bpf_filter!r}: "
+                               f"{exc.strerror}") from None
 
     def _drain(self) -> None:
         """Drop what queued before the filter applied (the socket saw everything until then)."""
@@ -137,3 +166,39 @@ class LiveSource:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def _compile(expression: str, dlt: int) -> list[Insn]:
+    """libpcap's BPF program for frames of link type `dlt`; ValueError(libpcap's reason)."""
+    try:
+        from scapy.libs import winpcapy as pcap
+        from scapy.libs.structures import bpf_program
+    except OSError:  # scapy loads libpcap when imported
+        raise StartupError(
+            "BPF_FILTER needs libpcap to compile it (Debian: apt-get install libpcap0.8)"
+        ) from None
+    handle = pcap.pcap_open_dead(dlt, MAX_FRAME)
+    program = bpf_program()
+    try:
+        if pcap.pcap_compile(handle, ctypes.byref(program), expression.encode(), 1,
+                             0xFFFFFFFF) < 0:
+            raise ValueError(pcap.pcap_geterr(handle).decode(errors="replace"))
+        insns = [(i.code, i.jt, i.jf, i.k & 0xFFFFFFFF)
+                 for i in program.bf_insns[:program.bf_len]]
+        pcap.pcap_freecode(ctypes.byref(program))
+        return insns
+    finally:
+        pcap.pcap_close(handle)
+
+
+def by_link_type(ethernet: list[Insn], raw: list[Insn]) -> list[Insn]:
+    """One program for a socket on every interface: `ethernet` for frames of Ethernet and
+    loopback interfaces, `raw` for the others, whose frames start at the IP header."""
+    return [
+        BPF_LD_HATYPE,
+        (BPF_JEQ_K, 1, 0, ARPHRD_ETHER),  # -> the jump to `ethernet`
+        (BPF_JEQ_K, 0, 1, ARPHRD_LOOPBACK),  # -> the jump to `ethernet`, else `raw`
+        (BPF_JA, 0, 0, len(raw)),
+        *raw,
+        *ethernet,
+    ]

@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import time
 
-from confluent_kafka import KafkaError, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 
 from capture.counters import CaptureCounters
 from capture.settings import CaptureSettings
 from packet_records import HEADER, STATS_MAGIC
+from packet_records.security import kafka_client_config
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +20,9 @@ class RecordProducer:
 
     When librdkafka's bounded buffer is full (the broker is slow or away), a file replay waits
     (block=True) and a live capture drops the batch and counts its records (block=False): the
-    kernel keeps capturing either way and nothing is lost without a count.
+    kernel keeps capturing either way and nothing is lost without a count. A message librdkafka
+    refuses at once (a partition the topic does not have, a message too large) is counted as
+    not delivered, and capture goes on.
     """
 
     def __init__(self, settings: CaptureSettings, counters: CaptureCounters, block: bool):
@@ -28,6 +31,7 @@ class RecordProducer:
         self.block = block
         self.producer = Producer({
             "bootstrap.servers": settings.kafka_bootstrap_servers,
+            **kafka_client_config(settings),
             "enable.idempotence": True,
             "acks": "all",
             "compression.type": settings.kafka_compression,
@@ -52,6 +56,9 @@ class RecordProducer:
                     self.counters.dropped_buffer_full += records
                     return False
                 self.producer.poll(0.05)
+            except KafkaException as exc:
+                self._count_failure(records, partition, exc.args[0])
+                return False
 
     def poll(self) -> None:
         self.producer.poll(0)
@@ -62,6 +69,8 @@ class RecordProducer:
             self.producer.produce(self.topic, message, partition=0, on_delivery=self._on_delivery)
         except BufferError:
             log.warning("producer buffer full: a stats message was not sent")
+        except KafkaException as exc:
+            log.warning("a stats message was not sent: %s", exc.args[0].str())
 
     def close(self, timeout: float) -> int:
         """Deliver everything still queued; return how many messages could not be delivered."""
@@ -83,11 +92,14 @@ class RecordProducer:
         if err is None:
             self.counters.records_produced += records
         else:
-            self.counters.delivery_failed += records
-            self.counters.delivery_failed_messages += 1
-            if self.counters.delivery_failed_messages <= 10:
-                log.error("delivery failed for %d records on partition %s: %s", records,
-                          msg.partition(), err)
+            self._count_failure(records, msg.partition(), err)
+
+    def _count_failure(self, records: int, partition: int, err: KafkaError) -> None:
+        self.counters.delivery_failed += records
+        self.counters.delivery_failed_messages += 1
+        if self.counters.delivery_failed_messages <= 10:  # the first ones say why; then counts
+            log.error("delivery failed for %d records on partition %s: %s", records, partition,
+                      err.str())
 
     def _on_error(self, err: KafkaError) -> None:
         # librdkafka retries by itself; say so once in a while instead of per event

@@ -26,6 +26,7 @@ class PartitionState:
         self.next_offset = base_offset  # offset after the last message aggregated
         self.table = table
         self.clock_ns = 0  # newest capture time seen on this partition
+        self.topic_id: str | None = None  # id of the topic the offsets belong to, once known
         self.clear()
 
     def clear(self) -> None:
@@ -37,6 +38,7 @@ class PartitionState:
         self.dirty_flows: list[Flow] = []
         self.health: dict[tuple[str, int], int] = {}  # (ts:health name, second) -> increment
         self.capture_totals: dict[str, int] = {}  # health name -> increment
+        self.reset = False  # the partition restarts at the topic's earliest offset: store it
         self.records = 0
         self.malformed_frames = 0
         self.malformed_messages = 0
@@ -50,7 +52,7 @@ class PartitionState:
 
     @property
     def pending(self) -> bool:
-        return self.next_offset != self.base_offset
+        return self.next_offset != self.base_offset or self.reset
 
     def add_records(self, records, meta: list[tuple[int, int, str]] = ()) -> None:
         """Aggregate an iterator of record tuples (packet_records.RECORD field order) and the

@@ -9,23 +9,38 @@ import time
 import redis
 from confluent_kafka import (
     OFFSET_BEGINNING,
+    TIMESTAMP_NOT_AVAILABLE,
     Consumer,
     KafkaError,
     KafkaException,
     Producer,
+    TopicCollection,
     TopicPartition,
 )
+from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from flow_processor.aggregate import NS, PartitionState
 from flow_processor.flows import FlowTable
 from flow_processor.settings import ProcessorSettings
-from flow_processor.sink import RedisSink
-from packet_records import STATS_MAGIC, MalformedMessage, decode_batch, decode_stats
+from flow_processor.sink import REDIS_UNAVAILABLE, RedisSink, redis_refusing
+from packet_records import (
+    STATS_MAGIC,
+    MalformedMessage,
+    TimeLimits,
+    decode_batch,
+    decode_stats,
+)
+from packet_records.security import kafka_client_config
 
 log = logging.getLogger("flow_processor")
 
-REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
+REDIS_DOWN = REDIS_UNAVAILABLE
 TRIM_EVERY_FLUSHES = 60  # top-N sets are trimmed to TOP_FLOWS_KEPT this often
+# Messages set aside are cut to this size: the dead-letter topic takes at most about 1 MB, and
+# the first bytes are what tells what the message was.
+MAX_SET_ASIDE_BYTES = 512 * 1024
+MALFORMED_LOG_LINES = 10  # then one line per MALFORMED_LOG_EVERY
+MALFORMED_LOG_EVERY = 1000
 
 
 class Processor:
@@ -42,12 +57,20 @@ class Processor:
         self.paused = False
         self.records_per_message = 1000.0  # running estimate, to turn records into messages
         self.totals = {"records": 0, "messages": 0, "malformed_messages": 0, "flushes": 0,
-                       "rejected_samples": 0, "write_errors": 0, "fenced": 0}
+                       "rejected_samples": 0, "write_errors": 0, "fenced": 0,
+                       "set_aside_failed": 0, "offset_resets": 0}
+        self.unwritten = {"set_aside_failed": 0, "offset_resets": 0}  # for pipeline:processor
+        self.limits = TimeLimits(settings.live_time_window_s * NS, settings.max_time_ahead_s * NS)
+        self.topic_id: str | None = None
+        security = kafka_client_config(settings)
         self.consumer = Consumer({
             "bootstrap.servers": settings.kafka_bootstrap_servers,
+            **security,
             "group.id": settings.kafka_group_id,
             "enable.auto.commit": False,  # offsets live in Redis with the data; see sink.py
-            "auto.offset.reset": "earliest",
+            # An offset out of the topic's range is reported to us (handle), never reset
+            # silently: it means the topic was recreated or its log reset.
+            "auto.offset.reset": "error",
             "session.timeout.ms": 6000,
             "heartbeat.interval.ms": 1500,
             "max.poll.interval.ms": 300000,
@@ -60,14 +83,19 @@ class Processor:
         # long-poll fetches (about 0.5 s each per partition).
         self.watermarks = Consumer({
             "bootstrap.servers": settings.kafka_bootstrap_servers,
+            **security,
             "group.id": f"{settings.kafka_group_id}.watermarks",
             "enable.auto.commit": False,
         })
         self.deadletter = Producer({
             "bootstrap.servers": settings.kafka_bootstrap_servers,
+            **security,
             "enable.idempotence": True,
             "linger.ms": 50,
+            "error_cb": self._on_kafka_error,
         })
+        self.admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers,
+                                  **security})
 
     # -- rebalance callbacks ---------------------------------------------------------------
 
@@ -77,10 +105,16 @@ class Processor:
         return PartitionState(partition, stored, table)
 
     def _stored_offset(self, partition: int) -> int | None:
+        return self._wait_for_redis(self.sink.stored_offset, partition)
+
+    def _stored_topic_id(self, partition: int) -> str | None:
+        return self._wait_for_redis(lambda p: self.sink.stored_topic_ids([p])[0], partition)
+
+    def _wait_for_redis(self, read, partition: int):
         delay = 0.2
         while True:  # without the stored offset we cannot know where to start: wait for Redis
             try:
-                return self.sink.stored_offset(partition)
+                return read(partition)
             except REDIS_DOWN as exc:
                 log.warning("Redis unavailable while taking partition %d (%s); retrying",
                             partition, exc)
@@ -88,10 +122,18 @@ class Processor:
                 delay = min(delay * 2, 5.0)
 
     def on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        current_id = self._current_topic_id()
         for tp in partitions:
             stored = self._stored_offset(tp.partition)
+            state = self._new_state(tp.partition, stored)
+            self.states[tp.partition] = state
             tp.offset = stored if stored is not None else OFFSET_BEGINNING
-            self.states[tp.partition] = self._new_state(tp.partition, stored)
+            if stored is not None and current_id is not None:
+                stored_id = self._stored_topic_id(tp.partition)
+                if stored_id is not None and stored_id != current_id:
+                    tp.offset = self._reset_to_earliest(
+                        state, "the topic is not the one its stored offset belongs to")
+            state.topic_id = current_id
         consumer.assign(partitions)
         self.joined = True
         log.info("assigned partitions %s", sorted(tp.partition for tp in partitions))
@@ -100,7 +142,9 @@ class Processor:
         revoked = [self.states[tp.partition] for tp in partitions if tp.partition in self.states]
         try:
             self.flush(revoked)
-        except REDIS_DOWN as exc:  # the next owner resumes from the offsets stored in Redis
+        except redis.RedisError as exc:  # the next owner resumes from the offsets stored in Redis
+            if not redis_refusing(exc):
+                raise
             log.warning("could not flush revoked partitions (%s); their next owner replays them",
                         exc)
         for tp in partitions:
@@ -115,50 +159,163 @@ class Processor:
     # -- messages --------------------------------------------------------------------------
 
     def handle(self, msg) -> None:
+        """Aggregate one message; one that is not valid is counted and set aside. Nothing a
+        message holds can raise out of here."""
         err = msg.error()
         if err is not None:
             if err.fatal():
                 raise RuntimeError(f"fatal Kafka error: {err}")
+            state = self.states.get(msg.partition())
+            if err.code() == KafkaError._AUTO_OFFSET_RESET and state is not None:
+                self._seek(state.partition, self._reset_to_earliest(
+                    state, f"offset {state.next_offset} is outside the topic ({err.str()})"))
+                return
             log.warning("Kafka: %s", err)
             return
         state = self.states.get(msg.partition())
+        if state is None:
+            return  # not ours (any more)
         offset = msg.offset()
-        if state is None or (state.next_offset is not None and offset < state.next_offset):
-            return  # not ours (any more), or already aggregated
+        if state.next_offset is not None and offset < state.next_offset:
+            return  # already aggregated
         value = msg.value() or b""
         try:
-            if value[:4] == STATS_MAGIC:
-                _source, ts_ns, counters = decode_stats(value)
-                state.add_stats(ts_ns, counters)
-                state.next_offset = offset + 1
-                return
-            records, meta = decode_batch(value)
-            before = state.records
-            state.add_records(records, meta)
-            count = state.records - before
-            self.records_per_message += (count - self.records_per_message) * 0.05
-            self.totals["records"] += count
+            self._aggregate(state, msg, value)
         except MalformedMessage as exc:
-            state.malformed_messages += 1
-            self.totals["malformed_messages"] += 1
-            self._set_aside(msg, value, str(exc))
+            self._reject(state, msg, value, str(exc))
+        except Exception as exc:  # noqa: BLE001 - a bug must not let one message stop us all
+            log.exception("message at %s/%d@%d could not be processed", self.topic,
+                          msg.partition(), offset)
+            self._reject(state, msg, value, f"processing failed: {exc!r}"[:200])
         self.totals["messages"] += 1
         state.next_offset = offset + 1
 
+    def _aggregate(self, state: PartitionState, msg, value: bytes) -> None:
+        ts_type, ts_ms = msg.timestamp()
+        message_ns = ts_ms * 1_000_000 if ts_type != TIMESTAMP_NOT_AVAILABLE else None
+        now_ns = time.time_ns()
+        if value[:4] == STATS_MAGIC:
+            _source, ts_ns, counters = decode_stats(value, message_ns, now_ns, self.limits)
+            state.add_stats(ts_ns, counters)
+            return
+        records, meta = decode_batch(value, message_ns, now_ns, self.limits)
+        before = state.records
+        state.add_records(records, meta)
+        count = state.records - before
+        self.records_per_message += (count - self.records_per_message) * 0.05
+        self.totals["records"] += count
+
+    def _reject(self, state: PartitionState, msg, value: bytes, reason: str) -> None:
+        state.malformed_messages += 1
+        self.totals["malformed_messages"] += 1
+        n = self.totals["malformed_messages"]
+        if n <= MALFORMED_LOG_LINES or n % MALFORMED_LOG_EVERY == 0:
+            log.warning("malformed message at %s/%d@%d set aside (%d so far): %s", self.topic,
+                        msg.partition(), msg.offset(), n, reason)
+        self._set_aside(msg, value, reason)
+
     def _set_aside(self, msg, value: bytes, reason: str) -> None:
-        if self.totals["malformed_messages"] <= 10:
-            log.warning("malformed message at %s/%d@%d set aside: %s", self.topic,
-                        msg.partition(), msg.offset(), reason)
+        """Copy a rejected message to the dead-letter topic. That can fail too (the broker
+        refuses, the buffer stays full): then it is counted and logged, and we go on."""
         headers = {"source.topic": self.topic, "source.partition": str(msg.partition()),
                    "source.offset": str(msg.offset()), "error": reason}
-        while True:
+        if len(value) > MAX_SET_ASIDE_BYTES:
+            headers["truncated.from"] = str(len(value))
+            value = value[:MAX_SET_ASIDE_BYTES]
+        key = msg.key()
+        if key is not None and len(key) > 1024:
+            key = key[:1024]
+        for _attempt in range(20):
             try:
-                self.deadletter.produce(self.deadletter_topic, value, key=msg.key(),
-                                        headers=headers)
-                break
+                self.deadletter.produce(self.deadletter_topic, value, key=key, headers=headers,
+                                        on_delivery=self._on_set_aside)
+                self.deadletter.poll(0)
+                return
             except BufferError:
-                self.deadletter.poll(0.1)
-        self.deadletter.poll(0)
+                self.deadletter.poll(0.05)
+            except (KafkaException, ValueError, TypeError) as exc:
+                self._set_aside_failed(msg.partition(), msg.offset(), str(exc))
+                return
+        self._set_aside_failed(msg.partition(), msg.offset(), "dead-letter buffer full")
+
+    def _on_set_aside(self, err, msg) -> None:
+        if err is not None:
+            headers = dict(msg.headers() or [])
+            self._set_aside_failed(int(headers.get("source.partition", b"-1")),
+                                   int(headers.get("source.offset", b"-1")), str(err))
+
+    def _set_aside_failed(self, partition: int, offset: int, why: str) -> None:
+        self.totals["set_aside_failed"] += 1
+        self.unwritten["set_aside_failed"] += 1
+        log.error("could not set aside the malformed message at %s/%d@%d (%s): it is counted "
+                  "and skipped", self.topic, partition, offset, why)
+
+    # -- offsets that do not fit the topic ---------------------------------------------------
+
+    def _current_topic_id(self) -> str | None:
+        """The topic's id as the broker has it now (it changes when the topic is recreated)."""
+        try:
+            futures = self.admin.describe_topics(TopicCollection([self.topic]),
+                                                 request_timeout=5)
+            return str(futures[self.topic].result().topic_id)
+        except Exception as exc:  # noqa: BLE001 - a broker without topic ids, or away: skip
+            log.debug("topic id unknown: %s", exc)
+            return None
+
+    def _reset_to_earliest(self, state: PartitionState, why: str) -> int:
+        """The documented policy for an offset that does not fit the topic: resume from the
+        topic's earliest offset, say so loudly and count it. Returns that offset."""
+        low = self.watermarks_of([state.partition], OffsetSpec.earliest())[state.partition]
+        log.error("partition %d: %s; the topic was recreated or its log reset: resuming from its "
+                  "earliest offset %d (what was counted before stays in Redis)",
+                  state.partition, why, low)
+        self.totals["offset_resets"] += 1
+        self.unwritten["offset_resets"] += 1
+        state.next_offset = low
+        state.reset = True
+        return low
+
+    def _seek(self, partition: int, offset: int) -> None:
+        try:
+            self.consumer.seek(TopicPartition(self.topic, partition, offset))
+        except KafkaException as exc:  # not fetching yet (inside on_assign): assign sets it
+            log.debug("seek partition %d to %d: %s", partition, offset, exc)
+
+    def reconcile(self) -> None:
+        """Check every owned partition against Redis and the topic: a stored offset that moved
+        (another member wrote, or Redis was emptied or rolled back) restarts the partition from
+        it; a position past the topic's end, or offsets of another incarnation of the topic,
+        reset it to the topic's earliest offset."""
+        self.sink.ensure_series()
+        owned = sorted(self.states)
+        if not owned:
+            return
+        stored = self.sink.stored_offsets(owned)
+        topic_ids = self.sink.stored_topic_ids(owned)
+        current_id = self._current_topic_id()
+        for partition, offset, topic_id in zip(owned, stored, topic_ids):
+            state = self.states[partition]
+            if offset != state.base_offset and not state.reset:
+                log.warning("partition %d: Redis holds offset %s, not %s (another member wrote, "
+                            "or Redis was emptied or restored): resuming from it", partition,
+                            offset, state.base_offset)
+                self._restart(state, offset)
+                continue
+            if current_id and topic_id and topic_id != current_id and not state.reset:
+                self._seek(partition, self._reset_to_earliest(
+                    state, "the topic is not the one its stored offset belongs to"))
+            if current_id:
+                state.topic_id = current_id
+                if (topic_id != current_id and not state.pending
+                        and state.next_offset is not None):
+                    state.reset = True  # store the id with the offset at the next flush
+
+    def _restart(self, state: PartitionState, stored: int | None) -> None:
+        """Drop what we hold of a partition and consume it again from the stored offset."""
+        if self.states.get(state.partition) is not state:
+            return
+        self.states[state.partition] = self._new_state(state.partition, stored)
+        self._seek(state.partition, stored if stored is not None else OFFSET_BEGINNING)
 
     # -- flushing --------------------------------------------------------------------------
 
@@ -184,42 +341,57 @@ class Processor:
             self.totals["fenced"] += 1
             log.warning("partition %d was written by another member; resuming at %s",
                         state.partition, stored)
-            fresh = self._new_state(state.partition, stored)
-            if self.states.get(state.partition) is state:
-                self.states[state.partition] = fresh
-                start = stored if stored is not None else OFFSET_BEGINNING
-                self.consumer.seek(TopicPartition(self.topic, state.partition, start))
+            self._restart(state, stored)
         self.totals["flushes"] += 1
         if self.totals["flushes"] % TRIM_EVERY_FLUSHES == 0:
             self.sink.trim_top()
-        if result.rejected_samples or result.write_errors:
-            self.totals["rejected_samples"] += result.rejected_samples
-            self.totals["write_errors"] += result.write_errors
-            self.sink.add_errors(result.rejected_samples, result.write_errors)
+        self.totals["rejected_samples"] += result.rejected_samples
+        self.totals["write_errors"] += result.write_errors
+        self.unwritten["rejected_samples"] = (self.unwritten.get("rejected_samples", 0)
+                                              + result.rejected_samples)
+        self.unwritten["write_errors"] = self.unwritten.get("write_errors", 0) + result.write_errors
+        self._write_counters()
         if commits:  # Kafka's committed offsets only feed lag monitoring; Redis holds the truth
             try:
                 self.consumer.commit(offsets=commits, asynchronous=True)
             except Exception as exc:  # noqa: BLE001 - a failed lag commit must not stop us
                 log.debug("offset commit for monitoring failed: %s", exc)
 
+    def _write_counters(self) -> None:
+        counts = {name: value for name, value in self.unwritten.items() if value}
+        if counts:
+            self.sink.add_counters(counts)
+            for name in counts:
+                self.unwritten[name] = 0
+
     # -- the loop --------------------------------------------------------------------------
+
+    def watermarks_of(self, partitions: list[int], spec: OffsetSpec) -> dict[int, int]:
+        """Earliest or latest offset of each partition, in one bounded request (a deleted
+        topic fails it fast, instead of one slow query per partition)."""
+        futures = self.admin.list_offsets(
+            {TopicPartition(self.topic, p): spec for p in partitions}, request_timeout=5)
+        return {tp.partition: future.result().offset for tp, future in futures.items()}
 
     def lag(self) -> int:
         """Messages in the topic not yet written to Redis by any member of the group."""
         partitions = sorted(self.watermarks.list_topics(self.topic, timeout=5)
                             .topics[self.topic].partitions)
+        if not partitions:
+            return 0
         stored = self.sink.stored_offsets(partitions)
-        lag = 0
-        for partition, offset in zip(partitions, stored):
-            low, high = self.watermarks.get_watermark_offsets(
-                TopicPartition(self.topic, partition), timeout=5, cached=False)
-            lag += max(0, high - (offset if offset is not None else low))
-        return lag
+        lows = self.watermarks_of(partitions, OffsetSpec.earliest())
+        highs = self.watermarks_of(partitions, OffsetSpec.latest())
+        return sum(max(0, highs[p] - (offset if offset is not None else lows[p]))
+                   for p, offset in zip(partitions, stored))
 
     def caught_up(self) -> bool:
         """Everything in the topic is written to Redis, whoever wrote it: every partition's
         stored offset (ours or another member's) has reached the partition's end."""
-        if not self.joined or any(s.pending for s in self.states.values()):
+        if not self.joined:
+            return False
+        self.reconcile()
+        if any(s.pending for s in self.states.values()):
             return False
         return self.lag() == 0
 
@@ -229,10 +401,14 @@ class Processor:
         except (REDIS_DOWN + (KafkaException,)) as exc:
             log.debug("consumer lag not recorded: %s", exc)
 
-    def _safely_caught_up(self) -> bool:
+    def _safely(self, check) -> bool:
+        """Run a check that talks to Redis and the broker; False when either is away."""
         try:
-            return self.caught_up()
-        except REDIS_DOWN:
+            return bool(check())
+        except (redis.RedisError, KafkaException) as exc:
+            if isinstance(exc, redis.RedisError) and not redis_refusing(exc):
+                raise
+            log.debug("%s skipped: %s", check.__name__, exc)
             return False
 
     def run(self) -> int:
@@ -259,25 +435,35 @@ class Processor:
                     try:
                         self.flush()
                         next_flush = now + flush_every
+                        resumed = self.paused
                         if self.paused:
                             self.consumer.resume(self.consumer.assignment())
                             self.paused = False
-                            log.info("Redis is back; resumed consuming")
+                            log.info("Redis takes writes again: resumed consuming")
                         backoff = 0.0
-                    except REDIS_DOWN as exc:
+                        if resumed:
+                            self._safely(self.reconcile)  # Redis may have come back older
+                    except redis.RedisError as exc:
+                        if not redis_refusing(exc):
+                            raise
                         backoff = min(max(backoff * 2, 0.5), 10.0)
                         retry_at = now + backoff * (0.5 + random.random())
-                        if not self.paused:
+                        if not self.paused:  # once per episode, not once per retry
                             self.consumer.pause(self.consumer.assignment())
                             self.paused = True
-                        log.warning("Redis write failed (%s); paused, retrying in %.1f s",
-                                    exc, retry_at - now)
+                            log.warning("Redis cannot take writes (%s): paused consuming, "
+                                        "retrying with backoff; nothing is lost", exc)
+                        else:
+                            log.debug("Redis still unavailable (%s); retry in %.1f s", exc,
+                                      retry_at - now)
                 if now >= next_stats:
                     self.log_stats()
-                    self._record_lag()
+                    if not self.paused:
+                        self._safely(self.reconcile)
+                        self._record_lag()
                     next_stats = now + s.stats_interval_s
                 if (self.exit_when_idle is not None and now - last_message >= self.exit_when_idle
-                        and not self.paused and self._safely_caught_up()):
+                        and not self.paused and self._safely(self.caught_up)):
                     log.info("idle for %.0f s with everything written: exiting",
                              self.exit_when_idle)
                     break
@@ -286,6 +472,10 @@ class Processor:
         finally:
             self.log_stats("final")
             self.deadletter.flush(10)
+            try:
+                self._write_counters()
+            except redis.RedisError as exc:
+                log.warning("final error counters not written: %s", exc)
             self.consumer.close()
             self.watermarks.close()
         return 0

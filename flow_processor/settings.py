@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
+
+from packet_records.security import KafkaSecuritySettings
 
 
-class ProcessorSettings(BaseSettings):
+class ProcessorSettings(KafkaSecuritySettings):
     model_config = SettingsConfigDict(frozen=True, extra="ignore")
 
     kafka_bootstrap_servers: str = Field("localhost:9092", min_length=1,
@@ -38,5 +40,11 @@ class ProcessorSettings(BaseSettings):
     flow_ttl_s: int = Field(86400, ge=60, description="Flow keys expire this long after going idle")
     top_flows_kept: int = Field(10000, ge=10, le=10_000_000,
                                 description="Members kept in each top-N set (flows, hosts, ...)")
+    live_time_window_s: int = Field(300, ge=1, le=86400,
+                                    description="Live records more than this many seconds from "
+                                    "their Kafka message's timestamp are set aside")
+    max_time_ahead_s: int = Field(300, ge=0, le=86400,
+                                  description="Records captured more than this many seconds "
+                                  "ahead of this host's clock are set aside")
     stats_interval_s: float = Field(5.0, gt=0, le=3600, description="Seconds between summary lines")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level")

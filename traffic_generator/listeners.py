@@ -1,5 +1,8 @@
-"""The mix mode's own servers on 127.0.0.1: a DNS responder (UDP), an HTTP/1.1 server and a TCP
-server that answers a TLS ClientHello with a handshake_failure alert.
+"""The generator's own servers. Mix mode: on 127.0.0.1, a DNS responder (UDP), an HTTP/1.1 server
+and a TCP server that answers a TLS ClientHello with a handshake_failure alert. Udp mode: a sink
+on TARGET_HOST:TARGET_PORT when that is a local address nobody listens on, so the datagrams
+are received instead of drawing an ICMP port unreachable each (twice the frames on the wire)
+and failing every other send with ECONNREFUSED.
 
 The sockets are bound in the generator (so their ports are known before anything is sent) and
 served by a child process, which keeps the sender's core for the sender.
@@ -7,6 +10,8 @@ served by a child process, which keeps the sender's core for the sender.
 
 from __future__ import annotations
 
+import errno
+import logging
 import multiprocessing
 import os
 import selectors
@@ -14,6 +19,8 @@ import signal
 import socket
 
 from traffic_generator.messages import HTTP_RESPONSE, TLS_ALERT_HANDSHAKE_FAILURE, dns_response
+
+log = logging.getLogger("traffic_generator")
 
 LOOPBACK = "127.0.0.1"
 BACKLOG = 4096
@@ -36,23 +43,86 @@ class LocalServers:
 
     def start(self) -> None:
         """Fork the serving process (call it before any thread starts), then drop our copies."""
-        context = multiprocessing.get_context("fork")
-        self._process = context.Process(
-            target=serve, args=(self.dns, self.http, self.tls, os.getpid()),
-            name="traffic_generator-listeners", daemon=True)
-        self._process.start()
+        self._process = _fork(serve, (self.dns, self.http, self.tls, os.getpid()),
+                              "traffic_generator-listeners")
         for sock in (self.dns, self.http, self.tls):
             sock.close()
 
     def stop(self) -> None:
         process, self._process = self._process, None
-        if process is None:
-            return
-        process.terminate()
-        process.join(timeout=2)
-        if process.is_alive():
-            process.kill()
-            process.join()
+        _end(process)
+
+
+class UdpSink:
+    """Reads and drops the udp mode's datagrams on their target (a local address)."""
+
+    def __init__(self, family: int, address: tuple) -> None:
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+            self.sock.bind(address)
+        except OSError:
+            self.sock.close()
+            raise
+        self._process: multiprocessing.process.BaseProcess | None = None
+
+    @classmethod
+    def open(cls, family: int, address: tuple) -> UdpSink | None:
+        """A sink on `address`; None when the address is not this host's (EADDRNOTAVAIL: the
+        datagrams leave the host) or a socket is bound there already (its owner receives)."""
+        try:
+            return cls(family, address)
+        except OSError as exc:
+            if exc.errno == errno.EACCES:
+                log.warning("cannot listen on the target %s (%s): where nothing else listens, "
+                            "each datagram draws an ICMP port unreachable", address[:2],
+                            exc.strerror)
+            if exc.errno in (errno.EADDRNOTAVAIL, errno.EADDRINUSE, errno.EACCES):
+                return None
+            raise
+
+    def start(self) -> None:
+        """Fork the draining process (before any thread starts), then drop our copy."""
+        self._process = _fork(drain, (self.sock, os.getpid()), "traffic_generator-udp-sink")
+        self.sock.close()
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        _end(process)
+
+
+def _fork(target, args: tuple, name: str) -> multiprocessing.process.BaseProcess:
+    process = multiprocessing.get_context("fork").Process(target=target, args=args, name=name,
+                                                          daemon=True)
+    process.start()
+    return process
+
+
+def _end(process: multiprocessing.process.BaseProcess | None) -> None:
+    if process is None:
+        return
+    process.terminate()
+    process.join(timeout=2)
+    if process.is_alive():
+        process.kill()
+        process.join()
+
+
+def drain(sock: socket.socket, parent_pid: int) -> None:
+    """Receive and drop datagrams until terminated or until the generator is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the generator, which stops us
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    sock.settimeout(1.0)
+    buffer = bytearray(65536)
+    recv_into = sock.recv_into
+    while True:
+        try:
+            recv_into(buffer)
+        except TimeoutError:
+            if os.getppid() != parent_pid:
+                return  # the generator died without stopping us
+        except OSError:
+            continue
 
 
 def serve(dns: socket.socket, http: socket.socket, tls: socket.socket, parent_pid: int) -> None:

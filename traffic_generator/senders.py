@@ -12,7 +12,7 @@ from collections import deque
 from itertools import cycle, islice
 
 from packet_records.runtime import StartupError
-from traffic_generator.listeners import LocalServers
+from traffic_generator.listeners import LocalServers, UdpSink
 from traffic_generator.messages import (
     DNS_NAMES,
     HTTP_HOSTS,
@@ -69,7 +69,11 @@ def build_payload(size: int) -> bytes:
 
 
 class UdpSender:
-    """Datagrams of one pre-built payload, round robin over `flows` connected UDP sockets."""
+    """Datagrams of one pre-built payload, round robin over `flows` connected UDP sockets.
+
+    When the target is a local address nobody listens on, a sink of ours receives them (see
+    listeners.UdpSink): otherwise every datagram would draw an ICMP port unreachable and every
+    other send would fail with ECONNREFUSED."""
 
     kinds: tuple[str, ...] = ()
 
@@ -78,6 +82,12 @@ class UdpSender:
         self.sent = 0
         self.errors = SendErrors()
         self._socks: list[socket.socket] = []
+        try:
+            self.sink = UdpSink.open(family, address)
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        if self.sink is not None:
+            self.sink.start()
         try:
             for _ in range(flows):
                 sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -90,7 +100,8 @@ class UdpSender:
         self._sends = cycle([sock.send for sock in self._socks])
         where = (f"[{address[0]}]:{address[1]}" if family == socket.AF_INET6
                  else f"{address[0]}:{address[1]}")
-        self.description = f"udp: {payload_size}-byte datagrams to {where} from {flows} flows"
+        self.description = (f"udp: {payload_size}-byte datagrams to {where} from {flows} flows"
+                            + (" (received by a sink of ours)" if self.sink else ""))
 
     def send(self, n: int) -> None:
         payload = self._payload
@@ -110,6 +121,9 @@ class UdpSender:
         for sock in self._socks:
             sock.close()
         self._socks = []
+        if self.sink is not None:
+            self.sink.stop()
+            self.sink = None
 
 
 def _reset(sock: socket.socket) -> None:

@@ -16,7 +16,9 @@ class GeneratorSettings(BaseSettings):
     payload_size: int = Field(1300, ge=0, le=65000,
                               description="UDP payload bytes per datagram (udp mode)")
     target_host: str = Field("127.0.0.1", min_length=1,
-                             description="Host the datagrams go to (udp mode); resolved at start")
+                             description="Host the datagrams go to (udp mode); resolved at start."
+                                         " A local address with no listener on TARGET_PORT gets "
+                                         "one of the generator's (no ICMP unreachable replies)")
     target_port: int = Field(9999, ge=1, le=65535, description="UDP port on TARGET_HOST (udp mode)")
     flows: int = Field(8, ge=1, le=1024,
                        description="Source sockets (one flow each) the datagrams spread over")

@@ -5,17 +5,15 @@ Payloads are hostile: nothing here raises on bad input, every loop is bounded (a
 MAX_POINTER_JUMPS compression pointers per name, pointers must point backwards, labels of at
 most 63 bytes, names of at most 255 wire bytes, at most MAX_RECORDS records walked).
 
-Names are returned in tshark's text form (tshark 4.0 ``dns.qry.name``): labels joined with
-".", the bytes shown as tshark's format_text() shows them: printable ASCII as is; \\a \\b \\f
-\\n \\r \\t \\v and other ASCII controls as \\ooo octal; UTF-8 sequences decoded (invalid ones
-become U+FFFD), non-printable code points as \\uXXXX / \\UXXXXXXXX; the root name as <Root>.
-A "." inside a label is kept as is (tshark does not escape it either).
+Names are returned as bytes, as tshark 4.0 joins them for ``dns.qry.name``: the labels' bytes
+joined with "." (a "." inside a label is kept as is: tshark does not escape it either), the root
+name as b"<Root>". capture.inspect.names.safe_name() makes them text (it writes control bytes
+as tshark's format_text() does for DNS names).
 """
 
 from __future__ import annotations
 
 import struct
-import unicodedata
 from typing import NamedTuple
 
 MAX_POINTER_JUMPS = 20
@@ -38,6 +36,7 @@ _new = tuple.__new__
 # Outcomes of a name walk besides a name: the message ends inside the name, or it is invalid
 TRUNCATED = -1
 INVALID = -2
+ROOT = b"<Root>"  # the root name, as tshark shows it
 
 
 class DnsMessage(NamedTuple):
@@ -53,7 +52,7 @@ class DnsMessage(NamedTuple):
     ancount: int
     nscount: int
     arcount: int
-    name: str | None
+    name: bytes | None
     qtype: int | None
     qclass: int | None
     complete: bool
@@ -124,9 +123,10 @@ def parse_dns(msg: bytes, max_questions: int = 16, walk_records: bool = True
                              trailing))
 
 
-def read_name(msg: bytes, pos: int, want_text: bool) -> tuple[int, str | None]:
-    """Walk the name at pos. Returns (offset just after the name in the message, text or
-    None), or (TRUNCATED, None) / (INVALID, None)."""
+def read_name(msg: bytes, pos: int, want_text: bool) -> tuple[int, bytes | None]:
+    """Walk the name at pos. Returns (offset just after the name in the message, the name's
+    bytes (see the module docstring) when want_text, else None), or (TRUNCATED, None) /
+    (INVALID, None)."""
     n = len(msg)
     end = -1  # where the name ends in the message (after the first pointer, if any)
     jumps = 0
@@ -169,57 +169,5 @@ def read_name(msg: bytes, pos: int, want_text: bool) -> tuple[int, str | None]:
     if labels is None:
         return end, None
     if not labels:
-        return end, "<Root>"
-    return end, tshark_text(b".".join(labels))
-
-
-_C_ESCAPES = {7: "\\a", 8: "\\b", 12: "\\f", 10: "\\n", 13: "\\r", 9: "\\t", 11: "\\v"}
-_REPLACEMENT = "\ufffd"
-_NON_PRINTABLE = frozenset(("Cc", "Cf", "Cn", "Cs"))  # GLib's g_unichar_isprint() is False
-
-
-def tshark_text(raw: bytes) -> str:
-    """Bytes as tshark 4.0's format_text() shows them (see the module docstring)."""
-    if raw.isascii():
-        text = raw.decode("ascii")
-        if text.isprintable():
-            return text
-    out: list[str] = []
-    i, n = 0, len(raw)
-    while i < n:
-        c = raw[i]
-        if c < 0x80:
-            if 0x20 <= c < 0x7F:
-                out.append(chr(c))
-            else:
-                out.append(_C_ESCAPES.get(c) or f"\\{c:03o}")
-            i += 1
-            continue
-        # a lead byte of a (possibly obsolete 5- or 6-byte) UTF-8 sequence
-        if c & 0xE0 == 0xC0:
-            need, cp = 1, c & 0x1F
-        elif c & 0xF0 == 0xE0:
-            need, cp = 2, c & 0x0F
-        elif c & 0xF8 == 0xF0:
-            need, cp = 3, c & 0x07
-        elif c & 0xFC == 0xF8:
-            need, cp = 4, c & 0x03
-        elif c & 0xFE == 0xFC:
-            need, cp = 5, c & 0x01
-        else:  # a continuation byte without a lead, or 0xFE / 0xFF
-            out.append(_REPLACEMENT)
-            i += 1
-            continue
-        j = i + 1
-        while need and j < n and raw[j] & 0xC0 == 0x80:
-            cp = (cp << 6) | (raw[j] & 0x3F)
-            j += 1
-            need -= 1
-        i = j
-        if need or 0xD800 <= cp <= 0xDFFF or cp > 0x10FFFF:
-            out.append(_REPLACEMENT)  # cut short, a surrogate or beyond Unicode
-        elif unicodedata.category(chr(cp)) in _NON_PRINTABLE:
-            out.append(f"\\u{cp:04X}" if cp <= 0xFFFF else f"\\U{cp:08X}")
-        else:
-            out.append(chr(cp))
-    return "".join(out)
+        return end, ROOT
+    return end, b".".join(labels)

@@ -58,6 +58,7 @@ import struct
 
 from capture.inspect import quic, text, tls
 from capture.inspect.dns import parse_dns
+from capture.inspect.names import safe_name
 from capture.inspect.udp import DHCP_PORTS, DHCPV6_PORTS, NTP_PORT, is_dhcp, is_dhcpv6, is_ntp
 
 TCP, UDP = 6, 17
@@ -111,7 +112,7 @@ class FlowInspector:
 
     errors = 0  # parser exceptions caught by feed() (a bug: each ends that flow's inspection)
 
-    __slots__ = ("proto", "client_port", "server_port", "app", "guess", "server_name",
+    __slots__ = ("proto", "client_port", "server_port", "app", "guess", "raw_name",
                  "fingerprint", "done", "_packets", "_bufs", "_next", "_closed", "_stage",
                  "_dir", "_tls_off", "_quic", "_seen", "_roles")
 
@@ -119,7 +120,9 @@ class FlowInspector:
         self.proto = proto
         self.client_port = client_port
         self.server_port = server_port
-        self.server_name: str | None = None
+        # the server name's bytes as the parser took them from the packet (at most
+        # names.MAX_RAW): capture.batching makes the text with names.safe_name()
+        self.raw_name: bytes | None = None
         self.fingerprint: str | None = None
         self.done = proto not in (TCP, UDP)
         self._packets = 0
@@ -145,6 +148,12 @@ class FlowInspector:
         self.app = app or UNKNOWN
         self.guess = app is not None
 
+    @property
+    def server_name(self) -> str | None:
+        """The server name as it leaves capture: names.safe_name(raw_name)."""
+        raw = self.raw_name
+        return None if raw is None else safe_name(raw)
+
     def __repr__(self) -> str:
         return (f"FlowInspector(app={self.app!r}, guess={self.guess}, "
                 f"server_name={self.server_name!r}, fingerprint={self.fingerprint!r}, "
@@ -152,11 +161,11 @@ class FlowInspector:
 
     # ------------------------------------------------------------------------------ feed
     def feed(self, payload: bytes, from_client: bool, tcp_seq: int | None) -> bool:
-        """Inspect one packet's L4 payload; True when app, guess, server_name or fingerprint
+        """Inspect one packet's L4 payload; True when app, guess, raw_name or fingerprint
         changed."""
         if self.done or not payload:
             return False
-        before = (self.app, self.guess, self.server_name, self.fingerprint)
+        before = (self.app, self.guess, self.raw_name, self.fingerprint)
         self._packets += 1
         try:
             if self.proto == TCP:
@@ -170,7 +179,7 @@ class FlowInspector:
             self.done = True
         if self.done:  # the capture loop may keep the inspector: keep no payload bytes
             self._bufs = self._quic = None
-        return (self.app, self.guess, self.server_name, self.fingerprint) != before
+        return (self.app, self.guess, self.raw_name, self.fingerprint) != before
 
     def _decide(self, app: str) -> None:
         self.app = app
@@ -264,7 +273,7 @@ class FlowInspector:
                 return False
             self._decide(HTTP)
             if req.host is not None:
-                self.server_name = req.host
+                self.raw_name = req.host
         else:
             return False
         self.done = True
@@ -371,7 +380,7 @@ class FlowInspector:
 
     def _set_hello(self, hello: tls.ClientHello) -> None:
         if hello.sni:
-            self.server_name = hello.sni
+            self.raw_name = hello.sni
         self.fingerprint = hello.ja4
 
     def _tls_hello(self, data: bytes) -> None:
@@ -393,7 +402,7 @@ class FlowInspector:
 
     def _http_request(self, req: text.HttpRequest) -> None:
         if req.host is not None:
-            self.server_name = req.host
+            self.raw_name = req.host
         if req.complete:
             self.done = True
 
@@ -449,7 +458,7 @@ class FlowInspector:
             self._decide(DNS)
             self._stage = _DNS_NAME
         if msg.name is not None:
-            self.server_name = msg.name
+            self.raw_name = msg.name
             self.done = True
         return True
 
@@ -527,7 +536,7 @@ class FlowInspector:
             req = text.parse_http_request(payload)
             if isinstance(req, text.HttpRequest):
                 if req.host is not None:
-                    self.server_name = req.host
+                    self.raw_name = req.host
                 self.done = True
                 return
         # A fresh QuicState answers only for a long header (0x80) or, from the client, a
@@ -569,8 +578,8 @@ class FlowInspector:
             return NEED_MORE
         if self.guess or self.app not in (DNS, MDNS):
             self._decide(MDNS if mdns else DNS)
-        if msg.name is not None and self.server_name is None:
-            self.server_name = msg.name
+        if msg.name is not None and self.raw_name is None:
+            self.raw_name = msg.name
             self.done = True
         return True
 
@@ -584,7 +593,7 @@ class FlowInspector:
         if self.app != QUIC or self.guess:
             self._decide(QUIC)
         if res.sni:
-            self.server_name = res.sni
+            self.raw_name = res.sni
         if res.hello is not None:
             self.fingerprint = res.hello.ja4
         if res.complete:

@@ -27,7 +27,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from capture.inspect.tls import MAX_NAME, NEED_MORE, ClientHello, parse_handshake, safe_text
+from capture.inspect.names import MAX_RAW
+from capture.inspect.tls import NEED_MORE, ClientHello, parse_handshake
 
 __all__ = ["QuicState", "QuicResult", "parse_quic_datagram", "version_name"]
 
@@ -137,7 +138,7 @@ class QuicResult(NamedTuple):
     version: str  # "v1", "v2", "draft-29", "mvfst-27", "Q046", "T051", "0x1a2a3a4a" (a version
     # that forces negotiation), "negotiation" (only a server's Version Negotiation was seen)
     hello: ClientHello | None  # the client's TLS ClientHello once complete (IETF QUIC, T05x)
-    sni: str | None  # hello.sni, or the gQUIC CHLO "SNI" tag
+    sni: bytes | None  # hello.sni, or the gQUIC CHLO "SNI" tag (bytes as sent)
     complete: bool  # nothing more to learn from this flow's later datagrams
 
 
@@ -151,7 +152,7 @@ class QuicState:
         self.is_quic = False
         self.version: str | None = None
         self.hello: ClientHello | None = None
-        self.sni: str | None = None
+        self.sni: bytes | None = None
         self.complete = False
         self.initials = 0  # client Initial packets inspected
         self.key_dcid: bytes | None = None  # DCID of the client's first Initial (key material)
@@ -604,12 +605,12 @@ def _chlo_sni(data: bytes):
             if values + end > len(data):
                 return NEED_MORE
             raw = data[values + prev:values + end]
-            return safe_text(raw[:MAX_NAME]) if raw else None
+            return raw[:MAX_RAW] or None
         prev = end
     return None
 
 
-def _gquic_stream_chlo(p: bytes, pos: int, big_endian: bool) -> str | None | object:
+def _gquic_stream_chlo(p: bytes, pos: int, big_endian: bool) -> bytes | None | object:
     """SNI from the first gQUIC STREAM frame of stream 1 (the crypto stream) at p[pos:]."""
     n = len(p)
     pos = _skip_padding(p, pos)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
+from capture.inspect.names import MAX_RAW
+
 NEED_MORE = "NEED_MORE"  # sentinel: a consistent prefix, decide later
 
 # NamedTuple construction through its Python-level __new__ costs twice tuple.__new__
@@ -34,7 +36,10 @@ _HOST = re.compile(rb"\nhost:[ \t]*([^\r\n]*)", re.IGNORECASE)
 
 class HttpRequest(NamedTuple):
     method: str
-    host: str | None  # Host header value exactly as sent (tshark's text form), None if absent
+    # the Host header's value, bytes as sent (leading blanks dropped, trailing ones kept, as
+    # tshark's http.host; its first names.MAX_RAW bytes, all that names.safe_name() reads, the
+    # one function that makes it text), None if absent
+    host: bytes | None
     complete: bool  # the header block ended (or Host was found): nothing more to learn
 
 
@@ -54,7 +59,7 @@ def parse_http_request(buf: bytes) -> HttpRequest | None | str:
     block = head if end < 0 else head[:end + 1]
     h = _HOST.search(block)
     if h is not None:
-        return _new(HttpRequest, (method, host_text(h.group(1)), True))
+        return _new(HttpRequest, (method, h.group(1)[:MAX_RAW], True))
     if end >= 0 or len(buf) >= MAX_HEADERS:
         return _new(HttpRequest, (method, None, True))
     return _new(HttpRequest, (method, None, False))
@@ -80,17 +85,6 @@ def is_http_response(buf: bytes) -> bool | str:
     if len(buf) < 13 and _RESPONSE_LINE_PREFIX.fullmatch(buf):
         return NEED_MORE
     return False
-
-
-def host_text(value: bytes) -> str:
-    """A Host header value as tshark 4.0 shows http.host: leading blanks dropped (the regex
-    did that), trailing ones kept, bytes >= 0x80 each as U+FFFD (ASCII decoding), a tab as
-    the two characters \\t (tshark's field output escapes it)."""
-    if value.isascii():
-        text = value.decode("ascii")
-    else:
-        text = value.decode("ascii", "replace")
-    return text.replace("\t", "\\t") if "\t" in text else text
 
 
 # --------------------------------------------------------------------------------- SSH

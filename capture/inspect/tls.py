@@ -22,8 +22,9 @@ import struct
 from hashlib import sha256
 from typing import NamedTuple
 
-__all__ = ["NEED_MORE", "ClientHello", "parse_tls_stream", "parse_handshake", "ja4", "is_grease",
-           "safe_text"]
+from capture.inspect.names import MAX_RAW, safe_name
+
+__all__ = ["NEED_MORE", "ClientHello", "parse_tls_stream", "parse_handshake", "ja4", "is_grease"]
 
 
 class _NeedMore:
@@ -42,7 +43,6 @@ NEED_MORE = _NeedMore()
 MAX_STREAM = 16 * 1024
 """The caller keeps at most this many bytes of the stream: a hello that cannot fit is not one."""
 MAX_RECORDS = 64  # TLS records walked before giving up (a ClientHello needs 1, rarely 2-3)
-MAX_NAME = 255  # longest SNI kept (a DNS name is at most 253)
 MAX_ALPN = 16  # ALPN values kept
 
 HANDSHAKE_RECORD = 0x16
@@ -61,9 +61,6 @@ _VERSION_CODES = {
     0xFEFF: "d1", 0xFEFD: "d2", 0xFEFC: "d3",
 }
 _ALNUM = frozenset(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
-_C_ESCAPES = {7: "\\a", 8: "\\b", 12: "\\f", 10: "\\n", 13: "\\r", 9: "\\t", 11: "\\v"}
-_BYTE_TEXT = [chr(c) if 0x20 <= c < 0x7F else _C_ESCAPES.get(c, f"\\{c:03o}") if c < 0x80
-              else "\ufffd" for c in range(256)]
 _EMPTY_HASH = "000000000000"
 _TWO_DIGITS = [f"{i:02d}" for i in range(100)]
 _GREASE = frozenset(0x0A0A + 0x1010 * i for i in range(16))
@@ -75,8 +72,8 @@ _EXT_ACTIONS = {**dict.fromkeys(_GREASE, 0), EXT_SNI: EXT_SNI_ACTION, EXT_ALPN: 
 
 
 class ClientHello(NamedTuple):
-    sni: str | None  # first host_name of the server_name extension (None when absent or empty)
-    alpn: tuple[str, ...]  # advertised ALPN protocols, in order
+    sni: bytes | None  # first host_name of the server_name extension, as sent (None: absent/empty)
+    alpn: tuple[str, ...]  # advertised ALPN protocols, in order (as names.safe_name() shows them)
     versions: tuple[int, ...]  # supported_versions without GREASE, else (legacy_version,)
     ja4: str
 
@@ -84,20 +81,6 @@ class ClientHello(NamedTuple):
 def is_grease(value: int) -> bool:
     """RFC 8701 GREASE values: 0x0a0a, 0x1a1a, ..., 0xfafa."""
     return value in _GREASE
-
-
-def safe_text(raw: bytes) -> str:
-    """Bytes of an ASCII string field as tshark 4.0 shows them (so names compare with tshark's).
-
-    Wireshark reads the SNI, ALPN and gQUIC SNI fields as ENC_ASCII (every byte >= 0x80 becomes
-    U+FFFD) and format_text() shows printable ASCII as is, \\a \\b \\f \\n \\r \\t \\v for those
-    controls and \\ooo (octal) for the other ones.
-    """
-    if raw.isascii():
-        text = raw.decode("ascii")
-        if text.isprintable():  # for ASCII: every character is in 0x20-0x7e
-            return text
-    return "".join([_BYTE_TEXT[c] for c in raw])
 
 
 def _alpn_chars(first: bytes) -> str:
@@ -247,7 +230,7 @@ def _client_hello(data: bytes, pos: int, end: int, quic: bool) -> ClientHello | 
     if comp_len == 0 or pos > end:
         return None
     extensions: list[int] = []
-    sni: str | None = None
+    sni: bytes | None = None
     has_sni = False
     alpn: tuple[str, ...] = ()
     first_alpn: bytes | None = None
@@ -295,7 +278,7 @@ def _client_hello(data: bytes, pos: int, end: int, quic: bool) -> ClientHello | 
     return _new(ClientHello, (sni, alpn, versions, fingerprint))
 
 
-def _server_name(data: bytes, pos: int, end: int) -> str | None:
+def _server_name(data: bytes, pos: int, end: int) -> bytes | None:
     """First host_name in a server_name extension body; None when empty or malformed."""
     if pos + 2 > end:
         return None
@@ -310,7 +293,7 @@ def _server_name(data: bytes, pos: int, end: int) -> str | None:
         if name_type == 0:
             if name_len == 0:
                 return None
-            return safe_text(data[pos:pos + min(name_len, MAX_NAME)])
+            return data[pos:pos + min(name_len, MAX_RAW)]
         pos += name_len
     return None
 
@@ -352,7 +335,7 @@ def _alpn(data: bytes, pos: int, end: int, out: list[str]) -> bytes:
         if not out:
             first = name
         if len(out) < MAX_ALPN:
-            out.append(safe_text(name))
+            out.append(safe_name(name))
         pos += name_len
     return first
 

@@ -66,8 +66,8 @@ def test_garbage_on_the_topic_is_counted_and_set_aside(pipeline_env):
     run_module("packet_records.topics", pipeline_env)
     good = RECORD.pack(1_700_000_000_123_000_000, 100, 4, 17, 0, 0, 1000, 53,
                        bytes([192, 0, 2, 1]) + bytes(12), bytes([192, 0, 2, 2]) + bytes(12),
-                       0, 0, 0xFFFF)
-    valid = encode_batch([good, good])
+                       0, 0, 0)
+    valid = encode_batch([good, good], replay=True)
     garbage = [b"", b"hello", b'{"json": true}', valid[:-3], b"DPIR\x09\x00\x01\x00",
                valid + b"trailing"]
     producer = Producer({"bootstrap.servers": bootstrap})

@@ -1,30 +1,69 @@
-"""Every query of every panel of the Grafana dashboard, as the Redis data source plugin sends
-it, against Redis filled by a real end-to-end run (capture -> broker -> processor -> Redis):
-each one must return data."""
+"""The Grafana dashboard against Redis filled by a real end-to-end run (capture -> broker ->
+processor -> Redis): every panel query as the Redis data source plugin sends it returns data,
+the $flow variable lists readable flows whose values are flow ids with keys, every data link
+leads to a flow that exists, first/last seen show as dates, and the counters panels show every
+counter. Grafana's part (variable regex, transformations, links) is reproduced by
+tests/integration/grafana_model.py."""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
 import redis
 
-from tests.integration.dashboard_queries import dashboard_targets, redis_command_for
+from packet_records import PROTO_NAMES
+from tests.integration.dashboard_queries import (
+    dashboard_panels,
+    frames_have_data,
+    plugin_client,
+    run_target,
+)
+from tests.integration.grafana_model import (
+    display_name,
+    field_config,
+    link_target,
+    panel_frames,
+    panel_links,
+    query_variable_options,
+)
 from tests.pipeline import REPO, run_module
 from tests.synthetic import write_synthetic_pcap
 
 pytestmark = pytest.mark.integration
 
 DASHBOARD = REPO / "grafana" / "dashboards" / "dpi-realtime.json"
+FLOW_ID = re.compile(r"[0-9a-f]{16}")
+PROCESSOR_COUNTERS = ["records", "malformed_frames", "malformed_messages", "rejected_samples",
+                      "write_errors"]
+CAPTURE_COUNTERS = ["capture_frames", "capture_kernel_drops", "capture_malformed",
+                    "capture_delivery_failed", "capture_dropped_buffer_full",
+                    "capture_parser_errors"]
 
 
-def has_data(command: list, reply) -> bool:
-    name = command[0].upper()
-    if name == "TS.MRANGE":  # [[key, labels, samples], ...]: some series with samples
-        return any(series[2] for series in reply)
-    if name == "HMGET":
-        return any(value is not None for value in reply)
-    return bool(reply)
+def dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def variables_of(client, dash: dict) -> dict[str, list[dict]]:
+    """name -> options of every query variable, as the dashboard's pickers list them."""
+    return {v["name"]: query_variable_options(client, v)
+            for v in dash["templating"]["list"] if v.get("type") == "query"}
+
+
+def first_values(options: dict[str, list[dict]]) -> dict[str, str]:
+    """What each variable holds on first view: its first option ("" when it has none)."""
+    return {name: (opts[0]["value"] if opts else "") for name, opts in options.items()}
+
+
+def readable_label(meta: dict) -> str:
+    def end(addr: str, port: str) -> str:
+        return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+    proto = PROTO_NAMES.get(int(meta["proto"]), meta["proto"])
+    return f"{proto} {end(meta['src'], meta['sport'])} -> {end(meta['dst'], meta['dport'])}"
 
 
 @pytest.fixture(scope="module")
@@ -42,17 +81,97 @@ def filled_redis(stack, databases, tmp_path_factory) -> str:
 
 
 def test_every_panel_query_returns_data(filled_redis):
-    r = redis.Redis.from_url(filled_redis, decode_responses=True)
-    top_flow = r.zrevrange("flows:top:bytes", 0, 0)[0]
-    empty = []
-    targets = dashboard_targets(DASHBOARD)
-    assert len(targets) >= 20
-    for title, panel_id, target in targets:
-        command = redis_command_for(target, variables={"flow": top_flow})
-        reply = r.execute_command(*command)
-        if not has_data(command, reply):
-            empty.append(f"panel {panel_id} {title!r}: {' '.join(map(str, command))}")
+    client = plugin_client(filled_redis)
+    variables = first_values(variables_of(client, dashboard()))
+    assert variables["flow"], "the $flow variable has no option after a run"
+    empty, count = [], 0
+    for panel in dashboard_panels(DASHBOARD):
+        for target in panel.get("targets") or []:
+            count += 1
+            if not frames_have_data(run_target(client, target, variables)):
+                empty.append(f"panel {panel['id']} {panel['title']!r} target {target['refId']}")
+    assert count >= 20
     assert not empty, "panels without data:\n" + "\n".join(empty)
+
+
+def test_flow_variable_shows_readable_flows_and_holds_their_ids(filled_redis):
+    client = plugin_client(filled_redis)
+    r = redis.Redis.from_url(filled_redis, decode_responses=True)
+    options = variables_of(client, dashboard())["flow"]
+    # the top 20 flows, biggest first (flows of equal bytes may come in any order)
+    everything = r.zrevrange("flows:top:bytes", 0, -1, withscores=True)
+    assert len(options) == min(20, len(everything))
+    scores = [r.zscore("flows:top:bytes", o["value"]) for o in options]
+    assert None not in scores and scores == sorted(scores, reverse=True)
+    assert scores[-1] >= (everything[20][1] if len(everything) > 20 else 0)
+    for option in options:
+        fid, text = option["value"], option["text"]
+        assert FLOW_ID.fullmatch(fid), f"value {fid!r} is not a bare flow id"
+        meta = r.hgetall(f"flow:{fid}:meta")
+        assert meta, f"flow:{fid}:meta does not exist"
+        assert r.exists(f"ts:flow:{fid}:bps", f"ts:flow:{fid}:pps") == 2
+        assert text == readable_label(meta), (text, meta)
+        assert fid not in text
+
+
+def test_every_link_leads_to_an_existing_flow(filled_redis):
+    client = plugin_client(filled_redis)
+    r = redis.Redis.from_url(filled_redis, decode_responses=True)
+    dash = dashboard()
+    names = {v["name"] for v in dash["templating"]["list"]}
+    variables = first_values(variables_of(client, dash))
+    panels = dashboard_panels(DASHBOARD)
+    links = []
+    for panel in panels:
+        frames = panel_frames(client, panel, variables)
+        links += [(panel, *link) for link in panel_links(panel, frames, variables)]
+    assert len(links) >= 10, "the top flows table links each of its 10 rows"
+    for panel, column, row, url in links:
+        where = f"panel {panel['title']!r} column {column!r} row {row}: {url}"
+        uid, values = link_target(url)
+        assert uid == dash["uid"], where
+        assert values and set(values) <= names, where
+        if "flow" in values:
+            assert FLOW_ID.fullmatch(values["flow"]), where
+            assert r.exists(f"flow:{values['flow']}:meta"), where
+        # every panel that reads a linked variable gets data for the linked value
+        for target_panel in panels:
+            uses = json.dumps(target_panel.get("targets") or [])
+            if any(f"${name}" in uses or f"${{{name}" in uses for name in values):
+                frames = panel_frames(client, target_panel, {**variables, **values})
+                assert frames_have_data(frames), f"{where}: {target_panel['title']!r} is empty"
+
+
+def test_flow_panel_shows_first_and_last_seen_as_dates(filled_redis):
+    client = plugin_client(filled_redis)
+    r = redis.Redis.from_url(filled_redis, decode_responses=True)
+    dash = dashboard()
+    variables = first_values(variables_of(client, dash))
+    meta = r.hgetall(f"flow:{variables['flow']}:meta")
+    [panel] = [p for p in dashboard_panels(DASHBOARD) if "flow:$flow:meta" in json.dumps(p)]
+    [frame] = panel_frames(client, panel, variables)
+    shown = {display_name(f, frame, [frame]): f for f in frame.fields}
+    assert "first_seen" not in shown and "last_seen" not in shown
+    for column, key in (("First seen", "first_seen"), ("Last seen", "last_seen")):
+        field = shown[column]
+        assert field_config(panel, field, frame, [frame])["unit"].startswith("dateTime")
+        assert field.values == [pytest.approx(float(meta[key]) * 1000, abs=1)]  # epoch ms
+
+
+def test_counters_panels_show_every_counter(filled_redis):
+    client = plugin_client(filled_redis)
+    wanted = {"pipeline:processor": PROCESSOR_COUNTERS, "pipeline:capture": CAPTURE_COUNTERS}
+    seen = {}
+    for panel in dashboard_panels(DASHBOARD):
+        for target in panel.get("targets") or []:
+            if target.get("keyName") in wanted:
+                assert target["field"].split() == wanted[target["keyName"]], panel["title"]
+                [frame] = run_target(client, target)
+                seen[target["keyName"]] = {f.name: f.type for f in frame.fields}
+    assert set(seen) == set(wanted)
+    for key, fields in seen.items():  # a stat panel shows numbers only: "" is a missing field
+        missing = [name for name, kind in fields.items() if kind != "number"]
+        assert not missing, f"{key} lacks {missing}: the panel cannot show them"
 
 
 def test_top_flows_panel_shows_endpoints(filled_redis):

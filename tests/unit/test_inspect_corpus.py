@@ -28,7 +28,9 @@ import pytest
 from capture.decode import decode_frame
 from capture.inspect.dns import parse_dns
 from capture.inspect.flow import FlowInspector
+from capture.inspect.names import safe_name
 from capture.pcapfile import read_frames
+from tests.unit.test_inspect_names import unescape
 
 pytestmark = pytest.mark.corpus
 
@@ -180,15 +182,17 @@ def test_no_content_label_where_tshark_has_another_protocol(results):
     assert not results["extra_labels"], report(results)
 
 
-def _random_label(rng: random.Random) -> bytes:
-    """Label bytes mixing printable ASCII, controls, invalid UTF-8 and valid UTF-8 of code
-    points that Python's Unicode database knows (GLib's may be newer: unassigned code points
-    can differ in printability between the two, which is not what this test is about)."""
+def _random_label(rng: random.Random, valid: bool) -> bytes:
+    """Label bytes mixing printable ASCII, controls, invalid UTF-8 (unless valid: then no
+    backslash either) and valid UTF-8 of code points that Python's Unicode database knows
+    (GLib's may be newer: unassigned code points can differ in printability between the two,
+    which is not what this test is about)."""
     out = bytearray()
     while len(out) < rng.randint(1, 30):
         r = rng.random()
         if r < 0.25:
-            out.append(rng.randint(0x80, 0xFF))
+            if not valid:
+                out.append(rng.randint(0x80, 0xFF))
         elif r < 0.4:
             out.append(rng.randint(0, 0x1F))
         elif r < 0.55:
@@ -197,22 +201,38 @@ def _random_label(rng: random.Random) -> bytes:
             if not 0xD800 <= cp <= 0xDFFF and unicodedata.category(chr(cp)) != "Cn":
                 out += chr(cp).encode()
         else:
-            out.append(rng.randint(0x20, 0x7F))
+            c = rng.randint(0x20, 0x7F)
+            if not (valid and c == 0x5C):
+                out.append(c)
     return bytes(out[:63])
 
 
+def _escaped_like_safe_name(shown: str) -> str:
+    """tshark's text with the non-ASCII characters it shows raw and str.isprintable() refuses
+    escaped as safe_name() escapes them."""
+    return "".join(c if c.isascii() or c.isprintable()
+                   else f"\\u{ord(c):04X}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08X}"
+                   for c in shown)
+
+
 def test_dns_names_are_shown_like_tshark(tmp_path):
-    """Random query names through tshark (the corpus's reference) and through parse_dns."""
+    """Random query names through tshark (the corpus's reference) and through parse_dns and
+    names.safe_name(), the text that leaves capture. A name of valid UTF-8 without a backslash
+    reads exactly as tshark shows it, except that safe_name() also escapes the non-ASCII
+    characters str.isprintable() refuses and tshark shows raw (non-ASCII spaces, line and
+    paragraph separators, private use). Any other name reads back to its exact bytes, where
+    tshark shows U+FFFD for invalid UTF-8 and a backslash as itself."""
     tshark = shutil.which("tshark")
     if tshark is None:
         pytest.skip("tshark not installed")
     rng = random.Random(11)
-    records, ours = [], []
+    records, raws, ours = [], [], []
     for i in range(1500):
-        labels = [_random_label(rng) for _ in range(rng.randint(1, 3))]
+        labels = [_random_label(rng, i % 2 == 0) for _ in range(rng.randint(1, 3))]
         name = b"".join(bytes([len(x)]) + x for x in labels) + b"\x00"
         msg = struct.pack("!HHHHHH", i, 0x0100, 1, 0, 0, 0) + name + b"\x00\x01\x00\x01"
-        ours.append(parse_dns(msg).name)
+        raws.append(b".".join(labels))
+        ours.append(safe_name(parse_dns(msg).name))
         udp = struct.pack("!HHHH", 1024 + i, 53, 8 + len(msg), 0) + msg
         ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), i, 0, 64, 17, 0,
                          bytes((192, 0, 2, 1)), bytes((192, 0, 2, 2)))
@@ -224,8 +244,21 @@ def test_dns_names_are_shown_like_tshark(tmp_path):
     proc = subprocess.run([tshark, "-n", "-r", str(path), "-T", "fields", "-e", "dns.qry.name"],
                           capture_output=True, timeout=120)
     shown = proc.stdout.decode("utf-8").split("\n")[:len(ours)]
-    diffs = [(o, t) for o, t in zip(ours, shown) if o != t]
-    assert len(shown) == len(ours) and not diffs, diffs[:5]
+    assert len(shown) == len(ours)
+    diffs, compared = [], 0
+    for raw, o, t in zip(raws, ours, shown):
+        try:
+            raw.decode("utf-8")
+            valid = b"\\" not in raw
+        except UnicodeDecodeError:
+            valid = False
+        if valid:
+            compared += 1
+            if o != _escaped_like_safe_name(t):
+                diffs.append((raw, o, t))
+        elif unescape(o) != (raw, False):
+            diffs.append((raw, o, t))
+    assert compared >= 700 and not diffs, diffs[:5]
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from capture.inspect.names import MAX_RAW, safe_name
 from capture.inspect.tls import (
     MAX_STREAM,
     NEED_MORE,
@@ -132,7 +133,7 @@ def test_spec_example():
     hello = parse_tls_stream(records(spec_hello()))
     assert isinstance(hello, ClientHello)
     assert hello.ja4 == SPEC_JA4
-    assert hello.sni == "example.com"
+    assert hello.sni == b"example.com"
     assert hello.alpn == ("h2", "http/1.1")
     assert hello.versions == (0x0304, 0x0303)
     assert ja4(False, 0x0304, True, SPEC_CIPHERS, SPEC_EXT_ORDER, b"h2", []) == \
@@ -218,7 +219,7 @@ def test_no_sni_and_ip_literal_sni():
     assert hello.ja4.startswith("t13i1515h2_")
     # FoxIO: "d" whenever the SNI extension is there, even with an IP literal in it
     hello = parse_handshake(spec_hello(sni=b"192.0.2.1"), False)
-    assert hello.sni == "192.0.2.1"
+    assert hello.sni == b"192.0.2.1"
     assert hello.ja4.startswith("t13d1516h2_")
 
 
@@ -282,14 +283,16 @@ def test_signature_algorithms_keep_wire_order():
     assert hello.ja4 == expected_ja4("t12d020300", [0x1301, 0x1302], [0, 0x0D, 0x0A], algs)
 
 
-def test_names_are_made_safe():
-    # as tshark shows the field (ENC_ASCII then format_text): the names compare with its output
+def test_names_are_the_wire_bytes_and_alpn_is_made_safe():
+    # the SNI stays bytes (capture.batching makes every name text with names.safe_name());
+    # ALPN names, which never leave capture, are shown with the same function
     hello = parse_handshake(spec_hello(sni=b"bad\x00name\x1b\xff.ex ample\t"), False)
-    assert hello.sni == "bad\\000name\\033\ufffd.ex ample\\t"
+    assert hello.sni == b"bad\x00name\x1b\xff.ex ample\t"
     hello = parse_handshake(spec_hello(alpn=(b"h2\x80", b"\x07")), False)
-    assert hello.alpn == ("h2\ufffd", "\\a")
+    assert hello.alpn == ("h2\\x80", "\\a")
     hello = parse_handshake(spec_hello(sni=b"x" * 1000), False)
-    assert hello.sni == "x" * 255
+    assert hello.sni == b"x" * MAX_RAW  # all that safe_name() reads
+    assert safe_name(hello.sni) == "x" * 251 + "\\..."
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,7 +319,7 @@ def test_segment_by_segment_feed():
     while len(buf) < len(stream):
         buf += stream[len(buf):len(buf) + rng.randint(1, 90)]
         seen.append(parse_tls_stream(buf))
-    assert seen[-1].sni == "example.com"
+    assert seen[-1].sni == b"example.com"
     assert all(r is NEED_MORE for r in seen[:-1])
 
 
@@ -660,10 +663,11 @@ def test_corpus_client_hellos(name, corpus_dir):
             continue
         assert all(r is NEED_MORE for r in results[:-1])
         hello = found[client] = results[-1]
+        shown = safe_name(hello.sni) if hello.sni else None  # as it leaves capture
         if client in expected:
-            assert (hello.sni, hello.ja4) == expected[client], client
+            assert (shown, hello.ja4) == expected[client], client
         meta = truth.get(frozenset((client, server)), {})
-        assert ([hello.sni] if hello.sni else []) == meta.get("tls_sni", []), client
+        assert ([shown] if shown else []) == meta.get("tls_sni", []), client
         if "tls_ch_supported_versions" in meta:
             assert version_names(hello.versions) == \
                 set(meta["tls_ch_supported_versions"]) - {"GREASE"}, client

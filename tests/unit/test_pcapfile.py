@@ -240,3 +240,101 @@ def test_pcapng_interface_option_longer_than_its_block(tmp_path, after):
     except CaptureFileError:
         pass  # rejecting the file is fine; ignoring the broken option is fine too
     assert [ts for ts, *_ in frames] in ([], [5000])
+
+
+# ----------------------------------------------------------------------------- not a capture
+def test_directory_is_refused(tmp_path):
+    with pytest.raises(CaptureFileError, match="is a directory"):
+        list(read_frames(tmp_path))
+
+
+@pytest.mark.parametrize("compress, tool", [("gzip", "gunzip"), ("bz2", "bunzip2"),
+                                             ("lzma", "unxz")])
+def test_compressed_capture_says_to_decompress_it(tmp_path, compress, tool):
+    import importlib
+
+    good = write_pcap(tmp_path / "good.pcap", 1, recs()).read_bytes()
+    path = tmp_path / "capture.pcap.z"
+    path.write_bytes(importlib.import_module(compress).compress(good))
+    with pytest.raises(CaptureFileError, match=f"decompress it first \\({tool} {path}\\)"):
+        list(read_frames(path))
+
+
+def test_a_pipe_is_read_like_a_file(tmp_path):
+    import os
+    import threading
+
+    data = write_pcap(tmp_path / "good.pcap", 1, recs()).read_bytes()
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_bytes(data))
+    writer.start()
+    try:
+        assert [f for _ts, _w, f, _lt in read_frames(fifo)] == FRAMES
+    finally:
+        writer.join(10)
+
+
+# ----------------------------------------------------------------------------- changed under us
+# A file truncated under an mmap raises SIGBUS on access; read_frames reads with plain reads,
+# so these end with a CaptureFileError (or the old contents), never a dead process.
+SMALL_CHUNK = 4096
+
+
+def big_capture(tmp_path, n: int = 200) -> tuple:
+    frames = [bytes([i % 256]) * (60 + i % 90) for i in range(n)]
+    path = write_pcap(tmp_path / "big.pcap", 1, [(T0 + i, f, len(f)) for i, f in enumerate(frames)])
+    return path, frames
+
+
+def complete_records(path, limit: int) -> int:
+    """How many records of a little-endian pcap end within its first `limit` bytes."""
+    data, pos, n = path.read_bytes(), 24, 0
+    while pos + 16 <= limit and pos + 16 + struct.unpack_from("<I", data, pos + 8)[0] <= limit:
+        pos += 16 + struct.unpack_from("<I", data, pos + 8)[0]
+        n += 1
+    return n
+
+
+@pytest.mark.parametrize("cut", [3 * SMALL_CHUNK + 5, 3 * SMALL_CHUNK + 24 + 8])
+def test_file_truncated_while_read_ends_with_one_error(tmp_path, monkeypatch, cut):
+    import os
+
+    monkeypatch.setattr("capture.pcapfile.CHUNK", SMALL_CHUNK)
+    path, frames = big_capture(tmp_path)
+    expected = complete_records(path, cut)
+    reader = read_frames(path)
+    got = [next(reader)[2]]  # the first chunk is read
+    os.truncate(path, cut)
+    with pytest.raises(CaptureFileError, match="cut short"):
+        for item in reader:
+            got.append(item[2])
+    assert got == frames[:expected] and 0 < expected < len(frames)
+
+
+def test_file_rewritten_while_read_ends_with_one_error(tmp_path, monkeypatch):
+    """`cp other.pcap big.pcap` while it is read: the same file, new (here: shorter) content."""
+    monkeypatch.setattr("capture.pcapfile.CHUNK", SMALL_CHUNK)
+    path, frames = big_capture(tmp_path)
+    other = write_pcap(tmp_path / "other.pcap", 1, recs()).read_bytes()
+    reader = read_frames(path)
+    got = [next(reader)[2]]
+    with open(path, "r+b") as fh:  # what cp does: truncate, then write
+        fh.truncate(0)
+        fh.write(other)
+    with pytest.raises(CaptureFileError):
+        for item in reader:
+            got.append(item[2])
+    assert got == frames[:len(got)]  # what was read before the change is intact
+
+
+def test_file_replaced_by_rename_while_read_is_read_to_its_end(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.setattr("capture.pcapfile.CHUNK", SMALL_CHUNK)
+    path, frames = big_capture(tmp_path)
+    reader = read_frames(path)
+    got = [next(reader)[2]]
+    os.replace(write_pcap(tmp_path / "other.pcap", 1, recs()), path)  # the open file lives on
+    got += [item[2] for item in reader]
+    assert got == frames

@@ -9,24 +9,32 @@ import socket
 import struct
 import subprocess
 import sys
+import zlib
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from packet_records import (
+    BATCH_REPLAY,
+    CHECKSUM,
     HEADER,
     MAGIC,
+    MAX_WIRE_LEN,
     META,
     META_FINGERPRINT,
     META_SERVER_NAME,
     NAME_COUNT,
     RECORD,
+    STATS_COUNTERS,
     VERSION,
     MalformedMessage,
     Record,
+    TimeLimits,
     decode_batch,
+    decode_stats,
     encode_batch,
+    encode_stats,
     partition_for,
     protocol_name,
 )
@@ -39,7 +47,7 @@ A6 = socket.inet_pton(socket.AF_INET6, "2001:db8::10")
 RECORDS = [
     Record(1_700_000_000_123_456_789, 1514, 4, 6, 0x12, 0, 40000, 80, A4, B4, 3, 1, 0),
     Record(1_700_000_001_000_000_000, 60, 6, 17, 0, 0x04, 41001, 53, A6, A6, 0, 0, 0),
-    Record(-5, 2**32 - 1, 0, 0, 0, 0x01, 0, 0, bytes(16), b"\xff" * 16, 255, 255, 0xFFFF),
+    Record(5, MAX_WIRE_LEN, 0, 0, 0, 0x01, 0, 0, bytes(16), b"\xff" * 16, 12, 1, 0),
 ]
 META_ENTRIES = [(0, META_SERVER_NAME, "example.com"), (0, META_FINGERPRINT, "t13d1516h2_8daa"),
                 (2, META_SERVER_NAME, ""), (2, META_SERVER_NAME, "bücher.example")]
@@ -59,7 +67,7 @@ def test_round_trip_without_meta_and_without_records():
     records, meta = decode_batch(encode_batch([]))
     assert (list(records), meta) == ([], [])
     message = encode_batch(packed())
-    assert len(message) == HEADER.size + 3 * RECORD.size + NAME_COUNT.size
+    assert len(message) == HEADER.size + 3 * RECORD.size + NAME_COUNT.size + CHECKSUM.size
     assert list(decode_batch(message)[0]) == [tuple(r) for r in RECORDS]
 
 
@@ -73,9 +81,15 @@ def test_long_values_are_cut_at_a_character_boundary():
     assert meta == [(0, META_SERVER_NAME, "é" * 127)]
 
 
-def message_with(count=None, magic=MAGIC, version=VERSION, tail=b"\0\0") -> bytes:
-    count = len(RECORDS) if count is None else count
-    return HEADER.pack(magic, version, 0, count) + b"".join(packed()) + tail
+def with_checksum(body: bytes) -> bytes:
+    return body + CHECKSUM.pack(zlib.crc32(body))
+
+
+def message_with(count=None, magic=MAGIC, version=VERSION, tail=b"\0\0", records=RECORDS,
+                 batch_flags=0) -> bytes:
+    count = len(records) if count is None else count
+    return with_checksum(HEADER.pack(magic, version, batch_flags, count)
+                         + b"".join(packed(records)) + tail)
 
 
 def meta_tail(*entries: bytes, count: int | None = None) -> bytes:
@@ -89,9 +103,24 @@ def test_well_formed_helper_message_decodes():
 
 MALFORMED = {
     "empty": (b"", "shorter than the batch header"),
-    "short": (MAGIC + b"\x01\x00\x00", "shorter than the batch header"),
+    "short": (MAGIC + b"\x02\x00\x00", "shorter than the batch header"),
     "bad-magic": (message_with(magic=b"XXXX"), "bad magic"),
-    "bad-version": (message_with(version=2), "version 2"),
+    "bad-version": (message_with(version=1), "version 1"),
+    "bad-checksum": (message_with()[:-1] + b"!", "checksum"),
+    "unknown-batch-flags": (message_with(batch_flags=0x80), "batch flags"),
+    "ip-version-5": (message_with(records=[RECORDS[0]._replace(ip_version=5)]), "IP version"),
+    "app-id-200": (message_with(records=[RECORDS[0]._replace(app=200)]), "application id"),
+    "app-id-13": (message_with(records=[RECORDS[0]._replace(app=13)]), "application id"),
+    "app-flags": (message_with(records=[RECORDS[0]._replace(app_flags=2)]), "application flags"),
+    "wire-4gb": (message_with(records=[RECORDS[0]._replace(wire_len=2**32 - 1)]),
+                 "wire length"),
+    "reserved": (message_with(records=[RECORDS[0]._replace(reserved=1)]), "reserved"),
+    "before-1970": (message_with(records=[RECORDS[0]._replace(ts_ns=-5)]), "before 1970"),
+    "meta-kind": (message_with(tail=meta_tail(META.pack(0, 9, 1) + b"a")), "meta kind"),
+    "meta-not-utf8": (message_with(tail=meta_tail(META.pack(0, 1, 2) + b"\xff\xfe")),
+                      "not UTF-8"),
+    "meta-control": (message_with(tail=meta_tail(META.pack(0, 1, 3) + b"a\x1bb")),
+                     "control characters"),
     "record-section-short": (message_with(count=4), "record section shorter"),
     "meta-count-cut": (message_with(tail=b"\0"), "record section shorter"),
     "meta-missing": (message_with(tail=meta_tail(count=1)), "meta section shorter"),
@@ -109,6 +138,77 @@ MALFORMED = {
 def test_malformed_messages(message, reason):
     with pytest.raises(MalformedMessage, match=reason):
         decode_batch(message)
+
+
+def test_every_bit_flip_of_a_message_is_refused():
+    message = encode_batch(packed(), META_ENTRIES)
+    rng = random.Random(5)
+    for _ in range(1000):
+        flipped = bytearray(message)
+        bit = rng.randrange(len(message) * 8)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        with pytest.raises(MalformedMessage):
+            decode_batch(bytes(flipped))
+
+
+NOW = 1_800_000_000 * 10**9
+LIMITS = TimeLimits(live_window_ns=300 * 10**9, max_ahead_ns=60 * 10**9)
+
+
+def batch_at(ts_ns: int, replay: bool = False) -> bytes:
+    return encode_batch(packed([RECORDS[0]._replace(ts_ns=ts_ns)]), replay=replay)
+
+
+@pytest.mark.parametrize("ts_ns, replay, ok", [
+    (NOW - 10**9, False, True),  # live, a second before it was produced
+    (NOW - 301 * 10**9, False, False),  # live, older than the window
+    (NOW + 61 * 10**9, False, False),  # ahead of the clock
+    (10**9, False, False),  # 1970 in a live batch
+    (10**9, True, True),  # 1970 in a replayed file: capture files can be that old
+    (NOW + 61 * 10**9, True, False),  # a replayed file from the future
+    (2**63 - 1, True, False),  # the year 2262
+])
+def test_capture_times_are_checked_against_the_message_time_and_the_clock(ts_ns, replay, ok):
+    message = batch_at(ts_ns, replay)
+    if ok:
+        assert len(list(decode_batch(message, NOW, NOW, LIMITS)[0])) == 1
+    else:
+        with pytest.raises(MalformedMessage, match="time"):
+            decode_batch(message, NOW, NOW, LIMITS)
+
+
+def test_replay_flag_round_trips():
+    assert HEADER.unpack_from(batch_at(1, replay=True))[2] == BATCH_REPLAY
+    assert HEADER.unpack_from(batch_at(1))[2] == 0
+
+
+# ----------------------------------------------------------------------------- stats messages
+def test_stats_round_trip():
+    counters = {name: 3 for name in STATS_COUNTERS}
+    assert decode_stats(encode_stats("host:1", NOW, counters), NOW, NOW, LIMITS) == (
+        "host:1", NOW, counters)
+
+
+BAD_STATS = {
+    "20000-names": encode_stats("h", NOW, {f"c{i}": 1 for i in range(20000)}),
+    "unknown-name": encode_stats("h", NOW, {"capture_frames\x1b[2J": 1}),
+    "negative": encode_stats("h", NOW, {"capture_frames": -1}),
+    "absurd": encode_stats("h", NOW, {"capture_frames": 2**60}),
+    "float": encode_stats("h", NOW, {"capture_frames": 1.5}),
+    "bool": encode_stats("h", NOW, {"capture_frames": True}),
+    "control-source": encode_stats("h\x07", NOW, {}),
+    "future": encode_stats("h", NOW + 10**12, {}),
+    "bad-checksum": encode_stats("h", NOW, {})[:-1] + b"!",
+    "not-json": with_checksum(b"DPIS\x02{"),
+    "counters-a-list": with_checksum(b"DPIS\x02" + json.dumps(
+        {"source": "h", "ts_ns": NOW, "counters": []}).encode()),
+}
+
+
+@pytest.mark.parametrize("message", BAD_STATS.values(), ids=BAD_STATS.keys())
+def test_bad_stats_messages_are_refused(message):
+    with pytest.raises(MalformedMessage):
+        decode_stats(message, NOW, NOW, LIMITS)
 
 
 def test_malformed_message_is_a_value_error():

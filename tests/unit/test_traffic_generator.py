@@ -415,18 +415,108 @@ def test_udp_mode_delivers_count_datagrams_of_payload_size():
     assert 0.1 < float(fields["seconds"]) < 5
 
 
+class IcmpUnreachables:
+    """Counts ICMP port-unreachable messages about UDP datagrams sent to 127.0.0.1:`port`, read
+    from a raw ICMP socket (root or CAP_NET_RAW; `available` is False without)."""
+
+    def __init__(self, port: int) -> None:
+        self.port, self.count = port, 0
+        try:
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+        except PermissionError:
+            self.sock = None
+            return
+        self.sock.settimeout(0.05)
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._count, daemon=True)
+        self.thread.start()
+
+    @property
+    def available(self) -> bool:
+        return self.sock is not None
+
+    def _count(self) -> None:
+        while not self.done.is_set():
+            try:
+                packet = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            ihl = (packet[0] & 0x0F) * 4
+            icmp_type, code = packet[ihl], packet[ihl + 1]
+            inner = packet[ihl + 8:]  # the offending datagram's IP header and 8 bytes after it
+            if icmp_type != 3 or code != 3 or len(inner) < 28 or inner[9] != socket.IPPROTO_UDP:
+                continue
+            inner_ihl = (inner[0] & 0x0F) * 4
+            dport = struct.unpack_from("!H", inner, inner_ihl + 2)[0]
+            if inner[16:20] == bytes((127, 0, 0, 1)) and dport == self.port:
+                self.count += 1
+
+    def close(self) -> int:
+        if self.sock is not None:
+            time.sleep(0.3)  # the last replies are in flight
+            self.done.set()
+            self.thread.join(timeout=10)
+            self.sock.close()
+        return self.count
+
+
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.timeout(60)
+def test_udp_mode_default_target_gets_a_listener():
+    """The defaults (127.0.0.1, a port nobody listens on): the generator receives its own
+    datagrams, so no send fails and the kernel sends no ICMP port unreachable (which would
+    double the frames every test and demo sees)."""
+    port = _free_udp_port()
+    icmp = IcmpUnreachables(port)
+    done = generator({"COUNT": "3000", "RATE_PER_SECOND": "10000", "TARGET_PORT": str(port)})
+    unreachables = icmp.close()
+    assert done.returncode == 0, done.stderr
+    fields = final_fields(done.stdout)
+    assert (fields["sent"], fields["errors"]) == ("3000", "0")
+    assert f"to 127.0.0.1:{port} from 8 flows (received by a sink of ours)" in done.stderr
+    assert "send failed" not in done.stderr
+    if icmp.available:
+        assert unreachables == 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", port))  # the sink is gone with the generator
+
+
+@pytest.mark.timeout(60)
+def test_udp_mode_leaves_a_taken_port_to_its_owner():
+    sink = UdpSink()  # already bound: the generator must not (and cannot) listen there
+    done = generator({"COUNT": "500", "RATE_PER_SECOND": "10000", "TARGET_PORT": str(sink.port)})
+    sizes = sink.close()
+    assert done.returncode == 0, done.stderr
+    assert sizes == {1300: 500}
+    assert "sink of ours" not in done.stderr
+
+
 @pytest.mark.timeout(60)
 def test_udp_mode_counts_refused_sends():
-    closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    closed.bind(("127.0.0.1", 0))
-    port = closed.getsockname()[1]
-    closed.close()  # nothing listens there: the kernel answers ICMP port unreachable
-    done = generator({"COUNT": "200", "TARGET_PORT": str(port), "RATE_PER_SECOND": "2000"})
+    """A port held by a socket that takes datagrams from one peer only: every other sender draws
+    ICMP port unreachable (seen by the sniffer when root: it works) and ECONNREFUSED."""
+    holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    holder.bind(("127.0.0.1", 0))
+    holder.connect(("127.0.0.1", 9))  # receives from 127.0.0.1:9 only
+    port = holder.getsockname()[1]
+    icmp = IcmpUnreachables(port)
+    try:
+        done = generator({"COUNT": "200", "TARGET_PORT": str(port), "RATE_PER_SECOND": "2000"})
+    finally:
+        unreachables = icmp.close()
+        holder.close()
     assert done.returncode == 0, done.stderr
     fields = final_fields(done.stdout)
     assert int(fields["errors"]) > 0
     assert int(fields["sent"]) + int(fields["errors"]) == 200
     assert done.stderr.count("Connection refused") == 1  # logged once, not per packet
+    if icmp.available:
+        assert unreachables >= int(fields["sent"]) // 2
 
 
 @pytest.mark.timeout(60)
