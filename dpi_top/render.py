@@ -197,7 +197,8 @@ def health_panel(snap: Snapshot) -> Panel:
             _counter("dropped (buffer full)", cap.get("capture_dropped_buffer_full")),
             _counter("kernel drops", cap.get("capture_kernel_drops")),
             _counter("malformed", cap.get("capture_malformed")),
-            _counter("delivery failed", cap.get("capture_delivery_failed"))]))
+            _counter("delivery failed", cap.get("capture_delivery_failed")),
+            _counter("parser errors", cap.get("capture_parser_errors"))]))
     else:
         grid.add_row("capture", Text("no stats yet (capture reports every STATS_INTERVAL_S)",
                                      style="dim"))
@@ -207,7 +208,9 @@ def health_panel(snap: Snapshot) -> Panel:
             _counter("malformed frames", proc.get("malformed_frames")),
             _counter("malformed messages", proc.get("malformed_messages")),
             _counter("write errors", proc.get("write_errors")),
-            _counter("rejected samples", proc.get("rejected_samples"))]))
+            _counter("rejected samples", proc.get("rejected_samples")),
+            _counter("not set aside", proc.get("set_aside_failed")),
+            _counter("offset resets", proc.get("offset_resets"))]))
     else:
         grid.add_row("processor", Text("no counters yet", style="dim"))
     if snap.lag is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -38,6 +39,22 @@ class Stack:
         )
         env.update(extra)
         return env
+
+
+def compose_config(tmp_path: Path) -> dict:
+    """docker-compose.yml resolved as compose starts it when nothing is set: no .env file (an
+    empty --env-file instead), no variables but PATH and an empty HOME."""
+    compose = Path(sys.executable).parent / "docker-compose"
+    assert compose.is_file(), f"{compose} is missing: make install puts it in the venv"
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    proc = subprocess.run(
+        [str(compose), "-f", str(REPO / "docker-compose.yml"), "--env-file", str(empty),
+         "config", "--format", "json"],
+        env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)}, cwd=tmp_path,
+        capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
 
 
 def run_module(module: str, env: dict, *args: str, timeout: float = 180,

@@ -5,7 +5,6 @@ out-of-range setting; --help that lists the environment and touches nothing."""
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import signal
 import socket
@@ -24,11 +23,10 @@ from capture.settings import CaptureSettings
 from packet_records import RECORD, encode_batch
 from packet_records.topics import ensure_topics
 from tests.captures import write_captures
-from tests.pipeline import REPO, read_state, run_module
+from tests.pipeline import REPO, compose_config, read_state, run_module
 
 pytestmark = pytest.mark.integration
 
-COMPOSE = Path(sys.executable).parent / "docker-compose"
 SENT = 2000
 PAYLOAD = 64
 
@@ -51,18 +49,8 @@ def need_root() -> None:
 
 
 def compose_capture_env(tmp_path: Path) -> dict[str, str]:
-    """The environment docker-compose.yml gives the capture service when nothing is set: no
-    .env file (an empty --env-file instead), no variables but PATH and an empty HOME."""
-    assert COMPOSE.is_file(), f"{COMPOSE} is missing: make install puts it in the venv"
-    empty = tmp_path / "empty.env"
-    empty.write_text("")
-    proc = subprocess.run(
-        [str(COMPOSE), "-f", str(REPO / "docker-compose.yml"), "--env-file", str(empty),
-         "config", "--format", "json"],
-        env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)}, cwd=tmp_path,
-        capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    environment = json.loads(proc.stdout)["services"]["capture"]["environment"]
+    """The environment docker-compose.yml gives the capture service when nothing is set."""
+    environment = compose_config(tmp_path)["services"]["capture"]["environment"]
     return {key: "" if value is None else str(value) for key, value in environment.items()}
 
 

@@ -11,29 +11,15 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.pipeline import REPO
+from tests.pipeline import REPO, compose_config
 
 pytestmark = pytest.mark.integration
 
-COMPOSE = Path(sys.executable).parent / "docker-compose"
 SERVER_SETTINGS = re.compile(r"^(KAFKA_BOOTSTRAP_SERVERS|REDIS_URL|KAFKA_SECURITY_PROTOCOL"
                              r"|KAFKA_SASL_\w+|KAFKA_SSL_\w+)$")
-
-
-def compose_config(tmp_path: Path) -> dict:
-    empty = tmp_path / "empty.env"
-    empty.write_text("")
-    proc = subprocess.run(
-        [str(COMPOSE), "-f", str(REPO / "docker-compose.yml"), "--env-file", str(empty),
-         "config", "--format", "json"],
-        env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)}, cwd=tmp_path,
-        capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
 
 
 def dockerfile_command(service: dict) -> list[str]:
