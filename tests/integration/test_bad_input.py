@@ -128,3 +128,35 @@ def test_redis_absent_at_start_is_one_clear_error(pipeline_env):
     proc = run_module("flow_processor", env, check=False, timeout=60)
     assert proc.returncode == 2
     assert "not reachable" in one_line(proc.stderr)
+
+
+@pytest.mark.parametrize("server", ["kafka", "silent"])
+def test_redis_url_that_is_not_redis_is_one_line_within_seconds(server, pipeline_env):
+    """REDIS_URL pointing at the Kafka broker, or at a port that accepts and never answers."""
+    import time
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        if server == "kafka":
+            address = pipeline_env["KAFKA_BOOTSTRAP_SERVERS"].split(",")[0]
+        else:
+            address = f"127.0.0.1:{silent.getsockname()[1]}"
+        env = dict(pipeline_env, REDIS_URL=f"redis://{address}/0")
+        started = time.monotonic()
+        proc = run_module("flow_processor", env, check=False, timeout=60)
+        took = time.monotonic() - started
+    finally:
+        silent.close()
+    assert proc.returncode == 2
+    line = one_line(proc.stderr)
+    assert line.startswith("flow_processor: ") and "Redis" in line, line
+    assert took < 15, f"took {took:.1f} s"
+
+
+def test_processor_help_lists_its_environment(pipeline_env):
+    proc = run_module("flow_processor", pipeline_env, "--help")
+    for variable in ("KAFKA_BOOTSTRAP_SERVERS", "REDIS_URL", "FLUSH_INTERVAL_MS",
+                     "LIVE_TIME_WINDOW_S", "KAFKA_SASL_USERNAME"):
+        assert variable in proc.stdout
