@@ -18,6 +18,7 @@ from pathlib import Path
 from dpi_top.procs import watch
 from dpi_top.render import render, top_rows
 from dpi_top.snapshot import DEFAULT_SETTLE_S, Snapshot, connect, fetch
+from packet_records.security import redact_url
 
 DEFAULT_URL = "redis://localhost:6379/0"
 PLAIN_WIDTH = 140  # columns used when the output is not a terminal (COLUMNS overrides)
@@ -63,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         client = connect(args.redis_url)
     except ValueError as exc:
-        print(f"dpi_top: invalid Redis URL {args.redis_url!r}: {exc}", file=sys.stderr)
+        print(f"dpi_top: invalid Redis URL {redact_url(args.redis_url)!r}: {exc}",
+              file=sys.stderr)
         return 2
     from rich.console import Console
 
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def snapshot(client, args) -> tuple[Snapshot, list]:
-    snap = fetch(client, args.redis_url, top=10, settle_s=args.settle)
+    snap = fetch(client, redact_url(args.redis_url), top=10, settle_s=args.settle)
     processes = watch(args.run_dir, args.watch) if args.watch else []
     return snap, processes
 

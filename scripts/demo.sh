@@ -88,7 +88,7 @@ up() {
     local fallback=() stack
     [ -n "${KAFKA_PORT:-}" ] || fallback+=(--any-port-if-taken kafka)
     [ -n "${REDIS_PORT:-}" ] || fallback+=(--any-port-if-taken redis)
-    if ! stack=$("$PY" -m local_stack up --dir "$RUN" "${fallback[@]}"); then
+    if ! stack=$("$PY" -m local_stack up --dir "$RUN" --redis-users "${fallback[@]}"); then
         say "the broker and Redis did not start (the line above says why)"
         exit 1
     fi
@@ -96,18 +96,19 @@ up() {
     export IFACE="${IFACE:-lo}"
     local kport=${KAFKA_BOOTSTRAP_SERVERS##*:} rport=${REDIS_URL##*:}
     rport=${rport%%/*}
+    local redis_at=${REDIS_URL##*@}
     # do not capture the pipeline's own broker and Redis traffic
     export BPF_FILTER="${BPF_FILTER:-not (tcp port $kport or tcp port $rport)}"
 
     start_bg processor "$PY" -m flow_processor
     start_bg capture "$PY" -m capture
     MODE=mix RATE_PER_SECOND="${RATE_PER_SECOND:-500}" start_bg generator "$PY" -m traffic_generator
-    say "broker $KAFKA_BOOTSTRAP_SERVERS, Redis $REDIS_URL, capture on $IFACE; logs in $RUN/"
+    say "broker $KAFKA_BOOTSTRAP_SERVERS, Redis redis://$redis_at (users and passwords in $RUN/redis.users), capture on $IFACE; logs in $RUN/"
     say "Ctrl-C or \`make demo-down\` stops everything"
 
     local watch=()
     for name in "${NAMES[@]}"; do watch+=(--watch "$name"); done
-    "$PY" -m dpi_top --redis-url "$REDIS_URL" --run-dir "$RUN" "${watch[@]}" &
+    "$PY" -m dpi_top --redis-url "$REDIS_READER_URL" --run-dir "$RUN" "${watch[@]}" &
     echo $! >"$RUN/view.pid"
     wait $! || true
     if [ -f "$STOPPING" ]; then

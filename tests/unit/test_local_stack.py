@@ -42,3 +42,13 @@ def test_a_taken_default_port_gives_way_to_a_free_one(taken_port, capsys):
     assert capsys.readouterr().err == (
         f"redis: port {taken_port} on 127.0.0.1 is taken; using a free port instead "
         "(REDIS_PORT=N or --redis-port N chooses one)\n")
+
+
+def test_redis_user_urls_carry_each_users_password():
+    from local_stack.__main__ import user_urls
+
+    lines = user_urls("redis://127.0.0.1:6390/0",
+                      {"admin": "a1", "processor": "p2", "grafana": "g3"})
+    assert lines == ["REDIS_URL=redis://processor:p2@127.0.0.1:6390/0",
+                     "REDIS_READER_URL=redis://grafana:g3@127.0.0.1:6390/0",
+                     "REDIS_ADMIN_URL=redis://admin:a1@127.0.0.1:6390/0"]
