@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 COMPOSE := $(BIN)/docker-compose
 DOCKER_COMPOSE ?= docker compose
 
-.PHONY: install test unit integration lint bench demo demo-down up down logs load-test clean
+.PHONY: install test unit integration lint bench bench-live demo demo-down up down logs load-test clean
 
 install: $(STAMP)
 
@@ -34,7 +34,12 @@ lint: install
 	$(BIN)/hadolint capture/Dockerfile flow_processor/Dockerfile traffic_generator/Dockerfile
 
 bench: install
-	$(BIN)/python bench/bench_pipeline.py
+	$(BIN)/python bench/bench_pipeline.py $(if $(QUICK),--quick)
+	$(BIN)/python bench/bench_live.py $(if $(QUICK),--quick)
+
+# Live capture on a loopback flood against tcpdump only (QUICK=1: about a minute).
+bench-live: install
+	$(BIN)/python bench/bench_live.py $(if $(QUICK),--quick)
 
 # The same services as compose, as local processes (no Docker engine needed), shown by the
 # terminal view (python -m dpi_top). Ctrl-C or `make demo-down` (another terminal) stops it.

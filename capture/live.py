@@ -1,16 +1,23 @@
-"""Live capture from a Linux AF_PACKET socket, filtered in the kernel by a BPF program.
+"""Live capture from a Linux AF_PACKET socket with a TPACKET_V3 memory-mapped ring, filtered in
+the kernel by a BPF program.
 
 libpcap (through Scapy's bindings) compiles the BPF filter for the link type of the frames the
-socket sees, and we attach it; frames are then read raw with recvmsg (kernel timestamps,
-original length, VLAN tags from the packet auxdata) and never dissected by Scapy. This is the
-single capture source behind `frames()`; a TPACKET_V3 ring can replace it without touching the
-rest of the service.
+socket sees; we put a check of our own in front of it (lo's outgoing copies are dropped in the
+kernel, as every loopback frame shows up twice) and attach it. The kernel writes the frames that
+pass into a ring of blocks shared with this process (PACKET_RX_RING, TPACKET_V3): we wait for a
+block with poll(), walk its frames in place (tpacket3_hdr: timestamps, captured and original
+length, VLAN tag the NIC took off; the sockaddr_ll after it: the interface type), copy each
+frame out once as bytes for the decoder, and hand the block back. No system call per frame, and
+frames are never dissected by Scapy. The kernel counts what it could not put in the ring
+(PACKET_STATISTICS, tpacket_stats_v3).
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import mmap
+import os
 import select
 import socket
 import struct
@@ -25,22 +32,62 @@ ETH_P_ALL = 0x0003
 SOL_PACKET = 263
 PACKET_ADD_MEMBERSHIP = 1
 PACKET_MR_PROMISC = 1
+PACKET_RX_RING = 5
 PACKET_STATISTICS = 6
-PACKET_AUXDATA = 8
-SO_TIMESTAMPNS = 35
-SO_RCVBUFFORCE = 33
+PACKET_VERSION = 10
+TPACKET_V3 = 2
 SO_ATTACH_FILTER = 26
 PACKET_OUTGOING = 4
+TP_STATUS_KERNEL, TP_STATUS_USER = 0, 1
 TP_STATUS_VLAN_VALID = 1 << 4
 TP_STATUS_VLAN_TPID_VALID = 1 << 6
 ARPHRD_ETHER, ARPHRD_LOOPBACK = 1, 772
-AUXDATA = struct.Struct("=IIIHHHH")  # status, len, snaplen, mac, net, vlan_tci, vlan_tpid
-TIMESPEC = struct.Struct("=qq")
-MAX_FRAME = 262144
+MAX_FRAME = 262144  # the snap length our filter programs return
 DLT_EN10MB, DLT_RAW = 1, 12  # libpcap's link types: Ethernet, raw IP
-# classic BPF: load the interface's ARPHRD type (a Linux ancillary field), compare, jump, return
-BPF_LD_HATYPE = (0x20, 0, 0, (-0x1000 + 28) & 0xFFFFFFFF)  # ld [SKF_AD_OFF + SKF_AD_HATYPE]
-BPF_JEQ_K, BPF_JA, BPF_RET_K = 0x15, 0x05, 0x06
+
+# The ring: SOCKET_BUFFER_MB of blocks of BLOCK_MAX bytes (smaller when the ring is small, so
+# that it holds at least MIN_BLOCKS); the kernel hands a block over when it is full, or at the
+# next tick of a BLOCK_TIMEOUT_MS timer once it holds a frame. For TPACKET_V3 the frame size is
+# only a hint (frames are packed in a block one after the other, each as long as it needs).
+# The timeout bounds how long a frame waits in the kernel when traffic is light, and how much
+# the ring can absorb while this process does not read: a block the timer hands over partly
+# filled still takes a whole block, so the ring holds at least blocks x timeout of traffic.
+# Measured (bench/bench_live.py): with 20 ms, 64 blocks held only 1.3 s at 100k-200k pps, and
+# a capturer kept off its CPU by other work for longer lost frames tcpdump (1 s timeout) kept;
+# with 100 ms, blocks of 1 MiB fill before the timer above about 55k pps (106-byte frames).
+BLOCK_MAX, BLOCK_MIN, MIN_BLOCKS = 1 << 20, 1 << 17, 8
+BLOCK_TIMEOUT_MS = 100
+FRAME_HINT = 2048
+TPACKET_REQ3 = struct.Struct("=7I")  # block_size, block_nr, frame_size, frame_nr,
+#                                      retire_blk_tov, sizeof_priv, feature_req_word
+# struct tpacket_block_desc: version, offset_to_priv, then tpacket_hdr_v1: block_status,
+# num_pkts, offset_to_first_pkt, ...
+BLOCK_STATUS_OFFSET = 8
+BLOCK_HDR = struct.Struct("=III")  # block_status, num_pkts, offset_to_first_pkt
+BLOCK_STATUS = struct.Struct("=I")
+# struct tpacket3_hdr (48 bytes): tp_next_offset, tp_sec, tp_nsec, tp_snaplen, tp_len,
+# tp_status, tp_mac, (tp_net), hv1 (tp_rxhash), tp_vlan_tci, tp_vlan_tpid, padding; then at
+# TPACKET_ALIGN(48) = 48 the struct sockaddr_ll: (family, protocol, ifindex), sll_hatype.
+FRAME_HDR = struct.Struct("=6IH2x4xIH18xH")
+VLAN_TAG = struct.Struct("!HH")
+TPACKET_STATS_V3 = struct.Struct("=III")  # tp_packets, tp_drops, tp_freeze_q_cnt
+
+# classic BPF
+BPF_LD_IMM, BPF_JEQ_K, BPF_JA, BPF_RET_K = 0x00, 0x15, 0x05, 0x06
+SKF_AD_OFF, SKF_AD_PKTTYPE, SKF_AD_HATYPE = -0x1000, 4, 28
+BPF_LD_PKTTYPE = (0x20, 0, 0, (SKF_AD_OFF + SKF_AD_PKTTYPE) & 0xFFFFFFFF)  # ld [pkttype]
+BPF_LD_HATYPE = (0x20, 0, 0, (SKF_AD_OFF + SKF_AD_HATYPE) & 0xFFFFFFFF)  # ld [hatype]
+# Dropped before the user's filter runs: frames that lo sends (each one comes back in as well;
+# libpcap keeps the incoming copy). Outgoing frames of other interfaces are kept.
+DROP_LOOPBACK_OUTGOING = [
+    BPF_LD_PKTTYPE,
+    (BPF_JEQ_K, 0, 3, PACKET_OUTGOING),  # not outgoing: -> the filter
+    BPF_LD_HATYPE,
+    (BPF_JEQ_K, 0, 1, ARPHRD_LOOPBACK),  # outgoing, not on a loopback interface: -> the filter
+    (BPF_RET_K, 0, 0, 0),  # drop
+    (BPF_LD_IMM, 0, 0, 0),  # A = 0: the filter starts as the kernel starts a program
+]
+ACCEPT_ALL = [(BPF_RET_K, 0, 0, MAX_FRAME)]
 
 Insn = tuple[int, int, int, int]  # code, jt, jf, k
 
@@ -48,44 +95,48 @@ Insn = tuple[int, int, int, int]  # code, jt, jf, k
 class LiveSource:
     def __init__(self, iface: str, bpf_filter: str, socket_buffer_mb: int):
         self.iface = iface
+        ifindex = 0
         if iface:
             try:
                 ifindex = socket.if_nametoindex(iface)
             except OSError:
                 raise StartupError(f"interface {iface!r} does not exist") from None
-        try:
-            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        try:  # protocol 0: the socket receives nothing until bound below, filter and ring set
+            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
         except PermissionError:
             raise StartupError(
                 "no permission to open a capture socket: run as root or with CAP_NET_RAW"
             ) from None
         self.sock = sock
-        size = socket_buffer_mb * 1024 * 1024
-        try:  # past net.core.rmem_max, which CAP_NET_ADMIN allows
-            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
-        except PermissionError:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
-        sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
-        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-        if iface:
-            sock.bind((iface, ETH_P_ALL))
-        if bpf_filter:
-            self._attach_filter(bpf_filter)
+        self.ring: mmap.mmap | None = None
+        self.kernel_drops = self.kernel_packets = self.kernel_freezes = 0
+        self._next_block = 0  # where frames() goes on
+        self._resume: tuple[int, int] | None = None  # (offset, frames left) in that block
+        try:
+            hatype = None
+            if iface:
+                sock.bind((iface, 0))  # the interface only, not yet a protocol: no frames
+                hatype = sock.getsockname()[3]
+            self._attach_filter(bpf_filter, hatype)
+            self._map_ring(socket_buffer_mb)
+            _bind(sock, ifindex)  # from here on, frames that pass the filter fill the ring
+        except BaseException:
+            self.close()
+            raise
         if iface:
             mreq = struct.pack("iHH8s", ifindex, PACKET_MR_PROMISC, 0, b"")
             try:
                 sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, mreq)
             except OSError as exc:  # not fatal: we still see traffic to and from this host
                 log.warning("cannot set %s promiscuous: %s", iface, exc)
-        self._drain()
-        sock.setblocking(False)
-        self.kernel_drops = 0
 
-    def _attach_filter(self, bpf_filter: str) -> None:
-        """Compile the filter for the frames this socket sees, as frames() reads them."""
+    def _attach_filter(self, bpf_filter: str, hatype: int | None) -> None:
+        """Compile the filter for the frames this socket sees, as frames() reads them, behind
+        the check that drops lo's outgoing copies."""
         try:
-            if self.iface:
-                hatype = self.sock.getsockname()[3]
+            if not bpf_filter:
+                program = ACCEPT_ALL
+            elif hatype is not None:
                 dlt = DLT_EN10MB if hatype in (ARPHRD_ETHER, ARPHRD_LOOPBACK) else DLT_RAW
                 program = _compile(bpf_filter, dlt)
             else:  # every interface: Ethernet (and loopback) frames, and raw IP (tun, ppp ...)
@@ -100,6 +151,7 @@ class LiveSource:
                 program = by_link_type(ethernet, raw)
         except ValueError as exc:
             raise StartupError(f"invalid BPF_FILTER {bpf_filter!r}: {exc}") from None
+        program = without_loopback_outgoing(program)
         code = b"".join(struct.pack("HBBI", *insn) for insn in program)
         insns = ctypes.create_string_buffer(code, len(code))
         fprog = struct.pack("HP", len(program), ctypes.addressof(insns))  # struct sock_fprog
@@ -109,63 +161,114 @@ class LiveSource:
             raise StartupError(f"the kernel refused BPF_FILTER {bpf_filter!r}: "
                                f"{exc.strerror}") from None
 
-    def _drain(self) -> None:
-        """Drop what queued before the filter applied (the socket saw everything until then)."""
-        self.sock.setblocking(False)
+    def _map_ring(self, ring_mb: int) -> None:
+        size = ring_mb * 1024 * 1024
+        block = BLOCK_MAX
+        while block > BLOCK_MIN and block * MIN_BLOCKS > size:
+            block //= 2
+        nblocks = max(size // block, 2)
+        self.sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V3)
+        req = TPACKET_REQ3.pack(block, nblocks, FRAME_HINT, block // FRAME_HINT * nblocks,
+                                BLOCK_TIMEOUT_MS, 0, 0)
         try:
-            while True:
-                self.sock.recv(MAX_FRAME)
-        except BlockingIOError:
-            pass
+            self.sock.setsockopt(SOL_PACKET, PACKET_RX_RING, req)
+            self.ring = mmap.mmap(self.sock.fileno(), block * nblocks, mmap.MAP_SHARED,
+                                  mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as exc:
+            raise StartupError(f"cannot set up a capture ring of {nblocks} blocks of "
+                               f"{block // 1024} KiB (SOCKET_BUFFER_MB={ring_mb}): "
+                               f"{exc.strerror}") from None
+        self.block_size, self.blocks = block, nblocks
 
     def read_drops(self) -> int:
-        """Kernel drops since the last call (PACKET_STATISTICS resets on read)."""
-        stats = self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8)
-        _packets, drops = struct.unpack("II", stats)
+        """Kernel drops since the last call (PACKET_STATISTICS resets on read): frames that
+        passed the filter when the ring was full. Also adds up the frames that passed the filter
+        (kernel_packets, drops included) and the times the ring was full (kernel_freezes)."""
+        stats = self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, TPACKET_STATS_V3.size)
+        packets, drops, freezes = TPACKET_STATS_V3.unpack(stats)
+        self.kernel_packets += packets
         self.kernel_drops += drops
+        self.kernel_freezes += freezes
         return drops
 
     def frames(self, idle_timeout: float = 0.1) -> Iterator[tuple | None]:
         """Yield (ts_ns, wire_len, frame, linktype), or None after idle_timeout without traffic."""
-        sock = self.sock
-        buf = bytearray(MAX_FRAME)
-        view = memoryview(buf)
-        recv = sock.recvmsg_into
-        anc_size = socket.CMSG_SPACE(AUXDATA.size) + socket.CMSG_SPACE(TIMESPEC.size)
-        while True:
-            try:
-                size, ancdata, _flags, addr = recv([buf], anc_size, socket.MSG_TRUNC)
-            except BlockingIOError:
-                select.select([sock], [], [], idle_timeout)
-                yield None
-                continue
-            except InterruptedError:
-                continue
-            _ifname, _proto, pkttype, hatype, _hw = addr
-            if pkttype == PACKET_OUTGOING and hatype == ARPHRD_LOOPBACK:
-                continue  # loopback frames show up twice: keep the incoming copy, as libpcap does
-            ts_ns = 0
-            vlan = None
-            for level, kind, data in ancdata:
-                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
-                    sec, nsec = TIMESPEC.unpack_from(data)
-                    ts_ns = sec * 1_000_000_000 + nsec
-                elif level == SOL_PACKET and kind == PACKET_AUXDATA:
-                    status, _len, _snap, _mac, _net, tci, tpid = AUXDATA.unpack_from(data)
-                    if status & TP_STATUS_VLAN_VALID:
-                        vlan = (tpid if status & TP_STATUS_VLAN_TPID_VALID else 0x8100, tci)
-            cap = min(size, MAX_FRAME)
-            if hatype in (ARPHRD_ETHER, ARPHRD_LOOPBACK):
-                frame = bytes(view[:cap])
-                if vlan is not None:  # the NIC took the tag off: put it back, as libpcap does
-                    frame = frame[:12] + struct.pack("!HH", *vlan) + frame[12:]
-                    size += 4
-                yield ts_ns, size, frame, LINKTYPE_ETHERNET
-            else:  # tun, sit, ipip, ppp ...: no link-layer header, the frame starts at IP
-                yield ts_ns, size, bytes(view[:cap]), LINKTYPE_RAW
+        ring = self.ring
+        unpack_frame, unpack_block = FRAME_HDR.unpack_from, BLOCK_HDR.unpack_from
+        release = BLOCK_STATUS.pack_into
+        vlan_tag = VLAN_TAG.pack
+        block_size, blocks = self.block_size, self.blocks
+        ethernet = (ARPHRD_ETHER, ARPHRD_LOOPBACK)
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLIN | select.POLLERR)
+        timeout_ms = max(int(idle_timeout * 1000), 0)
+        index, resume, self._resume = self._next_block, self._resume, None
+        left = -1  # frames of the current block after the one just yielded; -1: between blocks
+        try:
+            while True:
+                base = index * block_size
+                if resume is not None:  # an earlier frames() stopped inside this block
+                    offset, count = resume
+                    resume = None
+                else:
+                    status, count, offset = unpack_block(ring, base + BLOCK_STATUS_OFFSET)
+                    if not status & TP_STATUS_USER:
+                        for _fd, events in poller.poll(timeout_ms):
+                            if events & select.POLLERR:
+                                self._socket_error()
+                        status, count, offset = unpack_block(ring, base + BLOCK_STATUS_OFFSET)
+                        if not status & TP_STATUS_USER:
+                            yield None
+                            continue
+                    offset += base
+                for left in range(count - 1, -1, -1):  # noqa: B007 (read in finally)
+                    (next_offset, sec, nsec, snaplen, wire_len, frame_status, mac, tci, tpid,
+                     hatype) = unpack_frame(ring, offset)
+                    start = offset + mac
+                    frame = ring[start:start + snaplen]  # one copy, out of the ring
+                    offset += next_offset
+                    if hatype in ethernet:
+                        if frame_status & TP_STATUS_VLAN_VALID:  # the NIC took the tag off:
+                            # put it back, as libpcap does
+                            if not frame_status & TP_STATUS_VLAN_TPID_VALID:
+                                tpid = 0x8100
+                            frame = frame[:12] + vlan_tag(tpid, tci) + frame[12:]
+                            wire_len += 4
+                        yield sec * 1_000_000_000 + nsec, wire_len, frame, LINKTYPE_ETHERNET
+                    else:  # tun, sit, ipip, ppp ...: no link-layer header, it starts at IP
+                        yield sec * 1_000_000_000 + nsec, wire_len, frame, LINKTYPE_RAW
+                release(ring, base + BLOCK_STATUS_OFFSET, TP_STATUS_KERNEL)  # to the kernel
+                left = -1
+                index = index + 1 if index + 1 < blocks else 0
+                self._next_block = index
+        finally:  # closed inside a block: the next frames() goes on after the last frame given
+            if left >= 0:
+                self._resume = (offset, left)
+
+    def _socket_error(self) -> None:
+        """poll() reported an error on the socket (e.g. the interface went down): log and clear
+        it, and go on waiting, as frames come again once the interface is back."""
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            log.warning("capture socket on %s: %s", self.iface or "every interface",
+                        os.strerror(err))
 
     def close(self) -> None:
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
         self.sock.close()
+
+
+def _bind(sock: socket.socket, ifindex: int) -> None:
+    """bind() to every protocol on `ifindex` (0: every interface, which Python's bind cannot
+    name)."""
+    sll = struct.pack("=HHiHBB8s", socket.AF_PACKET, socket.htons(ETH_P_ALL), ifindex, 0, 0, 0,
+                      b"")
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.bind(sock.fileno(), ctypes.c_char_p(sll), len(sll)) != 0:
+        err = ctypes.get_errno()
+        raise StartupError(f"cannot bind the capture socket: {os.strerror(err)}")
 
 
 def _compile(expression: str, dlt: int) -> list[Insn]:
@@ -189,6 +292,13 @@ def _compile(expression: str, dlt: int) -> list[Insn]:
         return insns
     finally:
         pcap.pcap_close(handle)
+
+
+def without_loopback_outgoing(program: list[Insn]) -> list[Insn]:
+    """`program` behind DROP_LOOPBACK_OUTGOING. Jumps in classic BPF are relative and only go
+    forward, so the program's own jumps stay as they are; the check's jumps land on its last
+    instruction, which clears A and falls through to the program's first."""
+    return [*DROP_LOOPBACK_OUTGOING, *program]
 
 
 def by_link_type(ethernet: list[Insn], raw: list[Insn]) -> list[Insn]:
