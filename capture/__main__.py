@@ -15,9 +15,9 @@ import time
 from collections.abc import Iterable
 from itertools import chain
 
+from capture.batch_decode import decode_batch_frames
 from capture.batching import RecordBatcher
 from capture.counters import CaptureCounters
-from capture.decode import decode_frame
 from capture.pcapfile import CaptureFileError, read_frames
 from capture.producer import RecordProducer
 from capture.settings import CaptureSettings
@@ -49,6 +49,11 @@ class Stop:
         signal.signal(signal.SIGTERM, handler)
 
 
+# Frames are decoded in batches (capture.batch_decode: numpy over the common headers, the
+# reference decoder for everything else); a batch is this many frames at most.
+DECODE_BATCH = 1024
+
+
 def pump(frames: Iterable, batcher: RecordBatcher, producer: RecordProducer,
          counters: CaptureCounters, settings: CaptureSettings, source=None) -> None:
     """Decode every frame into the batcher and hand full batches to the producer."""
@@ -56,9 +61,12 @@ def pump(frames: Iterable, batcher: RecordBatcher, producer: RecordProducer,
     now = time.monotonic()
     next_flush, next_stats = now + interval, now + settings.stats_interval_s
     add, take, send = batcher.add, batcher.take, producer.send
+    live = source is not None
+    monotonic = time.monotonic
     # hot-loop counters live in locals and reach `counters` in sync_counters()
     frames_n = bytes_n = malformed = unsupported = 0
     warned_links: set[int] = set()
+    pending: list[tuple] = []  # frames read, waiting to be decoded as one batch
 
     def sync_counters() -> None:
         counters.frames, counters.bytes = frames_n, bytes_n
@@ -74,27 +82,38 @@ def pump(frames: Iterable, batcher: RecordBatcher, producer: RecordProducer,
         for partition, message, count in take():
             send(partition, message, count)
 
+    def drain() -> None:
+        """Decode the pending frames as one batch and add them to the batcher, in order."""
+        nonlocal frames_n, bytes_n, malformed, unsupported
+        if not pending:
+            return
+        decoded_all = decode_batch_frames([item[2] for item in pending],
+                                          [item[3] for item in pending])
+        for (ts_ns, wire_len, frame, linktype), decoded in zip(pending, decoded_all):
+            frames_n += 1
+            bytes_n += wire_len
+            if decoded[7] & FLAG_MALFORMED:
+                malformed += 1
+                if decoded[7] & FLAG_UNSUPPORTED_LINK:
+                    unsupported += 1
+                    if linktype not in warned_links:
+                        warned_links.add(linktype)
+                        log.warning("link type %d is not supported: its frames count as OTHER",
+                                    linktype)
+            add(ts_ns, wire_len, frame, decoded)
+            if batcher.ready:
+                send_ready()
+        pending.clear()
+
     try:
         for item in frames:
             if item is not None:
-                ts_ns, wire_len, frame, linktype = item
-                decoded = decode_frame(frame, linktype)
-                frames_n += 1
-                bytes_n += wire_len
-                if decoded[7] & FLAG_MALFORMED:
-                    malformed += 1
-                    if decoded[7] & FLAG_UNSUPPORTED_LINK:
-                        unsupported += 1
-                        if linktype not in warned_links:
-                            warned_links.add(linktype)
-                            log.warning("link type %d is not supported: its frames count as OTHER",
-                                        linktype)
-                add(ts_ns, wire_len, frame, decoded)
-                if batcher.ready:
-                    send_ready()
-                if frames_n & 1023:
+                pending.append(item)
+                # a file fills whole batches; live traffic must not wait for one to fill
+                if len(pending) < DECODE_BATCH and not (live and monotonic() >= next_flush):
                     continue
-            now = time.monotonic()
+            drain()
+            now = monotonic()
             if now >= next_flush:
                 batcher.flush()
                 send_ready()
@@ -108,6 +127,7 @@ def pump(frames: Iterable, batcher: RecordBatcher, producer: RecordProducer,
             if Stop.requested:
                 break
     finally:  # a file cut short still delivers every frame before the damage
+        drain()
         batcher.flush(final=True)
         send_ready()
         sync_counters()
