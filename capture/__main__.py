@@ -163,7 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     producer = RecordProducer(settings, counters, block=source is None)
     batcher = RecordBatcher(partitions, settings.records_per_message, settings.inspect_payloads,
-                            replay=source is None)
+                            replay=source is None,
+                            inspect_memory_mb=settings.inspect_memory_mb,
+                            inspect_idle_timeout_s=settings.inspect_idle_timeout_s,
+                            fragments_held=settings.fragments_held)
     log.info("capturing from %s into %s (%d partitions)",
              args.pcap or (settings.iface or "every interface"), settings.kafka_topic, partitions)
     try:

@@ -6,6 +6,11 @@ the first fragments' ports, and holds back a non-first fragment that arrives bef
 fragment for a short while (bounded in count and capture time) before it goes out with ports 0.
 A second first fragment with the same IP id inside the reassembly timeout is an overlap (or an
 attack) on the same datagram: the later fragments stay with the first one, as in tshark.
+
+No fragment payload is kept: a held fragment is its record's fields (about 0.5 KB with its key,
+at most FRAGMENTS_HELD of them, 4096 by default: 2 MB), and a remembered first fragment's ports
+take about 0.3 KB (at most 65536: 20 MB). Payload bytes held for inspection are bounded by the
+flow cache (capture.flowcache: INSPECT_MEMORY_MB, INSPECT_IDLE_TIMEOUT_S).
 """
 
 from __future__ import annotations
@@ -84,15 +89,17 @@ class RecordBatcher:
     into one message per partition."""
 
     def __init__(self, partitions: int, records_per_message: int, inspect: bool = True,
-                 replay: bool = False):
+                 replay: bool = False, inspect_memory_mb: float = 64,
+                 inspect_idle_timeout_s: float = 30.0, fragments_held: int = 4096):
         self.partitions = partitions
         self.replay = replay  # frames from a capture file: batches say so (their times are old)
         self.records_per_message = records_per_message
         self.pending: list[list[bytes]] = [[] for _ in range(partitions)]
         self.pending_meta: list[list[tuple[int, int, str]]] = [[] for _ in range(partitions)]
         self.ready: list[tuple[int, bytes, int]] = []  # (partition, message, record count)
-        self.fragments = FragmentTracker()
-        self.flows = FlowCache(partitions, inspect)
+        self.fragments = FragmentTracker(max_held=fragments_held)
+        self.flows = FlowCache(partitions, inspect, memory_bytes=int(inspect_memory_mb * (1 << 20)),
+                               idle_timeout_ns=int(inspect_idle_timeout_s * 1e9))
         self.last_ts = 0
 
     def add(self, ts_ns: int, wire_len: int, frame: bytes, decoded: tuple) -> None:
@@ -123,7 +130,7 @@ class RecordBatcher:
         flow = self.flows.get(proto, src, sport, dst, dport)
         meta = None
         if flow.inspector is not None and frame is not None:
-            meta = self.flows.inspect(flow, frame, decoded)
+            meta = self.flows.inspect(flow, frame, decoded, ts_ns)
         partition = flow.partition
         batch = self.pending[partition]
         if meta:
@@ -145,7 +152,10 @@ class RecordBatcher:
         self.pending_meta[partition] = []
 
     def flush(self, final: bool = False) -> None:
-        """Close every partial batch (and, when final, release every held fragment)."""
+        """Close every partial batch (and, when final, release every held fragment); give up
+        the inspections idle since INSPECT_IDLE_TIMEOUT_S of capture time."""
+        if self.flows.active:
+            self.flows.expire(self.last_ts)
         for held in self.fragments.expire(None if final else self.last_ts):
             self._emit(*held, 0, 0)
         for partition, batch in enumerate(self.pending):

@@ -14,6 +14,14 @@ def _inspector_errors() -> int:
     return FlowInspector.errors
 
 
+def _inspector_budget_evictions() -> int:
+    return FlowInspector.budget_evictions
+
+
+def _inspector_idle_expired() -> int:
+    return FlowInspector.idle_expired
+
+
 @dataclass
 class CaptureCounters:
     frames: int = 0  # frames read from the source
@@ -30,16 +38,27 @@ class CaptureCounters:
     # counters were made, refreshed by health_increments() and summary().
     parser_errors: int = 0
     _parser_errors_base: int = field(default_factory=_inspector_errors, repr=False)
+    # unfinished DPI inspections given up to keep inspection state under INSPECT_MEMORY_MB, and
+    # after INSPECT_IDLE_TIMEOUT_S without payload (the flows keep their label and still count)
+    inspect_budget_evictions: int = 0
+    inspect_idle_expired: int = 0
+    _budget_evictions_base: int = field(default_factory=_inspector_budget_evictions, repr=False)
+    _idle_expired_base: int = field(default_factory=_inspector_idle_expired, repr=False)
     _reported: dict = field(default_factory=dict, repr=False)
 
     # counters sent to the processor for the pipeline-health series (ts:health:<name>:count)
     HEALTH = {"frames": "capture_frames", "kernel_drops": "capture_kernel_drops",
               "malformed": "capture_malformed", "delivery_failed": "capture_delivery_failed",
               "dropped_buffer_full": "capture_dropped_buffer_full",
-              "parser_errors": "capture_parser_errors"}
+              "parser_errors": "capture_parser_errors",
+              "inspect_budget_evictions": "capture_inspect_budget_evictions",
+              "inspect_idle_expired": "capture_inspect_idle_expired"}
 
     def _sync_parser_errors(self) -> None:
         self.parser_errors = FlowInspector.errors - self._parser_errors_base
+        self.inspect_budget_evictions = (FlowInspector.budget_evictions
+                                         - self._budget_evictions_base)
+        self.inspect_idle_expired = FlowInspector.idle_expired - self._idle_expired_base
 
     def health_increments(self) -> dict[str, int]:
         """What the health counters gained since the previous call."""

@@ -2,6 +2,25 @@
 flow's Kafka partition (computed once per flow, not per packet) and, until it is done, the
 flow's L7 inspector. The cache is bounded (oldest flows leave first); a flow that left and
 comes back is inspected afresh.
+
+Memory is bounded three ways:
+
+* entries: at most max_flows (262144). An entry (key tuple, the address and port objects it
+  holds, the CachedFlow, its share of the dict and OrderedDict) takes about 420 bytes; an
+  unfinished inspector with no reassembly state yet (a flow that sent no payload) adds about
+  180 (tracemalloc, bench/bench_inspect_memory.py): at most about 160 MB at the bound, 110 MB
+  once the inspections have ended.
+* bytes of inspection state: an inspector that holds reassembly buffers or QUIC state (see
+  FlowInspector.held_bytes()) is charged against memory_bytes (INSPECT_MEMORY_MB) for all
+  flows together. Over the budget, the inspections that have waited longest for their next
+  payload are given up (FlowInspector.budget_evictions counts them) until it holds again.
+* time: an unfinished inspection that got no payload for idle_timeout_ns of capture time
+  (INSPECT_IDLE_TIMEOUT_S) is given up too (FlowInspector.idle_expired).
+
+A flow whose inspection is given up keeps the label it had (a port guess, UNKNOWN, or a label
+whose name never completed) and is not inspected again while it stays in the cache. The
+bookkeeping happens only for packets with payload fed to an unfinished inspector: done flows
+(nearly every packet) pay nothing for it.
 """
 
 from __future__ import annotations
@@ -20,7 +39,7 @@ _U32 = struct.Struct("!I").unpack_from
 
 class CachedFlow:
     __slots__ = ("partition", "inspector", "client_addr", "client_port", "app", "app_flags",
-                 "sent_name", "sent_fp")
+                 "sent_name", "sent_fp", "held", "last_ns")
 
     def __init__(self, partition: int, inspector: FlowInspector | None, client_addr: bytes,
                  client_port: int):
@@ -31,14 +50,22 @@ class CachedFlow:
         self.app = APP_ID.get(inspector.app, 0) if inspector else 0
         self.app_flags = APP_GUESS if inspector and inspector.guess else 0
         self.sent_name = self.sent_fp = None
+        self.held = 0  # bytes of inspection state charged to the budget (FlowCache.held_bytes)
+        self.last_ns = 0  # capture time of the last payload fed to the unfinished inspector
 
 
 class FlowCache:
-    def __init__(self, partitions: int, inspect: bool, max_flows: int = 262144):
+    def __init__(self, partitions: int, inspect: bool, max_flows: int = 262144,
+                 memory_bytes: int = 64 << 20, idle_timeout_ns: int = 30_000_000_000):
         self.partitions = partitions
         self.inspect_payloads = inspect
         self.flows: OrderedDict[tuple, CachedFlow] = OrderedDict()
         self.max_flows = max_flows
+        self.memory_bytes = memory_bytes
+        self.idle_timeout_ns = idle_timeout_ns
+        # flows whose unfinished inspector holds state (held > 0), least recently fed first
+        self.active: OrderedDict[CachedFlow, None] = OrderedDict()
+        self.held_bytes = 0  # sum of their held
 
     def get(self, proto: int, src: bytes, sport: int, dst: bytes, dport: int) -> CachedFlow:
         if src < dst or (src == dst and sport <= dport):
@@ -53,11 +80,53 @@ class FlowCache:
             partition = partition_for(src, dst, sport, dport, proto, self.partitions)
             flow = self.flows[key] = CachedFlow(partition, inspector, src, sport)
             if len(self.flows) > self.max_flows:
-                self.flows.popitem(last=False)
+                _, old = self.flows.popitem(last=False)
+                if old.held:
+                    self._release(old)
         return flow
 
-    @staticmethod
-    def inspect(flow: CachedFlow, frame: bytes, decoded: tuple) -> list | None:
+    def _release(self, flow: CachedFlow) -> None:
+        """Forget the flow's inspection state (its inspector goes with it)."""
+        del self.active[flow]
+        self.held_bytes -= flow.held
+        flow.held = flow.last_ns = 0  # small ints: shared objects, nothing left per flow
+        flow.inspector = None
+
+    def _give_up(self, budget: bool) -> None:
+        """Give up the inspection that waited longest for a payload (the label stays)."""
+        flow = next(iter(self.active))
+        self._release(flow)
+        if budget:
+            FlowInspector.budget_evictions += 1
+        else:
+            FlowInspector.idle_expired += 1
+
+    def expire(self, now_ns: int) -> None:
+        """Give up the unfinished inspections that got no payload for idle_timeout_ns."""
+        active, limit = self.active, now_ns - self.idle_timeout_ns
+        while active and next(iter(active)).last_ns < limit:
+            self._give_up(False)
+
+    def _charge(self, flow: CachedFlow, inspector: FlowInspector, ts_ns: int) -> None:
+        """Bookkeeping after a payload fed to an unfinished inspector."""
+        held = inspector.held_bytes()
+        starts = not flow.held
+        if starts:
+            if not held:
+                return  # no state beyond the inspector itself (most UDP flows)
+            self.active[flow] = None
+        else:
+            self.active.move_to_end(flow)
+        self.held_bytes += held - flow.held
+        flow.held = held
+        flow.last_ns = ts_ns
+        if starts:
+            self.expire(ts_ns)  # amortised: one look at the oldest per flow that starts holding
+        while self.held_bytes > self.memory_bytes:
+            self._give_up(True)
+
+    def inspect(self, flow: CachedFlow, frame: bytes, decoded: tuple,
+                ts_ns: int = 0) -> list | None:
         """Feed one packet's payload to the flow's inspector; return new meta entries as
         (kind, bytes), or None. The bytes are those taken from the packet (the JA4, made here,
         as ASCII): RecordBatcher turns each into text with names.safe_name()."""
@@ -81,6 +150,10 @@ class FlowCache:
         changed = inspector.feed(frame[start:end], from_client, seq)
         if inspector.done:
             flow.inspector = None  # its label stays on the flow; its buffers go
+            if flow.held:
+                self._release(flow)
+        else:
+            self._charge(flow, inspector, ts_ns)
         if not changed:
             return None
         flow.app = APP_ID.get(inspector.app, 0)

@@ -30,8 +30,19 @@ class CaptureSettings(KafkaSecuritySettings):
                                      description="Give up on (and count) a message after this long")
     inspect_payloads: bool = Field(True, description="DPI on each flow's first payloads; false: "
                                    "headers only")
+    inspect_memory_mb: float = Field(64, gt=0, le=65536,
+                                     description="Budget for the bytes DPI holds across all "
+                                     "flows (TCP reassembly, QUIC Initials); over it the "
+                                     "inspections waiting longest are given up (counted)")
+    inspect_idle_timeout_s: float = Field(30.0, gt=0, le=86400,
+                                          description="Give up (and count) a flow's unfinished "
+                                          "inspection after this long without payload "
+                                          "(capture time)")
+    fragments_held: int = Field(4096, ge=1, le=1048576,
+                                description="IP fragments held back waiting for their first "
+                                "fragment's ports (each ~0.5 KB: no payload is kept)")
     # the kernel caps a socket's receive buffer at 1 GiB: more would not take effect
     socket_buffer_mb: int = Field(64, ge=1, le=1024,
-                                  description="Kernel receive buffer of the live socket (1-1024)")
+                                  description="Size of the live capture ring in MiB (kernel memory, taken at start)")
     stats_interval_s: float = Field(5.0, gt=0, le=3600, description="Seconds between summary lines")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level")

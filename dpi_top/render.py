@@ -198,7 +198,8 @@ def health_panel(snap: Snapshot) -> Panel:
             _counter("kernel drops", cap.get("capture_kernel_drops")),
             _counter("malformed", cap.get("capture_malformed")),
             _counter("delivery failed", cap.get("capture_delivery_failed")),
-            _counter("parser errors", cap.get("capture_parser_errors"))]))
+            _counter("parser errors", cap.get("capture_parser_errors")),
+            _counter("inspections given up", cap.get("capture_inspect_budget_evictions"))]))
     else:
         grid.add_row("capture", Text("no stats yet (capture reports every STATS_INTERVAL_S)",
                                      style="dim"))

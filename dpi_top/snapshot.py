@@ -29,7 +29,8 @@ STALE_AFTER_S = 10.0
 FLOW_FIELDS = ("src", "dst", "sport", "dport", "proto", "app", "server_name", "bytes", "packets",
                "app_guess")
 CAPTURE_FIELDS = ("capture_frames", "capture_kernel_drops", "capture_dropped_buffer_full",
-                  "capture_malformed", "capture_delivery_failed", "capture_parser_errors")
+                  "capture_malformed", "capture_delivery_failed", "capture_parser_errors",
+                  "capture_inspect_budget_evictions")
 PROCESSOR_FIELDS = ("records", "malformed_frames", "malformed_messages", "write_errors",
                     "rejected_samples", "set_aside_failed", "offset_resets")
 

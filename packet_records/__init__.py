@@ -230,7 +230,8 @@ MAX_COUNTER_INCREMENT = 1 << 48
 # accepted, so a forged message cannot create series.
 STATS_COUNTERS = ("capture_frames", "capture_kernel_drops", "capture_malformed",
                   "capture_delivery_failed", "capture_dropped_buffer_full",
-                  "capture_parser_errors")
+                  "capture_parser_errors", "capture_inspect_budget_evictions",
+                  "capture_inspect_idle_expired")
 
 
 def encode_stats(source: str, ts_ns: int, counters: dict[str, int]) -> bytes:

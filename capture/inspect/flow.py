@@ -64,6 +64,13 @@ from capture.inspect.udp import DHCP_PORTS, DHCPV6_PORTS, NTP_PORT, is_dhcp, is_
 TCP, UDP = 6, 17
 MAX_PACKETS = 12  # packets with payload inspected per flow
 MAX_BUFFER = 16 * 1024  # reassembled bytes kept per direction
+# What a flow's reassembly (or QUIC) state costs beyond its buffers, as held_bytes() counts it:
+# the tuple and per-direction lists of the TCP state (or a QUIC flow's keys and ranges) and
+# the allocator's share, rounded up
+STATE_BYTES = 1024
+# The Initial keys of a QUIC flow (AEAD and header-protection contexts in OpenSSL), per
+# (version, DCID): measured as the RSS of unfinished QUIC flows, rounded up
+QUIC_KEY_BYTES = 4096
 
 UNKNOWN, DNS, HTTP, TLS, QUIC, SSH = "UNKNOWN", "DNS", "HTTP", "TLS", "QUIC", "SSH"
 NTP, DHCP, DHCPV6, MDNS = "NTP", "DHCP", "DHCPV6", "MDNS"
@@ -111,6 +118,10 @@ class FlowInspector:
     """
 
     errors = 0  # parser exceptions caught by feed() (a bug: each ends that flow's inspection)
+    # inspections given up by capture.flowcache.FlowCache (process-wide, like errors): to keep
+    # the bytes held by unfinished inspectors under the budget, and after the idle timeout
+    budget_evictions = 0
+    idle_expired = 0
 
     __slots__ = ("proto", "client_port", "server_port", "app", "guess", "raw_name",
                  "fingerprint", "done", "_packets", "_bufs", "_next", "_closed", "_stage",
@@ -147,6 +158,18 @@ class FlowInspector:
         app = guesses.get(server_port) or guesses.get(client_port)
         self.app = app or UNKNOWN
         self.guess = app is not None
+
+    def held_bytes(self) -> int:
+        """Bytes this unfinished inspector holds beyond its empty self (0 for most flows): the
+        TCP reassembly buffers (as allocated) or the QUIC state's CRYPTO bytes and keys, plus
+        STATE_BYTES for the objects around them. FlowCache charges it to its byte budget."""
+        bufs = self._bufs
+        if bufs is not None:
+            return bufs[0].__sizeof__() + bufs[1].__sizeof__() + STATE_BYTES
+        state = self._quic
+        if state is not None:
+            return state.crypto.__sizeof__() + STATE_BYTES + QUIC_KEY_BYTES * len(state.keys)
+        return 0
 
     @property
     def server_name(self) -> str | None:

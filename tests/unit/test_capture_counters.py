@@ -12,7 +12,8 @@ def test_health_increments_report_what_each_counter_gained():
     first = counters.health_increments()
     assert first == {"capture_frames": 10, "capture_kernel_drops": 1, "capture_malformed": 0,
                      "capture_delivery_failed": 0, "capture_dropped_buffer_full": 0,
-                     "capture_parser_errors": 0}
+                     "capture_parser_errors": 0, "capture_inspect_budget_evictions": 0,
+                     "capture_inspect_idle_expired": 0}
     counters.frames = 15
     assert counters.health_increments()["capture_frames"] == 5
 
