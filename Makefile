@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 COMPOSE := $(BIN)/docker-compose
 DOCKER_COMPOSE ?= docker compose
 
-.PHONY: install test unit integration lint bench bench-live demo demo-down up down logs load-test clean
+.PHONY: install test unit integration lint bench bench-live bench-writepath demo demo-down up down logs load-test clean
 
 install: $(STAMP)
 
@@ -40,6 +40,10 @@ bench: install
 # Live capture on a loopback flood against tcpdump only (QUICK=1: about a minute).
 bench-live: install
 	$(BIN)/python bench/bench_live.py $(if $(QUICK),--quick)
+
+# The write path end to end into the local broker and Redis, before/after (about 6 minutes).
+bench-writepath: install
+	$(BIN)/python bench/bench_writepath.py
 
 # The same services as compose, as local processes (no Docker engine needed), shown by the
 # terminal view (python -m dpi_top). Ctrl-C or `make demo-down` (another terminal) stops it.

@@ -120,6 +120,70 @@ class PartitionState:
         self.malformed_frames += malformed
 
 
+    # -- per-flow series policy and what a written flush leaves behind -----------------------
+
+    def plan_series(self, policy: str, min_bytes: int, top_scores: list[float], top_n: int,
+                    max_held: int) -> None:
+        """Decide which flows without series get them with this flush (flow.qualifies).
+
+        FLOW_SERIES=all: every flow. top: a flow qualifies once its bytes reach min_bytes, or
+        would rank among the top_n of flows:top:bytes (its current top scores, top_scores,
+        together with the totals of this flush's flows), or holds more than max_held seconds
+        (the bound of what is held here). Deterministic for a given state: a flush retried
+        after an error decides the same way."""
+        flows = [f for f in self.dirty_flows if not f.series]
+        if not flows:
+            return
+        if policy == "all":
+            for f in flows:
+                f.qualifies = True
+            return
+        totals = [f.total_bytes + f.delta_bytes for f in flows]
+        ranked = sorted([*top_scores, *totals], reverse=True)
+        threshold = min_bytes
+        if top_n and len(ranked) >= top_n:
+            threshold = min(threshold, ranked[top_n - 1])
+        elif top_n:
+            threshold = 0  # fewer flows than top_n: every one is in the top
+        held_seconds: dict[Flow, int] = {}
+        if max_held:
+            for (flow, sec) in self.flow_seconds:
+                if not flow.series:
+                    held_seconds[flow] = held_seconds.get(flow, 0) + (
+                        1 if flow.held is None or sec not in flow.held else 0)
+        for f, total in zip(flows, totals):
+            f.qualifies = (total >= threshold or (max_held and len(f.held or ())
+                                                  + held_seconds.get(f, 0) > max_held))
+
+    def written(self) -> None:
+        """The flush landed in Redis: move deltas into the flows' totals, hold the cells of
+        flows without series, then clear the aggregates."""
+        for (flow, sec), cell in self.flow_seconds.items():
+            if not flow.series and not flow.qualifies:
+                held = flow.held
+                if held is None:
+                    flow.held = held = {}
+                old = held.get(sec)
+                if old is None:
+                    held[sec] = [cell[0], cell[1]]
+                else:
+                    old[0] += cell[0]
+                    old[1] += cell[1]
+        for flow in self.dirty_flows:
+            if flow.qualifies:
+                flow.series, flow.qualifies, flow.held = True, False, None
+            flow.total_bytes += flow.delta_bytes
+            flow.dirty = flow.new = flow.labels_changed = False
+            flow.delta_bytes = flow.delta_packets = 0
+        self.clear()
+        self.base_offset = self.next_offset
+
+    @property
+    def write_cost(self) -> int:
+        """Rough size of the transaction this state's flush makes (flows and cells)."""
+        return 4 * len(self.dirty_flows) + len(self.flow_seconds)
+
+
 def _apply_meta(flow: Flow, meta: list[tuple[int, int, str]], index: int) -> None:
     """Take the names found in record `index` (meta entries are few: a linear scan is fine)."""
     for entry_index, kind, text in meta:

@@ -20,7 +20,7 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from flow_processor.aggregate import NS, PartitionState
-from flow_processor.flows import FlowTable
+from flow_processor.flows import FlowTable, evict_over_bound
 from flow_processor.settings import ProcessorSettings
 from flow_processor.sink import REDIS_UNAVAILABLE, RedisSink, redis_refusing
 from packet_records import (
@@ -35,7 +35,8 @@ from packet_records.security import kafka_client_config
 log = logging.getLogger("flow_processor")
 
 REDIS_DOWN = REDIS_UNAVAILABLE
-TRIM_EVERY_FLUSHES = 60  # top-N sets are trimmed to TOP_FLOWS_KEPT this often
+BACKLOG_FLUSH_FACTOR = 5  # behind on a backlog, flush at most this many intervals apart
+TRIM_EVERY_S = 10.0  # top-N sets are trimmed to TOP_FLOWS_KEPT this often (monotonic time)
 # Messages set aside are cut to this size: the dead-letter topic takes at most about 1 MB, and
 # the first bytes are what tells what the message was.
 MAX_SET_ASIDE_BYTES = 512 * 1024
@@ -58,8 +59,10 @@ class Processor:
         self.records_per_message = 1000.0  # running estimate, to turn records into messages
         self.totals = {"records": 0, "messages": 0, "malformed_messages": 0, "flushes": 0,
                        "rejected_samples": 0, "write_errors": 0, "fenced": 0,
-                       "set_aside_failed": 0, "offset_resets": 0}
-        self.unwritten = {"set_aside_failed": 0, "offset_resets": 0}  # for pipeline:processor
+                       "set_aside_failed": 0, "offset_resets": 0, "flows_evicted": 0}
+        # for pipeline:processor
+        self.unwritten = {"set_aside_failed": 0, "offset_resets": 0, "flows_evicted": 0}
+        self.next_trim = time.monotonic() + TRIM_EVERY_S
         self.limits = TimeLimits(settings.live_time_window_s * NS, settings.max_time_ahead_s * NS)
         self.topic_id: str | None = None
         security = kafka_client_config(settings)
@@ -329,13 +332,15 @@ class Processor:
         result = self.sink.write(targets)
         commits = []
         for state in result.written:
-            for flow in state.dirty_flows:
-                flow.dirty = flow.new = flow.labels_changed = False
-                flow.delta_bytes = flow.delta_packets = 0
-            state.clear()
-            state.base_offset = state.next_offset
-            self.sink.expire_flows(state.table.expire(state.clock_ns))
+            state.written()
+            # flows leaving the table keep their keys: those carry a TTL since their first write
+            state.table.expire(state.clock_ns)
             commits.append(TopicPartition(self.topic, state.partition, state.next_offset))
+        evicted = len(evict_over_bound([st.table for st in self.states.values()],
+                                       self.settings.max_flows))
+        if evicted:
+            self.totals["flows_evicted"] += evicted
+            self.unwritten["flows_evicted"] += evicted
         for state, stored in result.fenced:
             # another member wrote this partition since we took it: drop ours, resume after theirs
             self.totals["fenced"] += 1
@@ -343,8 +348,9 @@ class Processor:
                         state.partition, stored)
             self._restart(state, stored)
         self.totals["flushes"] += 1
-        if self.totals["flushes"] % TRIM_EVERY_FLUSHES == 0:
+        if time.monotonic() >= self.next_trim:
             self.sink.trim_top()
+            self.next_trim = time.monotonic() + TRIM_EVERY_S
         self.totals["rejected_samples"] += result.rejected_samples
         self.totals["write_errors"] += result.write_errors
         self.unwritten["rejected_samples"] = (self.unwritten.get("rejected_samples", 0)
@@ -430,11 +436,22 @@ class Processor:
                 now = time.monotonic()
                 if messages:
                     last_message = now
-                due = now >= next_flush or self.pending_records() >= s.max_pending_records
-                if due and now >= retry_at:
+                # behind (the poll came back full): a backlog is written in fewer, bigger
+                # flushes (every flow touched is written once per flush), up to
+                # BACKLOG_FLUSH_FACTOR intervals apart; caught up, every FLUSH_INTERVAL_MS
+                behind = len(messages) >= batch
+                due = ((now >= next_flush and not behind)
+                       or now >= next_flush + (BACKLOG_FLUSH_FACTOR - 1) * flush_every
+                       or self.pending_records() >= s.max_pending_records)
+                big = [st for st in self.states.values()
+                       if len(st.dirty_flows) >= s.flush_max_flows]
+                if (due or big) and now >= retry_at:
                     try:
-                        self.flush()
-                        next_flush = now + flush_every
+                        if due:
+                            self.flush()
+                            next_flush = now + flush_every
+                        else:  # only the partitions whose transaction would grow big
+                            self.flush(big)
                         resumed = self.paused
                         if self.paused:
                             self.consumer.resume(self.consumer.assignment())

@@ -38,7 +38,8 @@ class Flow:
     __slots__ = ("id", "bps_key", "pps_key", "label", "key", "src", "dst", "sport", "dport",
                  "proto",
                  "first_ns", "last_ns", "opened_ns", "delta_bytes", "delta_packets", "new", "dirty",
-                 "app", "app_guess", "server_name", "fingerprint", "labels_changed")
+                 "app", "app_guess", "server_name", "fingerprint", "labels_changed",
+                 "total_bytes", "series", "series_ready", "qualifies", "held", "ttl_at")
 
     def __init__(self, key: tuple, ipver: int, proto: int, src: bytes, sport: int, dst: bytes,
                  dport: int, ts_ns: int):
@@ -58,10 +59,21 @@ class Flow:
         self.server_name: str | None = None
         self.fingerprint: str | None = None
         self.labels_changed = False  # app, server_name or fingerprint to write
+        self.total_bytes = 0  # bytes of this table entry written to Redis
+        # Per-flow series (FLOW_SERIES): series is True once this entry's series are written
+        # (FLOW_SERIES=all: from the start); series_ready once they were created in Redis;
+        # qualifies: chosen by the flush being written; held: per-second cells (second ->
+        # [bytes, packets]) written before the flow qualified, kept here until it does.
+        self.series = False
+        self.series_ready = False
+        self.qualifies = False
+        self.held: dict[int, list[int]] | None = None
+        self.ttl_at = 0.0  # monotonic time the TTL of the flow's keys was last set
 
 
 class FlowTable:
-    """Flows of one partition, with idle and active timeouts on capture time and a size bound."""
+    """Flows of one partition, with idle and active timeouts on capture time and a size bound
+    (the process's bound is shared between its partitions' tables: see evict_oldest)."""
 
     def __init__(self, idle_ns: int, active_ns: int, max_flows: int):
         self.flows: dict[tuple, Flow] = {}
@@ -83,3 +95,33 @@ class FlowTable:
                 if not self.flows[key].dirty:
                     gone.append(self.flows.pop(key))
         return gone
+
+    def evict_oldest(self, count: int) -> list[Flow]:
+        """Remove and return up to `count` of the oldest entries that are not dirty (the
+        processor's MAX_FLOWS bound, shared between the tables of its partitions)."""
+        gone: list[Flow] = []
+        if count <= 0:
+            return gone
+        for key, flow in list(self.flows.items()):
+            if not flow.dirty:
+                del self.flows[key]
+                gone.append(flow)
+                if len(gone) >= count:
+                    break
+        return gone
+
+
+def evict_over_bound(tables: list[FlowTable], max_flows: int) -> list[Flow]:
+    """Keep the flows of all these tables (one process) within max_flows: each table gives
+    up its oldest clean entries in proportion to its size. Returns the flows removed."""
+    total = sum(len(t) for t in tables)
+    excess = total - max_flows
+    gone: list[Flow] = []
+    if excess <= 0:
+        return gone
+    for table in sorted(tables, key=len, reverse=True):
+        share = -(-excess * len(table) // total)  # ceiling
+        gone += table.evict_oldest(min(share, excess - len(gone)))
+        if len(gone) >= excess:
+            break
+    return gone

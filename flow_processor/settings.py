@@ -30,14 +30,32 @@ class ProcessorSettings(KafkaSecuritySettings):
     flow_active_timeout_s: int = Field(1800, ge=1, le=604800,
                                        description="Re-open a flow's table entry after this long")
     max_flows: int = Field(1_000_000, ge=100, le=100_000_000,
-                           description="Bound of the in-memory flow table per process")
+                           description="Bound of the in-memory flow tables of the process "
+                           "(all its partitions together)")
     series_retention_ms: int = Field(0, ge=0, description="Retention of aggregate series; 0 = keep")
     flow_series_retention_ms: int = Field(86_400_000, ge=0,
                                           description="Retention of per-flow series; 0 = keep")
     flow_series_chunk_bytes: int = Field(512, ge=48, le=1048576, multiple_of=8,
                                          description="Chunk size of per-flow series (small "
                                          "flows waste the 4 KiB default)")
-    flow_ttl_s: int = Field(86400, ge=60, description="Flow keys expire this long after going idle")
+    flow_ttl_s: int = Field(86400, ge=60,
+                            description="Flow keys (flow:<id>:meta, ts:flow:<id>:*) carry this "
+                            "TTL from their first write, renewed while the flow is written")
+    flow_series: Literal["all", "top"] = Field(
+        "top", description="Per-flow series: all = every flow; top = flows that reach "
+        "FLOW_SERIES_MIN_BYTES or the top FLOW_SERIES_TOP, complete from their first second")
+    flow_series_min_bytes: int = Field(1_000_000, ge=0,
+                                       description="FLOW_SERIES=top: bytes that give a flow "
+                                       "its series")
+    flow_series_top: int = Field(100, ge=0, le=100_000,
+                                 description="FLOW_SERIES=top: flows among the top this many "
+                                 "of flows:top:bytes get their series")
+    flow_series_max_held: int = Field(60, ge=1, le=86400,
+                                      description="FLOW_SERIES=top: a flow holding more "
+                                      "seconds than this in the processor gets its series")
+    flush_max_flows: int = Field(5000, ge=100, le=1_000_000,
+                                 description="Flush a partition early once it holds this many "
+                                 "flows to write: bounds how long one transaction holds Redis")
     top_flows_kept: int = Field(10000, ge=10, le=10_000_000,
                                 description="Members kept in each top-N set (flows, hosts, ...)")
     live_time_window_s: int = Field(300, ge=1, le=86400,

@@ -27,12 +27,22 @@ from flow_processor.settings import ProcessorSettings
 from packet_records import PROTOCOLS, STATS_COUNTERS
 from packet_records.apps import APPS
 from packet_records.runtime import StartupError
+from packet_records.security import redact_url
 
 log = logging.getLogger(__name__)
 
 MADD_CHUNK = 2000  # samples per TS.MADD
-FLOWS_PER_CALL = 1000  # flows per call of flows.lua (a call blocks Redis while it runs)
+FLOWS_PER_CALL = 500  # flows per call of flows.lua (a call blocks Redis while it runs)
+PREPARE_CHUNK = 2000  # commands per pipeline that creates flow series before a transaction
+TRIM_CHUNK = 10000  # members removed from a top-N set per command
+# A flush is cut into transactions of about this PartitionState.write_cost (4 a flow + 1 a
+# flow-second), whole partitions each: bench_writepath measured the longest EXEC at 150-390 ms
+# on a loaded 2-core machine with 6000 (2.3-2.8 s before the cut); a partition alone is
+# bounded by FLUSH_MAX_FLOWS
+TRANSACTION_COST = 6000
 FLOWS_LUA = Path(__file__).with_name("flows.lua")
+TOP_LUA = Path(__file__).with_name("top.lua")
+TOP_PER_CALL = 2000  # top-N increments (or keys to expire) per call of top.lua
 APP_SERIES = tuple(f"ts:app:{app}" for app in APPS)  # by app id
 METRICS = (("bps", 0), ("pps", 1))  # series suffix, index in the [bytes, packets] cells
 TOP_FLOWS = "flows:top:bytes"
@@ -40,7 +50,7 @@ TOP_APPS, TOP_HOSTS, TOP_DOMAINS = "apps:top:bytes", "hosts:top:bytes", "domains
 TOP_SETS = (TOP_FLOWS, "flows:top:endpoints", TOP_APPS, TOP_HOSTS, TOP_DOMAINS)
 COUNTERS = "pipeline:processor"
 PROCESSOR_COUNTERS = ("records", "malformed_frames", "malformed_messages", "rejected_samples",
-                      "write_errors", "set_aside_failed", "offset_resets")
+                      "write_errors", "set_aside_failed", "offset_resets", "flows_evicted")
 LAG_SERIES = "ts:health:consumer_lag:count"
 # Replies of a Redis that is up but refuses writes for now (out of memory, a failed save
 # with stop-writes-on-bgsave-error, a replica, loading a dataset): wait, as for an outage.
@@ -85,7 +95,9 @@ class RedisSink:
         self.topic_id_prefix = (f"pipeline:topic_id:{settings.kafka_group_id}:"
                                 f"{settings.kafka_topic}:")
         self.created: set[str] = set()
+        self.created_counters = False
         self.flows_script = self.redis.register_script(FLOWS_LUA.read_text())
+        self.top_script = self.redis.register_script(TOP_LUA.read_text())
 
     def check(self) -> None:
         """Fail at start with one clear line when Redis or RedisTimeSeries is missing, or the
@@ -132,6 +144,12 @@ class RedisSink:
             log.warning("the aggregate series are gone (Redis was emptied?): creating them again")
             self.created.clear()
         self._create_series(self._series_to_create())
+        if not self.created_counters or not self.redis.exists(COUNTERS):
+            pipe = self.redis.pipeline(transaction=False)
+            for name in PROCESSOR_COUNTERS:  # every counter shows, as 0 until it counts
+                pipe.hsetnx(COUNTERS, name, 0)
+            pipe.execute()
+            self.created_counters = True
 
     def stored_offset(self, partition: int) -> int | None:
         return self.stored_offsets([partition])[0]
@@ -147,7 +165,7 @@ class RedisSink:
     # -- series creation -------------------------------------------------------------------
 
     def _series_to_create(self) -> list[tuple[str, int, dict]]:
-        """The aggregate series this process has not created yet (flow series: flows.lua)."""
+        """The aggregate series this process has not created yet (flow series: _prepare_flows)."""
         out = []
         aggregate_retention = self.settings.series_retention_ms
         for metric, _ in METRICS:
@@ -185,14 +203,85 @@ class RedisSink:
                 raise result
             self.created.add(key)
 
-    # -- the transaction -------------------------------------------------------------------
+    # -- the transactions ------------------------------------------------------------------
+
+    def top_scores(self) -> list[float]:
+        """Scores of the current top FLOW_SERIES_TOP flows (FLOW_SERIES=top decides with them)."""
+        s = self.settings
+        if s.flow_series != "top" or not s.flow_series_top:
+            return []
+        return [score for _m, score in self.redis.zrevrange(TOP_FLOWS, 0, s.flow_series_top - 1,
+                                                            withscores=True)]
 
     def write(self, states: list[PartitionState]) -> WriteResult:
-        """Write the aggregates of these partitions with their offsets, exactly once."""
+        """Write the aggregates of these partitions with their offsets, exactly once. A flush
+        that would hold Redis for long is cut into several MULTI/EXEC, each holding whole
+        partitions (at least one) and fenced by WATCH on their offset keys; a small flush is
+        one MULTI/EXEC. The processor also flushes a partition early once its own transaction
+        would grow big (FLUSH_MAX_FLOWS)."""
         self._create_series(self._series_to_create())
+        s = self.settings
+        scores = self.top_scores()
+        result = WriteResult()
+        group: list[PartitionState] = []
+        cost = 0
+        for state in states:
+            state.plan_series(s.flow_series, s.flow_series_min_bytes, scores, s.flow_series_top,
+                              s.flow_series_max_held)
+            if group and cost + state.write_cost > TRANSACTION_COST:
+                self._write_group(group, result)
+                group, cost = [], 0
+            self._prepare_flows(state.dirty_flows)
+            group.append(state)
+            cost += state.write_cost
+        if group:
+            self._write_group(group, result)
+        return result
+
+    def _prepare_flows(self, flows: list[Flow]) -> None:
+        """Before the transaction, outside it: create the series of flows that get them now
+        and (re)set the TTL of their keys. An empty series changes no value, so this needs no
+        fence; done here it keeps TS.CREATE (the dearest command) out of the transactions,
+        in short pipelines that let other clients in between."""
+        ttl = self.settings.flow_ttl_s
+        now = time.monotonic()
+        refresh_before = now - ttl / 4
+        pipe = self.redis.pipeline(transaction=False)
+        queued = 0
+        created: list[Flow] = []
+        s = self.settings
+        for f in flows:
+            if (f.series or f.qualifies) and not f.series_ready:
+                for key, metric in ((f.bps_key, "bps"), (f.pps_key, "pps")):
+                    pipe.execute_command(
+                        "TS.CREATE", key, "RETENTION", s.flow_series_retention_ms, "CHUNK_SIZE",
+                        s.flow_series_chunk_bytes, "DUPLICATE_POLICY", "SUM", "LABELS",
+                        "dimension", "flow", "flow_id", f.id, "metric", metric)
+                    pipe.expire(key, ttl)
+                created.append(f)
+                queued += 4
+            elif f.series_ready and f.ttl_at < refresh_before:
+                pipe.expire(f.bps_key, ttl)
+                pipe.expire(f.pps_key, ttl)
+                queued += 2
+            if queued >= PREPARE_CHUNK:
+                self._run_prepared(pipe)
+                queued = 0
+        if queued:
+            self._run_prepared(pipe)
+        for f in created:
+            f.series_ready = True
+
+    @staticmethod
+    def _run_prepared(pipe) -> None:
+        for reply in pipe.execute(raise_on_error=False):
+            if isinstance(reply, Exception) and "already exists" not in str(reply):
+                raise reply
+
+    def _write_group(self, states: list[PartitionState], result: WriteResult) -> None:
+        """One MULTI/EXEC for these partitions, fenced by WATCH on their offset keys."""
         keys = [self.offset_prefix + str(s.partition) for s in states]
         while True:
-            result = WriteResult()
             with self.redis.pipeline(transaction=True) as pipe:
                 try:
                     pipe.watch(*keys)
@@ -207,54 +296,92 @@ class RedisSink:
                             result.fenced.append((state, offset))
                     if not writable:
                         pipe.unwatch()
-                        return result
+                        return
                     pipe.multi()
-                    sample_commands = self._queue_writes(pipe, writable)
+                    madd_at: list[int] = []  # positions of the TS.MADD replies
+                    for state in writable:
+                        n = self._queue_writes(pipe, state)
+                        end = len(pipe.command_stack)
+                        madd_at.extend(range(end - n, end))
                     replies = pipe.execute(raise_on_error=False)
                 except WatchError:
                     continue  # an offset moved under us: look again
-            result.rejected_samples = self._count_rejected(replies, sample_commands)
-            failed = [r for r in replies[:len(replies) - sample_commands]
-                      if isinstance(r, Exception)]
+            madd = set(madd_at)
+            result.rejected_samples += self._count_rejected([replies[i] for i in madd_at])
+            failed = [r for i, r in enumerate(replies)
+                      if i not in madd and isinstance(r, Exception)]
             if failed:  # a bug, not bad data: say it loudly (the rest of the EXEC landed)
-                result.write_errors = len(failed)
+                result.write_errors += len(failed)
                 log.error("%d commands of a flush failed, first: %s", len(failed), failed[0])
             result.written.extend(writable)
-            return result
+            return
 
-    def _queue_writes(self, pipe, states: list[PartitionState]) -> int:
-        """Queue the whole flush; return how many TS.MADD commands end the replies."""
-        for state in states:
-            for (name, sec), value in state.health.items():
-                pipe.execute_command("TS.ADD", f"ts:health:{name}:count", sec * 1000, value,
-                                     "ON_DUPLICATE", "SUM", "LABELS", "dimension", "health",
-                                     "metric", name)
-            for name, value in state.capture_totals.items():
-                pipe.hincrby(CAPTURE_COUNTERS, name, value)
-        # flows first: flows.lua creates the series of new flows that TS.MADD then writes
-        self._queue_flows(pipe, [f for state in states for f in state.dirty_flows])
-        unknown = sum(cell[0] for state in states for cell in state.no_flow.values())
+    def _queue_writes(self, pipe, state: PartitionState) -> int:
+        """Queue one partition's flush; return how many TS.MADD commands end the replies."""
+        for (name, sec), value in state.health.items():
+            pipe.execute_command("TS.ADD", f"ts:health:{name}:count", sec * 1000, value,
+                                 "ON_DUPLICATE", "SUM", "LABELS", "dimension", "health",
+                                 "metric", name)
+        for name, value in state.capture_totals.items():
+            pipe.hincrby(CAPTURE_COUNTERS, name, value)
+        flows = state.dirty_flows
+        self._queue_flows(pipe, flows)
+        # the top-N sets of applications, hosts and domains: summed here, one ZINCRBY per
+        # member the flush touched (not one per flow), all in a few calls of top.lua
+        apps: dict[str, int] = {}
+        hosts: dict[str, int] = {}
+        domains: dict[str, int] = {}
+        ttl = self.settings.flow_ttl_s
+        now = time.monotonic()
+        refresh_before = now - ttl / 4
+        expire: list[str] = []
+        for f in flows:
+            b = f.delta_bytes
+            app = APPS[f.app]
+            apps[app] = apps.get(app, 0) + b
+            hosts[f.src] = hosts.get(f.src, 0) + b
+            if f.dst != f.src:
+                hosts[f.dst] = hosts.get(f.dst, 0) + b
+            if f.server_name:
+                domains[f.server_name] = domains.get(f.server_name, 0) + b
+            if f.new or f.ttl_at < refresh_before:
+                expire.append(f"flow:{f.id}:meta")  # the meta hash exists from here on
+                f.ttl_at = now
+        unknown = sum(cell[0] for cell in state.no_flow.values())
         if unknown:
-            pipe.zincrby(TOP_APPS, unknown, "UNKNOWN")
-        counters = {
-            "records": sum(s.records for s in states),
-            "malformed_frames": sum(s.malformed_frames for s in states),
-            "malformed_messages": sum(s.malformed_messages for s in states),
-        }
-        for name, value in counters.items():
+            apps["UNKNOWN"] = apps.get("UNKNOWN", 0) + unknown
+        args: list = []
+        for zkey, sums in ((TOP_APPS, apps), (TOP_HOSTS, hosts), (TOP_DOMAINS, domains)):
+            items = [(member, value) for member, value in sums.items() if value]
+            for start in range(0, len(items), TOP_PER_CALL):
+                chunk = items[start:start + TOP_PER_CALL]
+                args += ("z", zkey, len(chunk))
+                for member, value in chunk:
+                    args += (value, member)
+                if len(args) >= 2 * TOP_PER_CALL:
+                    self.top_script(args=args, client=pipe)
+                    args = []
+        for start in range(0, len(expire), TOP_PER_CALL):
+            chunk = expire[start:start + TOP_PER_CALL]
+            args += ("e", ttl, len(chunk), *chunk)
+            self.top_script(args=args, client=pipe)
+            args = []
+        if args:
+            self.top_script(args=args, client=pipe)
+        for name, value in (("records", state.records),
+                            ("malformed_frames", state.malformed_frames),
+                            ("malformed_messages", state.malformed_messages)):
             if value:
                 pipe.hincrby(COUNTERS, name, value)
-        for state in states:
-            pipe.set(self.offset_prefix + str(state.partition), state.next_offset)
-            if state.topic_id:
-                pipe.set(self.topic_id_prefix + str(state.partition), state.topic_id)
-        return self._queue_samples(pipe, states)
+        pipe.set(self.offset_prefix + str(state.partition), state.next_offset)
+        if state.topic_id:
+            pipe.set(self.topic_id_prefix + str(state.partition), state.topic_id)
+        return self._queue_samples(pipe, state)
 
-    def _queue_samples(self, pipe, states: list[PartitionState]) -> int:
-        """TS.MADD every sample of the flush. Aggregate series are summed across partitions
-        first (each duplicate would re-encode a chunk) and go oldest first, so a retention
-        window never refuses an older sample written after a newer one. A flow lives on one
-        partition: its (flow, second) cells are already unique and in capture order."""
+    def _queue_samples(self, pipe, state: PartitionState) -> int:
+        """TS.MADD every sample of the flush: aggregate series oldest first (a retention
+        window never refuses an older sample written after a newer one), then the flows'.
+        A flow lives on one partition: its (flow, second) cells are already unique."""
         totals: dict[tuple[int, str], list[int]] = {}
 
         def add(sec: int, series: str, cell: list[int]) -> None:
@@ -265,22 +392,29 @@ class RedisSink:
                 total[0] += cell[0]
                 total[1] += cell[1]
 
-        args: list = []
-        for state in states:
-            for sec, cell in state.global_.items():
-                add(sec, "ts:global", cell)
-            for (proto, sec), cell in state.protocols.items():
-                add(sec, f"ts:protocol:{proto}", cell)
-            for sec, cell in state.no_flow.items():
-                add(sec, "ts:app:UNKNOWN", cell)
-            app_keys = APP_SERIES
-            for (flow, sec), cell in state.flow_seconds.items():
+        for sec, cell in state.global_.items():
+            add(sec, "ts:global", cell)
+        for (proto, sec), cell in state.protocols.items():
+            add(sec, f"ts:protocol:{proto}", cell)
+        for sec, cell in state.no_flow.items():
+            add(sec, "ts:app:UNKNOWN", cell)
+        app_keys = APP_SERIES
+        flow_args: list = []
+        for (flow, sec), cell in state.flow_seconds.items():
+            add(sec, app_keys[flow.app], cell)
+            if flow.series or flow.qualifies:
                 ms = sec * 1000
-                args += (flow.bps_key, ms, cell[0], flow.pps_key, ms, cell[1])
-                add(sec, app_keys[flow.app], cell)
+                flow_args += (flow.bps_key, ms, cell[0], flow.pps_key, ms, cell[1])
+        for flow in state.dirty_flows:  # cells held until the flow qualified: its first seconds
+            if flow.qualifies and flow.held:
+                for sec, cell in sorted(flow.held.items()):
+                    ms = sec * 1000
+                    flow_args += (flow.bps_key, ms, cell[0], flow.pps_key, ms, cell[1])
+        args: list = []
         for (sec, series), cell in sorted(totals.items()):
             ms = sec * 1000
             args += (series + ":bps", ms, cell[0], series + ":pps", ms, cell[1])
+        args += flow_args
         commands = 0
         step = 3 * MADD_CHUNK
         for start in range(0, len(args), step):
@@ -293,16 +427,16 @@ class RedisSink:
         for start in range(0, len(flows), FLOWS_PER_CALL):
             args: list = [s.flow_series_retention_ms, s.flow_series_chunk_bytes]
             for f in flows[start:start + FLOWS_PER_CALL]:
-                args += [f.id, f.delta_bytes, f.delta_packets, ns_text(f.last_ns), int(f.new),
-                         f.src, f.dst, f.sport, f.dport, f.proto, ns_text(f.first_ns),
-                         int(f.labels_changed), APPS[f.app], int(f.app_guess),
-                         f.server_name or "", f.fingerprint or "", f.label]
+                args += [f.id, f.delta_bytes, f.delta_packets, ns_text(f.last_ns),
+                         2 if f.new else 0, f.src, f.dst, f.sport, f.dport, f.proto,
+                         ns_text(f.first_ns), int(f.labels_changed), APPS[f.app],
+                         int(f.app_guess), f.server_name or "", f.fingerprint or "", f.label]
             self.flows_script(args=args, client=pipe)
 
     @staticmethod
-    def _count_rejected(replies: list, madd_commands: int) -> int:
+    def _count_rejected(madd_replies: list) -> int:
         rejected = 0
-        for reply in replies[len(replies) - madd_commands:]:
+        for reply in madd_replies:
             if isinstance(reply, Exception):
                 raise reply  # a whole TS.MADD refused: a bug, not bad data
             for item in reply:
@@ -314,23 +448,26 @@ class RedisSink:
 
     # -- after a write ---------------------------------------------------------------------
 
-    def expire_flows(self, flows: list[Flow]) -> None:
-        """Flows that left the table: their keys expire flow_ttl_s later unless they return."""
-        if not flows:
-            return
-        pipe = self.redis.pipeline(transaction=False)
-        ttl = self.settings.flow_ttl_s
-        for flow in flows:
-            for key in (f"flow:{flow.id}:meta", f"ts:flow:{flow.id}:bps", f"ts:flow:{flow.id}:pps"):
-                pipe.expire(key, ttl)
-        pipe.execute()
-
     def trim_top(self) -> None:
-        """Keep the top-N sets bounded (hosts and domains grow with every new name)."""
+        """Keep the top-N sets bounded (hosts and domains grow with every new name): remove
+        what is beyond TOP_FLOWS_KEPT, at most TRIM_CHUNK members a command (each command is
+        atomic, and short: other clients get in between)."""
+        kept = self.settings.top_flows_kept
         pipe = self.redis.pipeline(transaction=False)
         for key in TOP_SETS:
-            pipe.zremrangebyrank(key, 0, -(self.settings.top_flows_kept + 1))
-        pipe.execute()
+            pipe.zcard(key)
+        sizes = pipe.execute()
+        pipe = self.redis.pipeline(transaction=False)
+        queued = False
+        for key, size in zip(TOP_SETS, sizes):
+            excess = size - kept
+            while excess > 0:
+                n = min(excess, TRIM_CHUNK)
+                pipe.zremrangebyrank(key, 0, n - 1)
+                excess -= n
+                queued = True
+        if queued:
+            pipe.execute()
 
     def record_lag(self, lag: int) -> None:
         """Consumer lag of the whole group now (a gauge: every member computes the same)."""
@@ -354,6 +491,7 @@ class RedisSink:
         if batch:
             removed += self.redis.unlink(*batch)
         self.created.clear()
+        self.created_counters = False
         return removed
 
     def add_counters(self, counts: dict[str, int]) -> None:
@@ -362,14 +500,3 @@ class RedisSink:
         for name, value in counts.items():
             pipe.hincrby(COUNTERS, name, value)
         pipe.execute()
-
-
-def redact_url(url: str) -> str:
-    """The URL without its password, for messages."""
-    head, sep, tail = url.partition("@")
-    if not sep:
-        return url
-    scheme, _, credentials = head.partition("://")
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user + ':***' if user else '***'}@{tail}"
-

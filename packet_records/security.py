@@ -52,11 +52,11 @@ TS_WRITE_COMMANDS = ("ts.create", "ts.alter", "ts.add", "ts.madd", "ts.incrby", 
 REDIS_RULES: dict[str, tuple[str, ...]] = {
     REDIS_ADMIN: ("allkeys", "allchannels", "+@all"),
     # The flow processor: MGET/SET of its offsets, WATCH/MULTI/EXEC, HINCRBY/HSETNX/HSET,
-    # ZINCRBY/ZREMRANGEBYRANK, EXPIRE/PERSIST/EXISTS, EVALSHA/SCRIPT LOAD of flows.lua (the
-    # script's own calls are checked against these rules too), TS.CREATE/ADD/MADD/INFO, PING,
-    # SELECT, CLIENT SETNAME/SETINFO. -@dangerous takes away FLUSHDB, FLUSHALL, KEYS, CONFIG,
-    # SHUTDOWN, DEBUG, MODULE, ACL, MONITOR, REPLICAOF, SAVE, CLIENT KILL/LIST and INFO
-    # (given back: it only reads server statistics).
+    # ZINCRBY/ZREMRANGEBYRANK, EXPIRE/PERSIST/EXISTS, EVALSHA/SCRIPT LOAD of flows.lua and
+    # top.lua (the scripts' own calls are checked against these rules too),
+    # TS.CREATE/ADD/MADD/INFO, PING, SELECT, CLIENT SETNAME/SETINFO. -@dangerous takes away
+    # FLUSHDB, FLUSHALL, KEYS, CONFIG, SHUTDOWN, DEBUG, MODULE, ACL, MONITOR, REPLICAOF, SAVE,
+    # CLIENT KILL/LIST and INFO (given back: it only reads server statistics).
     REDIS_PROCESSOR: ("allkeys", "-@all", "+@read", "+@write", "+@connection", "+@transaction",
                       "+@scripting", "-@dangerous", "-@admin", "-function", "+info",
                       *(f"+{c}" for c in TS_READ_COMMANDS + TS_WRITE_COMMANDS)),

@@ -205,3 +205,69 @@ def test_meta_entries_go_to_the_flow_of_their_record():
 def test_meta_entries_without_the_record_flag_are_ignored():
     (flow,) = state_with(rec(T), meta=[(0, META_SERVER_NAME, "x.example")]).table.flows.values()
     assert flow.server_name is None
+
+
+# ----------------------------------------------------------------------------- per-flow series
+def flushed(state: PartitionState, policy="top", min_bytes=10**9, scores=(), top_n=0,
+            max_held=60) -> None:
+    """What a flush does to the state once Redis took it."""
+    state.plan_series(policy, min_bytes, list(scores), top_n, max_held)
+    state.written()
+
+
+def test_all_policy_gives_every_flow_its_series_at_once():
+    state = state_with(rec(T, 100))
+    (flow,) = state.dirty_flows
+    state.plan_series("all", 10**9, [], 0, 60)
+    assert flow.qualifies
+    state.written()
+    assert flow.series and flow.held is None and flow.total_bytes == 100
+
+
+def test_top_policy_holds_cells_until_the_flow_reaches_the_byte_threshold():
+    state = state_with(rec(T, 100), rec(T + S, 50))
+    (flow,) = state.table.flows.values()
+    flushed(state, min_bytes=1000)
+    assert not flow.series and flow.held == {SEC0: [100, 1], SEC0 + 1: [50, 1]}
+    assert flow.total_bytes == 150 and state.flow_seconds == {}
+    state.add_records(iter([rec(T + S, 900), rec(T + 2 * S, 10)]))
+    state.plan_series("top", 1000, [], 0, 60)
+    assert flow.qualifies  # 1060 bytes: the held cells and these go out with this flush
+    state.written()
+    assert flow.series and flow.held is None and flow.total_bytes == 1060
+
+
+def test_a_flush_that_did_not_land_changes_nothing():
+    state = state_with(rec(T, 100))
+    (flow,) = state.dirty_flows
+    state.plan_series("top", 50, [], 0, 60)
+    state.plan_series("top", 50, [], 0, 60)  # retried after an error: the same decision
+    assert flow.qualifies and not flow.series and flow.total_bytes == 0
+
+
+def test_top_policy_takes_the_top_n_of_the_set_and_the_flush():
+    state = state_with(rec(T, 100, sport=1), rec(T, 300, sport=2), rec(T, 200, sport=3))
+    flows = {f.sport: f for f in state.table.flows.values()}
+    state.plan_series("top", 10**9, [1000.0, 250.0], 3, 60)  # ranked: 1000 300 250 200 100
+    assert [flows[p].qualifies for p in (1, 2, 3)] == [False, True, False]
+
+
+def test_fewer_flows_than_the_top_n_all_qualify():
+    state = state_with(rec(T, 1, sport=1), rec(T, 2, sport=2))
+    state.plan_series("top", 10**9, [], 100, 60)
+    assert all(f.qualifies for f in state.dirty_flows)
+
+
+def test_a_flow_holding_too_many_seconds_gets_its_series():
+    state = state_with(*(rec(T + k * S, 10) for k in range(3)))
+    (flow,) = state.dirty_flows
+    flushed(state, max_held=3)
+    assert not flow.series and len(flow.held) == 3
+    state.add_records(iter([rec(T + 3 * S, 10)]))
+    state.plan_series("top", 10**9, [], 0, 3)
+    assert flow.qualifies
+
+
+def test_write_cost_counts_flows_and_cells():
+    state = state_with(rec(T), rec(T + S), rec(T, sport=1))
+    assert state.write_cost == 4 * 2 + 3

@@ -178,8 +178,9 @@ def test_capture_panels_cover_every_capture_health_counter():
 def test_processor_counters_panel_shows_every_counter():
     [target] = [t for _, _, t in dashboard_targets(DASHBOARD)
                 if t.get("keyName") == "pipeline:processor"]
-    assert target["field"].split() == ["records", "malformed_frames", "malformed_messages",
-                                       "rejected_samples", "write_errors"]
+    from flow_processor.sink import PROCESSOR_COUNTERS
+
+    assert target["field"].split() == list(PROCESSOR_COUNTERS)
 
 
 # ------------------------------------------------------------------------------------------

@@ -124,3 +124,19 @@ def test_size_bound_never_drops_dirty_flows():
                               max_flows=1)
     assert table.expire(T + 3) == [flows[1]]
     assert list(table.flows.values()) == [flows[0], flows[2]]
+
+
+def test_the_process_bound_is_shared_by_the_tables_of_its_partitions():
+    from flow_processor.flows import evict_over_bound
+
+    big, big_flows = table_with(*[(T + i, T + i, False) for i in range(6)])
+    small, small_flows = table_with((T, T, False), (T + 1, T + 1, True))
+    gone = evict_over_bound([big, small], 5)
+    assert len(gone) == 3 and len(big) + len(small) == 5
+    assert gone[:2] == big_flows[:2] and not any(f.dirty for f in gone)
+    assert evict_over_bound([big, small], 5) == []
+
+
+def test_evict_oldest_skips_dirty_flows():
+    table, flows = table_with((T, T, True), (T + 1, T + 1, False), (T + 2, T + 2, False))
+    assert table.evict_oldest(1) == [flows[1]] and len(table) == 2

@@ -44,7 +44,7 @@ def test_capture_sends_only_counters_the_processor_accepts():
 
 @pytest.mark.parametrize("url, shown", [
     ("redis://processor:s3cret@redis:6379/0", "redis://processor:***@redis:6379/0"),
-    ("redis://:s3cret@redis:6379/0", "redis://***@redis:6379/0"),
+    ("redis://:s3cret@redis:6379/0", "redis://:***@redis:6379/0"),
     ("redis://localhost:6379/0", "redis://localhost:6379/0"),
 ])
 def test_passwords_never_appear_in_messages(url, shown):
