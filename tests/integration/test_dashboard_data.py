@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from capture.counters import CaptureCounters
+from flow_processor import sink
 from packet_records import PROTO_NAMES
 from tests.integration.dashboard_queries import (
     dashboard_panels,
@@ -36,11 +38,8 @@ pytestmark = pytest.mark.integration
 
 DASHBOARD = REPO / "grafana" / "dashboards" / "dpi-realtime.json"
 FLOW_ID = re.compile(r"[0-9a-f]{16}")
-PROCESSOR_COUNTERS = ["records", "malformed_frames", "malformed_messages", "rejected_samples",
-                      "write_errors"]
-CAPTURE_COUNTERS = ["capture_frames", "capture_kernel_drops", "capture_malformed",
-                    "capture_delivery_failed", "capture_dropped_buffer_full",
-                    "capture_parser_errors"]
+PROCESSOR_COUNTERS = list(sink.PROCESSOR_COUNTERS)
+CAPTURE_COUNTERS = list(CaptureCounters.HEALTH.values())
 
 
 def dashboard() -> dict:
