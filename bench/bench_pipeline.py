@@ -337,7 +337,7 @@ def section_capture(path: Path, packets: int, scapy_limit: int) -> dict:
         print(f"{label:<44} {n:>10,} {t.wall:>7.2f} {fmt(rate(n, t.wall)):>11} "
               f"{fmt(rate(n, t.cpu)):>11}", flush=True)
 
-    row("a", "(a) read only (read_frames, mmap)", lambda: read_only(path))
+    row("a", "(a) read only (read_frames, chunks)", lambda: read_only(path))
     row("b", "(b) read + decode_frame", lambda: read_decode(path))
     # (c) and (c2): paired runs (see paired_capture), the median one reported; then the same
     # method with inspection on in both processes, which should show no difference
