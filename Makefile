@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 COMPOSE := $(BIN)/docker-compose
 DOCKER_COMPOSE ?= docker compose
 
-.PHONY: install test unit integration lint bench bench-live bench-writepath demo demo-down up down logs load-test clean
+.PHONY: install test unit integration lint bench bench-live bench-writepath bench-peers demo demo-down up down logs load-test clean
 
 install: $(STAMP)
 
@@ -36,6 +36,12 @@ lint: install
 bench: install
 	$(BIN)/python bench/bench_pipeline.py $(if $(QUICK),--quick)
 	$(BIN)/python bench/bench_live.py $(if $(QUICK),--quick)
+	$(BIN)/python bench/bench_peers.py $(if $(QUICK),--quick)
+
+# capture --pcap against ndpiReader (Debian libndpi-bin) and nfstream 6.6.0 (installed by the
+# script, a bench-only dependency) on the same files (about 2 minutes).
+bench-peers: install
+	$(BIN)/python bench/bench_peers.py $(if $(QUICK),--quick)
 
 # Live capture on a loopback flood against tcpdump only (QUICK=1: about a minute).
 bench-live: install

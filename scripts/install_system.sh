@@ -10,7 +10,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SSL_DIR="$ROOT/.cache/libssl1.1"
-APT_PKGS=(libpcap0.8 tshark iproute2 tcpdump tcpreplay)  # the last two: make bench-live
+APT_PKGS=(libpcap0.8 tshark iproute2 tcpdump tcpreplay libndpi-bin)  # the last three: make bench
 
 die() { echo "install_system: ERROR: $*" >&2; exit 1; }
 say() { echo "install_system: $*"; }
