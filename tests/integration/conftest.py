@@ -3,6 +3,7 @@ Redis database), read back into PipelineState objects for the tests to compare."
 
 from __future__ import annotations
 
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -44,3 +45,13 @@ def crafted_files(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def crafted_states(stack, databases, crafted_files) -> dict[str, PipelineState]:
     return replay_all(stack, databases, crafted_files)
+
+
+@pytest.fixture
+def receiver():
+    """A UDP listener on 127.0.0.1 for live tests, so the kernel answers no ICMP unreachables."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 * 1024 * 1024)
+    yield sock
+    sock.close()

@@ -20,15 +20,6 @@ SENT = 3000
 PAYLOAD = 100
 
 
-@pytest.fixture
-def receiver():
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))  # a listener, so the kernel answers no ICMP unreachables
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 * 1024 * 1024)
-    yield sock
-    sock.close()
-
-
 def test_live_capture_on_loopback_counts_every_packet(pipeline_env, receiver, tmp_path):
     if os.geteuid() != 0:
         pytest.fail("live capture needs root or CAP_NET_RAW (make test runs as root here)")

@@ -24,15 +24,6 @@ def _root():
         pytest.fail("live capture needs root or CAP_NET_RAW (make test runs as root here)")
 
 
-@pytest.fixture
-def receiver():
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))  # a listener, so the kernel answers no ICMP unreachables
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 * 1024 * 1024)
-    yield sock
-    sock.close()
-
-
 def read_until_idle(source, idle_polls: int = 5, limit_s: float = 30) -> list[tuple]:
     out, idle, deadline = [], 0, time.monotonic() + limit_s
     for item in source.frames(idle_timeout=0.1):
