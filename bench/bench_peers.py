@@ -51,6 +51,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench_pipeline import children_cpu  # noqa: E402
+
 from tests import synthetic  # noqa: E402
 
 NFSTREAM = "nfstream==6.6.0"
@@ -233,11 +235,6 @@ def write_pareto_pcap(path: Path, frames: int, flows: int, seconds: int = 60,
 
 # --------------------------------------------------------------------------------------------
 # runs
-
-
-def children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def run_tool(tool: str, path: Path, kafka_env: dict | None = None) -> dict:

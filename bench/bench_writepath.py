@@ -36,21 +36,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import redis  # noqa: E402
+from bench_pipeline import cpu_seconds  # noqa: E402
 
 from local_stack.services import start_kafka, start_redis  # noqa: E402
 from tests.synthetic import write_synthetic_pcap  # noqa: E402
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 FIELD = re.compile(r"(\w+)=(\S+)")
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a running process, from /proc (0 when it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def peak_rss_mb(pid: int) -> float:
