@@ -1,13 +1,13 @@
 -- Flow updates of one partition's flush, run inside its MULTI/EXEC (see sink.py).
--- ARGV[1] per-flow series retention (ms), ARGV[2] their chunk size (bytes), then 17 values per
+-- ARGV[1] per-flow series retention (ms), ARGV[2] their chunk size (bytes), then 16 values per
 -- flow: id, bytes, packets, last_seen, new, src, dst, sport, dport, proto, first_seen,
--- labels_changed, app, app_guess, server_name, fingerprint, endpoints label.
+-- labels_changed, app, app_guess, server_name, fingerprint.
 -- new: '0' an entry written before, '2' the first write of this table entry, '1' the same
 -- and create the flow's series here (the processor creates them before the transaction).
--- Top-N sets of hosts, applications and domains are summed by the processor and written
--- once per member, not here; TTLs are set by the processor too.
+-- The top-N sets of hosts, applications, domains and flow endpoints (with their time windows)
+-- are summed by the processor per member and written by top.lua; TTLs are set there too.
 local retention, chunk = ARGV[1], ARGV[2]
-for i = 3, #ARGV, 17 do
+for i = 3, #ARGV, 16 do
   local id, bytes = ARGV[i], ARGV[i + 1]
   local meta = 'flow:' .. id .. ':meta'
   local new = ARGV[i + 4]
@@ -46,6 +46,5 @@ for i = 3, #ARGV, 17 do
     redis.call('HSET', meta, 'last_seen', ARGV[i + 3])
   end
   redis.call('ZINCRBY', 'flows:top:bytes', bytes, id)
-  redis.call('ZINCRBY', 'flows:top:endpoints', bytes, ARGV[i + 16])  -- readable, for panels
 end
 return 0

@@ -46,8 +46,14 @@ TOP_PER_CALL = 2000  # top-N increments (or keys to expire) per call of top.lua
 APP_SERIES = tuple(f"ts:app:{app}" for app in APPS)  # by app id
 METRICS = (("bps", 0), ("pps", 1))  # series suffix, index in the [bytes, packets] cells
 TOP_FLOWS = "flows:top:bytes"
-TOP_APPS, TOP_HOSTS, TOP_DOMAINS = "apps:top:bytes", "hosts:top:bytes", "domains:top:bytes"
-TOP_SETS = (TOP_FLOWS, "flows:top:endpoints", TOP_APPS, TOP_HOSTS, TOP_DOMAINS)
+# Sets with time windows, by their index in top.lua's SETS (1-based, as Lua counts)
+TOP_SET_HOSTS, TOP_SET_APPS, TOP_SET_DOMAINS, TOP_SET_FLOWS = 1, 2, 3, 4
+WINDOWED_SETS = (("hosts", "bytes"), ("apps", "bytes"), ("domains", "bytes"),
+                 ("flows", "endpoints"))
+WINDOWS = ("5m", "1h", "24h")
+WINDOW_CLOCK = "top:window:clock"  # the newest minute of capture time (top.lua)
+TOP_SETS = (TOP_FLOWS, *(f"{a}:top:{b}" for a, b in WINDOWED_SETS),
+            *(f"{a}:top:{w}:{b}" for a, b in WINDOWED_SETS for w in WINDOWS))
 COUNTERS = "pipeline:processor"
 PROCESSOR_COUNTERS = ("records", "malformed_frames", "malformed_messages", "rejected_samples",
                       "write_errors", "set_aside_failed", "offset_resets", "flows_evicted")
@@ -326,48 +332,15 @@ class RedisSink:
             pipe.hincrby(CAPTURE_COUNTERS, name, value)
         flows = state.dirty_flows
         self._queue_flows(pipe, flows)
-        # the top-N sets of applications, hosts and domains: summed here, one ZINCRBY per
-        # member the flush touched (not one per flow), all in a few calls of top.lua
-        apps: dict[str, int] = {}
-        hosts: dict[str, int] = {}
-        domains: dict[str, int] = {}
         ttl = self.settings.flow_ttl_s
         now = time.monotonic()
         refresh_before = now - ttl / 4
         expire: list[str] = []
         for f in flows:
-            b = f.delta_bytes
-            app = APPS[f.app]
-            apps[app] = apps.get(app, 0) + b
-            hosts[f.src] = hosts.get(f.src, 0) + b
-            if f.dst != f.src:
-                hosts[f.dst] = hosts.get(f.dst, 0) + b
-            if f.server_name:
-                domains[f.server_name] = domains.get(f.server_name, 0) + b
             if f.new or f.ttl_at < refresh_before:
                 expire.append(f"flow:{f.id}:meta")  # the meta hash exists from here on
                 f.ttl_at = now
-        unknown = sum(cell[0] for cell in state.no_flow.values())
-        if unknown:
-            apps["UNKNOWN"] = apps.get("UNKNOWN", 0) + unknown
-        args: list = []
-        for zkey, sums in ((TOP_APPS, apps), (TOP_HOSTS, hosts), (TOP_DOMAINS, domains)):
-            items = [(member, value) for member, value in sums.items() if value]
-            for start in range(0, len(items), TOP_PER_CALL):
-                chunk = items[start:start + TOP_PER_CALL]
-                args += ("z", zkey, len(chunk))
-                for member, value in chunk:
-                    args += (value, member)
-                if len(args) >= 2 * TOP_PER_CALL:
-                    self.top_script(args=args, client=pipe)
-                    args = []
-        for start in range(0, len(expire), TOP_PER_CALL):
-            chunk = expire[start:start + TOP_PER_CALL]
-            args += ("e", ttl, len(chunk), *chunk)
-            self.top_script(args=args, client=pipe)
-            args = []
-        if args:
-            self.top_script(args=args, client=pipe)
+        self._queue_top(pipe, state, expire)
         for name, value in (("records", state.records),
                             ("malformed_frames", state.malformed_frames),
                             ("malformed_messages", state.malformed_messages)):
@@ -377,6 +350,57 @@ class RedisSink:
         if state.topic_id:
             pipe.set(self.topic_id_prefix + str(state.partition), state.topic_id)
         return self._queue_samples(pipe, state)
+
+    def _queue_top(self, pipe, state: PartitionState, expire: list[str]) -> None:
+        """The top-N sets of hosts, applications, domains and flows, with their time windows
+        (top.lua): summed here per member and minute of capture time, one increment per member
+        the flush touched in a minute (not one per flow or second), in a few calls of top.lua;
+        and the TTLs of `expire`."""
+        flow_minutes: dict[tuple[Flow, int], int] = {}
+        for (flow, sec), cell in state.flow_seconds.items():
+            key = (flow, sec // 60)
+            flow_minutes[key] = flow_minutes.get(key, 0) + cell[0]
+        # (set index in top.lua's SETS, minute) -> member -> bytes
+        sums: dict[tuple[int, int], dict[str, int]] = {}
+
+        def add(index: int, minute: int, member: str, value: int) -> None:
+            members = sums.get((index, minute))
+            if members is None:
+                sums[(index, minute)] = members = {}
+            members[member] = members.get(member, 0) + value
+
+        apps = APPS
+        for (f, minute), b in flow_minutes.items():
+            add(TOP_SET_HOSTS, minute, f.src, b)
+            if f.dst != f.src:
+                add(TOP_SET_HOSTS, minute, f.dst, b)
+            add(TOP_SET_APPS, minute, apps[f.app], b)
+            if f.server_name:
+                add(TOP_SET_DOMAINS, minute, f.server_name, b)
+            add(TOP_SET_FLOWS, minute, f.label, b)
+        for sec, cell in state.no_flow.items():
+            add(TOP_SET_APPS, sec // 60, "UNKNOWN", cell[0])
+        if not sums and not expire:
+            return
+        newest = max(state.global_, default=0) // 60
+        args: list = [newest]
+        for (index, minute), members in sorted(sums.items()):
+            items = [(member, value) for member, value in members.items() if value]
+            for start in range(0, len(items), TOP_PER_CALL):
+                chunk = items[start:start + TOP_PER_CALL]
+                args += ("w", minute, index, len(chunk))
+                for member, value in chunk:
+                    args += (value, member)
+                if len(args) >= 2 * TOP_PER_CALL:
+                    self.top_script(args=args, client=pipe)
+                    args = [newest]
+        for start in range(0, len(expire), TOP_PER_CALL):
+            chunk = expire[start:start + TOP_PER_CALL]
+            args += ("e", self.settings.flow_ttl_s, len(chunk), *chunk)
+            self.top_script(args=args, client=pipe)
+            args = [newest]
+        if len(args) > 1:
+            self.top_script(args=args, client=pipe)
 
     def _queue_samples(self, pipe, state: PartitionState) -> int:
         """TS.MADD every sample of the flush: aggregate series oldest first (a retention
@@ -430,7 +454,7 @@ class RedisSink:
                 args += [f.id, f.delta_bytes, f.delta_packets, ns_text(f.last_ns),
                          2 if f.new else 0, f.src, f.dst, f.sport, f.dport, f.proto,
                          ns_text(f.first_ns), int(f.labels_changed), APPS[f.app],
-                         int(f.app_guess), f.server_name or "", f.fingerprint or "", f.label]
+                         int(f.app_guess), f.server_name or "", f.fingerprint or ""]
             self.flows_script(args=args, client=pipe)
 
     @staticmethod
@@ -451,15 +475,24 @@ class RedisSink:
     def trim_top(self) -> None:
         """Keep the top-N sets bounded (hosts and domains grow with every new name): remove
         what is beyond TOP_FLOWS_KEPT, at most TRIM_CHUNK members a command (each command is
-        atomic, and short: other clients get in between)."""
+        atomic, and short: other clients get in between). The buckets of the time windows
+        that still grow (the newest minute and hour, and the minute before) are trimmed too:
+        past ones were trimmed while they grew."""
         kept = self.settings.top_flows_kept
+        keys = list(TOP_SETS)
+        clock = self.redis.get(WINDOW_CLOCK)
+        if clock is not None:
+            minute = int(clock)
+            for a, b in WINDOWED_SETS:
+                keys += (f"{a}:top:min:{minute}:{b}", f"{a}:top:min:{minute - 1}:{b}",
+                         f"{a}:top:hour:{minute // 60}:{b}")
         pipe = self.redis.pipeline(transaction=False)
-        for key in TOP_SETS:
+        for key in keys:
             pipe.zcard(key)
         sizes = pipe.execute()
         pipe = self.redis.pipeline(transaction=False)
         queued = False
-        for key, size in zip(TOP_SETS, sizes):
+        for key, size in zip(keys, sizes):
             excess = size - kept
             while excess > 0:
                 n = min(excess, TRIM_CHUNK)

@@ -176,15 +176,54 @@ def variable_options(variable: Mapping[str, Any], metric_names: list[dict]) -> l
     raise NotEmulated(f"variable sort {sort} is not emulated")
 
 
-def query_variable_options(client, variable: Mapping[str, Any]) -> list[dict]:
-    """Options of a query variable of this data source, as the dashboard's picker lists them."""
+def query_variable_options(client, variable: Mapping[str, Any],
+                           current: Mapping[str, str] | None = None) -> list[dict]:
+    """Options of a query variable of this data source, as the dashboard's picker lists them;
+    its query is interpolated with the values of the variables before it (current)."""
     query = variable.get("query")
     if isinstance(query, dict):
         query = query.get("query")
     if not query:
         return []
     target = {"refId": variable["name"], "query": query}
-    return variable_options(variable, metric_find_values(run_target(client, target)))
+    return variable_options(variable, metric_find_values(run_target(client, target, current)))
+
+
+def custom_variable_options(variable: Mapping[str, Any]) -> list[dict]:
+    """Grafana's custom variable: values separated by commas (\\, is a comma inside one),
+    each `text : value` or a bare value."""
+    options = []
+    for item in re.findall(r"(?:\\,|[^,])+", variable.get("query") or ""):
+        item = item.replace("\\,", ",")
+        pair = re.match(r"^\s*(.+)\s:\s(.+)$", item)
+        if pair:
+            options.append({"text": pair.group(1).strip(), "value": pair.group(2).strip()})
+        else:
+            options.append({"text": item.strip(), "value": item.strip()})
+    return options
+
+
+def options_of_variable(client, variable: Mapping[str, Any],
+                        current: Mapping[str, str] | None = None) -> list[dict]:
+    """Options of a dashboard variable of a type the dashboard uses (query or custom)."""
+    kind = variable.get("type")
+    if kind == "custom":
+        return custom_variable_options(variable)
+    if kind == "query":
+        return query_variable_options(client, variable, current)
+    raise NotEmulated(f"variable type {kind!r} is not emulated")
+
+
+def dashboard_variables(client, dashboard: Mapping[str, Any]) -> dict[str, list[dict]]:
+    """name -> options of every variable, in dashboard order, each query interpolated with
+    what the variables before it hold on first view (their first option)."""
+    options: dict[str, list[dict]] = {}
+    current: dict[str, str] = {}
+    for variable in dashboard["templating"]["list"]:
+        found = options_of_variable(client, variable, current)
+        options[variable["name"]] = found
+        current[variable["name"]] = found[0]["value"] if found else ""
+    return options
 
 
 # ------------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ from packet_records.security import (
     redis_url,
 )
 from tests.integration.dashboard_queries import dashboard_panels, plugin_client, run_target
-from tests.integration.grafana_model import query_variable_options
+from tests.integration.grafana_model import dashboard_variables
 from tests.pipeline import REPO, read_state, run_module
 from tests.synthetic import write_synthetic_pcap
 
@@ -295,10 +295,15 @@ def test_processor_runs_every_command_of_its_writes(acl_redis):
     script = p.register_script((REPO / "flow_processor" / "flows.lua").read_text())
     fid = "0123456789abcdef"
     flow = [fid, 100, 2, "1.000000000", 1, "10.0.0.1", "10.0.0.2", 1234, 53, 17,
-            "0.500000000", 1, "DNS", 0, "example.org", "", f"UDP 10.0.0.1:1234 -> ({fid})"]
+            "0.500000000", 1, "DNS", 0, "example.org", ""]
+    top = p.register_script((REPO / "flow_processor" / "top.lua").read_text())
     with p.pipeline(transaction=True) as pipe:  # EVALSHA, after SCRIPT EXISTS / SCRIPT LOAD
         script(args=[86_400_000, 512, *flow], client=pipe)
+        top(args=[100, "w", 100, 1, 1, 5, "10.0.0.1", "e", 3600, 1, f"flow:{fid}:meta"], client=pipe)
+        top(args=[200, "w", 200, 1, 1, 5, "10.0.0.1"], client=pipe)  # windows move: ZUNIONSTORE
         pipe.execute()
+    assert p.zscore("hosts:top:bytes", "10.0.0.1") == 10
+    assert p.zscore("hosts:top:5m:bytes", "10.0.0.1") == 5
     assert p.hget(f"flow:{fid}:meta", "server_name") == "example.org"
     assert p.exists(f"ts:flow:{fid}:bps", f"ts:flow:{fid}:pps") == 2
     for k in (f"flow:{fid}:meta", f"ts:flow:{fid}:bps"):
@@ -337,11 +342,8 @@ def test_grafana_runs_every_dashboard_query(acl_redis, replay_as_processor):
 
     client = plugin_client(acl_redis.url(REDIS_GRAFANA, db=1))
     dash = json.loads(DASHBOARD.read_text())
-    variables = {}
-    for variable in dash["templating"]["list"]:
-        if variable.get("type") == "query":
-            options = query_variable_options(client, variable)
-            variables[variable["name"]] = options[0]["value"] if options else ""
+    variables = {name: options[0]["value"] if options else ""
+                 for name, options in dashboard_variables(client, dash).items()}
     assert variables.get("flow"), "no flow for the $flow variable"
     count = 0
     for panel in dashboard_panels(DASHBOARD):

@@ -24,9 +24,11 @@ from tests.integration.dashboard_queries import (
     run_target,
 )
 from tests.integration.grafana_model import (
+    dashboard_variables,
     display_name,
     field_config,
     link_target,
+    options_of_variable,
     panel_frames,
     panel_links,
     query_variable_options,
@@ -47,9 +49,8 @@ def dashboard() -> dict:
 
 
 def variables_of(client, dash: dict) -> dict[str, list[dict]]:
-    """name -> options of every query variable, as the dashboard's pickers list them."""
-    return {v["name"]: query_variable_options(client, v)
-            for v in dash["templating"]["list"] if v.get("type") == "query"}
+    """name -> options of every variable, as the dashboard's pickers list them."""
+    return dashboard_variables(client, dash)
 
 
 def first_values(options: dict[str, list[dict]]) -> dict[str, str]:
@@ -139,6 +140,29 @@ def test_every_link_leads_to_an_existing_flow(filled_redis):
             if any(f"${name}" in uses or f"${{{name}" in uses for name in values):
                 frames = panel_frames(client, target_panel, {**variables, **values})
                 assert frames_have_data(frames), f"{where}: {target_panel['title']!r} is empty"
+
+
+def test_every_top_n_window_shows_the_same_traffic_as_all_time(filled_redis):
+    """The capture spans 10 s: the last 5 minutes, hour and day of it hold everything, so
+    each window's top panels and flow picker show what all time shows."""
+    client = plugin_client(filled_redis)
+    dash = dashboard()
+    window = next(v for v in dash["templating"]["list"] if v["name"] == "window")
+    choices = [o["value"] for o in options_of_variable(client, window)]
+    assert choices == ["top", "top:5m", "top:1h", "top:24h"]
+    top_panels = [p for p in dashboard_panels(DASHBOARD)
+                  if "$window" in json.dumps(p.get("targets"))
+                  or "${window}" in json.dumps(p.get("targets"))]
+    assert len(top_panels) == 4
+    shown = {}
+    for choice in choices:
+        flows = query_variable_options(client, dash["templating"]["list"][1], {"window": choice})
+        frames = [panel_frames(client, p, {"window": choice, "flow": flows[0]["value"]})
+                  for p in top_panels]
+        assert all(frames_have_data(f) for f in frames), choice
+        shown[choice] = ([o["value"] for o in flows],
+                         [[f.values for frame in fs for f in frame.fields] for fs in frames])
+    assert shown["top:5m"] == shown["top:1h"] == shown["top:24h"] == shown["top"]
 
 
 def test_flow_panel_shows_first_and_last_seen_as_dates(filled_redis):

@@ -18,7 +18,7 @@ from tests.integration.dashboard_queries import (
     frames_have_data,
     plugin_client,
 )
-from tests.integration.grafana_model import panel_frames, query_variable_options
+from tests.integration.grafana_model import options_of_variable, panel_frames
 from tests.pipeline import REPO, run_module
 
 pytestmark = pytest.mark.integration
@@ -36,7 +36,7 @@ def show_dashboard(url: str) -> dict[str, list]:
     errors, data, variables = [], [], {}
     for variable in dashboard["templating"]["list"]:
         try:
-            options = query_variable_options(client, variable)
+            options = options_of_variable(client, variable, variables)
         except PanelError as exc:
             errors.append(f"variable ${variable['name']}: {exc}")
             options = []

@@ -65,7 +65,7 @@ def test_every_target_translates_to_a_redis_command():
     targets = dashboard_targets(DASHBOARD)
     assert len(targets) >= 20
     for title, _id, target in targets:
-        command = redis_command_for(target, variables={"flow": "f00d"})
+        command = redis_command_for(target, variables={"flow": "f00d", "window": "top:1h"})
         assert command and all(isinstance(arg, (str, int)) for arg in command), title
         assert "$" not in " ".join(map(str, command)), title
     for _name, target in variable_targets(DASHBOARD):
@@ -151,13 +151,14 @@ def test_time_series_are_selected_by_labels():
 
 def test_flow_variable_shows_labels_and_holds_ids():
     [variable] = [v for v in _dashboard()["templating"]["list"] if v["name"] == "flow"]
-    assert variable["query"].split()[:2] == ["ZREVRANGE", "flows:top:endpoints"]
+    assert variable["query"].split()[:2] == ["ZREVRANGE", "flows:${window}:endpoints"]
     label = "UDP [2001:db8::1]:5353 -> [ff02::fb]:5353 (0123456789abcdef)"
     assert variable_options(variable, [{"text": label}]) == [
         {"text": "UDP [2001:db8::1]:5353 -> [ff02::fb]:5353", "value": "0123456789abcdef"}]
     assert variable_options(variable, [{"text": "not a flow label"}]) == []
     titles = [p["title"] for p in dashboard_panels(DASHBOARD) if "flow" in p["title"].lower()]
-    assert titles and all("${flow:text}" in t for t in titles if "$" in t), titles
+    assert titles and all("${flow:text}" in t for t in titles if "$flow" in t or "{flow" in t)
+    assert all("${window:text}" in t for t in titles if "Top" in t), titles
 
 
 def test_capture_panels_cover_every_capture_health_counter():
@@ -231,7 +232,8 @@ def test_variable_regex_follows_grafana():
 
 def test_top_flows_table_and_its_link():
     [panel] = [p for p in dashboard_panels(DASHBOARD)
-               if any(t.get("keyName") == "flows:top:endpoints" for t in p.get("targets", []))]
+               if any(t.get("keyName") == "flows:${window}:endpoints"
+                      for t in p.get("targets", []))]
     frames = plugin_frames(panel["targets"][0], [
         "UDP 10.0.0.1:53 -> 10.0.0.2:5353 (00000000000000aa)", "100",
         "TCP [2001:db8::1]:80 -> [2001:db8::2]:1234 (1e10000000000000)", "900"])
@@ -242,10 +244,10 @@ def test_top_flows_table_and_its_link():
                                 "UDP 10.0.0.1:53 -> 10.0.0.2:5353"],
                        "Flow ID": ["1e10000000000000", "00000000000000aa"],
                        "Bytes": [900.0, 100.0]}
-    links = panel_links(panel, frames)
+    links = panel_links(panel, frames, {"window": "top:1h"})  # the link keeps the window
     assert [(column, link_target(url)) for column, _row, url in links] == [
-        ("Flow ID", ("dpi-realtime", {"flow": "1e10000000000000"})),
-        ("Flow ID", ("dpi-realtime", {"flow": "00000000000000aa"}))]
+        ("Flow ID", ("dpi-realtime", {"flow": "1e10000000000000", "window": "top:1h"})),
+        ("Flow ID", ("dpi-realtime", {"flow": "00000000000000aa", "window": "top:1h"}))]
     empty = apply_transformations(plugin_frames(panel["targets"][0], []),
                                   panel["transformations"])
     assert all(frame.length == 0 for frame in empty)  # "No data"
