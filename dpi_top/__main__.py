@@ -17,7 +17,7 @@ from pathlib import Path
 
 from dpi_top.procs import watch
 from dpi_top.render import render, top_rows
-from dpi_top.snapshot import DEFAULT_SETTLE_S, Snapshot, connect, fetch
+from dpi_top.snapshot import DEFAULT_SETTLE_S, WINDOWS, Snapshot, connect, fetch
 from packet_records.security import redact_url
 
 DEFAULT_URL = "redis://localhost:6379/0"
@@ -46,6 +46,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="a second is complete once it ended this long ago (default %(default)s;"
                         " the processor writes every second). Old data (a replay) is shown"
                         " from its newest second")
+    p.add_argument("--window", choices=WINDOWS, default="all",
+                   help="rank hosts, applications, domains and flows by their bytes over all"
+                        " time (default) or the last 5 minutes, hour or 24 hours of capture"
+                        " time")
     p.add_argument("--run-dir", type=Path, metavar="DIR",
                    help="directory of <name>.pid and <name>.log files of processes to watch")
     p.add_argument("--watch", action="append", default=[], metavar="NAME",
@@ -89,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def snapshot(client, args) -> tuple[Snapshot, list]:
-    snap = fetch(client, redact_url(args.redis_url), top=10, settle_s=args.settle)
+    snap = fetch(client, redact_url(args.redis_url), top=10, settle_s=args.settle,
+                 window=args.window)
     processes = watch(args.run_dir, args.watch) if args.watch else []
     return snap, processes
 

@@ -153,7 +153,12 @@ def apps_panel(snap: Snapshot, top: int) -> Panel:
                       fmt_bytes(row.total_bytes))
     if not snap.apps:
         table.add_row("(none yet)", "", "", "")
-    return Panel(table, title="Applications", title_align="left")
+    return Panel(table, title="Applications" + window_note(snap), title_align="left")
+
+
+def window_note(snap: Snapshot) -> str:
+    """What the rankings count over, when it is not all time."""
+    return "" if snap.window == "all" else f", last {snap.window} of capture time"
 
 
 def ranking_panel(title: str, what: str, rows: list[tuple[str, float]], top: int) -> Panel:
@@ -176,7 +181,8 @@ def flows_panel(snap: Snapshot, top: int) -> Panel:
         table.add_row(*row)
     if not rows:
         table.add_row("", "(none yet)", "", "", "", "")
-    return Panel(table, title="Top flows (app? = port guess)", title_align="left")
+    return Panel(table, title=f"Top flows{window_note(snap)} (app? = port guess)",
+                 title_align="left")
 
 
 def _counter(label: str, value: int | None, bad: bool = True) -> Text:
@@ -289,8 +295,8 @@ def render(snap: Snapshot, processes: list[ProcessState] | None = None, *,
         parts.append(message_panel(no_data_text(snap), "yellow"))
         parts.append(health_panel(snap))
         return Group(*parts)
-    hosts = ranking_panel("Top hosts", "address", snap.hosts, top)
-    domains = ranking_panel("Top domains", "server name", snap.domains, top)
+    hosts = ranking_panel("Top hosts" + window_note(snap), "address", snap.hosts, top)
+    domains = ranking_panel("Top domains" + window_note(snap), "server name", snap.domains, top)
     if width >= TWO_COLUMNS_WIDTH:
         left = [throughput_panel(snap, (width - 1) // 2), protocols_panel(snap),
                 apps_panel(snap, top)]

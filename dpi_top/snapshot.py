@@ -87,6 +87,7 @@ class Snapshot:
     flows: list[FlowRow] = field(default_factory=list)
     capture: dict[str, int] = field(default_factory=dict)  # pipeline:capture
     processor: dict[str, int] = field(default_factory=dict)  # pipeline:processor
+    window: str = "all"  # what the rankings count over (WINDOWS)
     lag: tuple[int, int] | None = None  # (epoch ms, messages) of the newest lag sample
     notes: list[str] = field(default_factory=list)  # e.g. a command Redis refused
 
@@ -111,8 +112,19 @@ def connect(url: str, timeout: float = 2.0) -> redis.Redis:
                                 socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0))
 
 
-def queue_commands(pipe, top: int) -> None:
-    """The commands of one refresh, in the order `build` reads their replies."""
+WINDOWS = ("all", "5m", "1h", "24h")  # the top-N sets' windows of capture time
+
+
+def top_key(kind: str, window: str) -> str:
+    """The top-N set of hosts, apps or domains (bytes) for a window: hosts:top:bytes (all
+    time), hosts:top:1h:bytes, ..."""
+    return f"{kind}:top:bytes" if window == "all" else f"{kind}:top:{window}:bytes"
+
+
+def queue_commands(pipe, top: int, window: str = "all") -> None:
+    """The commands of one refresh, in the order `build` reads their replies. A window other
+    than "all" ranks hosts, applications, domains and flows over that window of capture time
+    (flows from their "TCP a:p -> b:p (id)" labels)."""
     count = HISTORY_S + RECENT_SAMPLES
     pipe.execute_command("TS.REVRANGE", GLOBAL_BPS, "-", "+", "COUNT", count)
     pipe.execute_command("TS.REVRANGE", GLOBAL_PPS, "-", "+", "COUNT", count)
@@ -120,30 +132,33 @@ def queue_commands(pipe, top: int) -> None:
                          "FILTER", "dimension=protocol")
     pipe.execute_command("TS.MREVRANGE", "-", "+", "COUNT", RECENT_SAMPLES,
                          "FILTER", "dimension=app")
-    pipe.zrevrange("apps:top:bytes", 0, 49, withscores=True)
-    pipe.zrevrange("hosts:top:bytes", 0, top - 1, withscores=True)
-    pipe.zrevrange("domains:top:bytes", 0, top - 1, withscores=True)
-    pipe.zrevrange("flows:top:bytes", 0, top - 1, withscores=True)
+    pipe.zrevrange(top_key("apps", window), 0, 49, withscores=True)
+    pipe.zrevrange(top_key("hosts", window), 0, top - 1, withscores=True)
+    pipe.zrevrange(top_key("domains", window), 0, top - 1, withscores=True)
+    if window == "all":
+        pipe.zrevrange("flows:top:bytes", 0, top - 1, withscores=True)
+    else:
+        pipe.zrevrange(f"flows:top:{window}:endpoints", 0, top - 1, withscores=True)
     pipe.hgetall("pipeline:capture")
     pipe.hgetall("pipeline:processor")
     pipe.execute_command("TS.GET", LAG_SERIES)
 
 
 def fetch(client: redis.Redis, url: str, *, top: int = 10, settle_s: float = DEFAULT_SETTLE_S,
-          now: float | None = None) -> Snapshot:
+          now: float | None = None, window: str = "all") -> Snapshot:
     """One snapshot: one pipeline round trip. Never raises for Redis trouble: the snapshot's
     `error` says what went wrong, in one line."""
     taken_at = time.time() if now is None else now
     try:
         pipe = client.pipeline(transaction=False)
-        queue_commands(pipe, top)
+        queue_commands(pipe, top, window)
         replies = pipe.execute(raise_on_error=False)
         replies[FLOWS_REPLY] = join_flow_meta(client, replies[FLOWS_REPLY])
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         return Snapshot(url, taken_at, error=f"Redis at {url} is not reachable ({_reason(exc)})")
     except redis.RedisError as exc:
         return Snapshot(url, taken_at, error=f"Redis at {url} cannot be read ({exc})")
-    return build(replies, url, taken_at, settle_s=settle_s)
+    return build(replies, url, taken_at, settle_s=settle_s, window=window)
 
 
 FLOWS_REPLY = 7  # index of the top flows' reply in queue_commands
@@ -154,6 +169,8 @@ def join_flow_meta(client: redis.Redis, top_flows) -> list | Exception:
     trip (plain reads, which a read-only Redis user may run; no script)."""
     if isinstance(top_flows, Exception) or not top_flows:
         return top_flows
+    # a window's set holds labels "TCP a:p -> b:p (id)": the id ends them
+    top_flows = [(member.rsplit("(", 1)[-1].rstrip(")"), score) for member, score in top_flows]
     pipe = client.pipeline(transaction=False)
     for flow_id, _score in top_flows:
         pipe.hmget(f"flow:{flow_id}:meta", *FLOW_FIELDS)
@@ -174,11 +191,11 @@ def _reason(exc: Exception) -> str:
 
 
 def build(replies: list, url: str, taken_at: float, *,
-          settle_s: float = DEFAULT_SETTLE_S) -> Snapshot:
+          settle_s: float = DEFAULT_SETTLE_S, window: str = "all") -> Snapshot:
     """The snapshot of one refresh from the replies of `queue_commands` (errors included)."""
     (bps_r, pps_r, proto_r, app_r, apps_top_r, hosts_r, domains_r, flows_r, capture_r,
      processor_r, lag_r) = replies
-    snap = Snapshot(url, taken_at)
+    snap = Snapshot(url, taken_at, window=window)
     for reply in replies:
         if isinstance(reply, redis.ConnectionError | redis.TimeoutError):
             snap.error = f"Redis at {url} is not reachable ({_reason(reply)})"
@@ -306,6 +323,7 @@ def _flows(reply, snap: Snapshot) -> list[FlowRow]:
             src=meta.get("src") or "?", sport=_int(meta.get("sport")),
             dst=meta.get("dst") or "?", dport=_int(meta.get("dport")),
             app=meta.get("app") or "", app_guess=meta.get("app_guess") == "1",
-            server_name=meta.get("server_name") or "", packets=_int(meta.get("packets")),
+            server_name=meta.get("server_name") or "",
+            packets=_int(meta.get("packets")) if snap.window == "all" else None,
         ))
     return rows

@@ -299,7 +299,8 @@ def test_processor_runs_every_command_of_its_writes(acl_redis):
     top = p.register_script((REPO / "flow_processor" / "top.lua").read_text())
     with p.pipeline(transaction=True) as pipe:  # EVALSHA, after SCRIPT EXISTS / SCRIPT LOAD
         script(args=[86_400_000, 512, *flow], client=pipe)
-        top(args=[100, "w", 100, 1, 1, 5, "10.0.0.1", "e", 3600, 1, f"flow:{fid}:meta"], client=pipe)
+        top(args=[100, "w", 100, 1, 1, 5, "10.0.0.1", "e", 3600, 1, f"flow:{fid}:meta"],
+            client=pipe)
         top(args=[200, "w", 200, 1, 1, 5, "10.0.0.1"], client=pipe)  # windows move: ZUNIONSTORE
         pipe.execute()
     assert p.zscore("hosts:top:bytes", "10.0.0.1") == 10

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from dpi_top.snapshot import connect, fetch
 from flow_processor import sink
 from packet_records import PROTO_NAMES
 from tests.pipeline import run_module
@@ -169,5 +170,11 @@ def test_replayed_windows_equal_tshark_sums(stack, databases, tmp_path):
                                                    withscores=True)} == domains, name
             if name == "5m":
                 assert 0 < sum(flows.values()) < sum(w for _s, w, *_ in frames) / 100
+            # the terminal view ranks the same window
+            snap = fetch(connect(env["REDIS_URL"]), "test", top=5, window=name or "all")
+            assert snap.error is None
+            assert [score for _h, score in snap.hosts] == sorted(hosts.values())[::-1][:5]
+            assert [f.total_bytes for f in snap.flows] == sorted(flows.values())[::-1][:5]
+            assert all(f.src for f in snap.flows), "every ranked flow is joined to its hash"
     finally:
         databases.give(number)
