@@ -4,15 +4,16 @@ Writes one synthetic capture (tests/synthetic.py: TCP/UDP/ICMP over IPv4, IPv6 a
 1M frames by default), holds its frames in memory and measures, in alternating runs (every
 mode once per round, R rounds), the frames per second of:
 
-  * decode_frame() in a loop (the reference, as pump() runs it today);
+  * decode_frame() in a loop (the reference);
   * capture.batch_decode.decode_batch() in batches of 256/1024/4096 frames (columnar result:
-    what a batcher packing records with numpy would use);
+    what RecordBatcher.add_batch packs records from);
   * the same followed by .tuples() (a drop-in list of decode_frame() tuples);
-  * the slice of pump() that follows decoding, on a sample: decode_frame + RecordBatcher.add
-    per frame (today) against decode_batch(1024).tuples() + add (the drop-in wiring), add
-    alone, the record packing per frame (RECORD.pack) against DecodedBatch.records(), the
-    partition per frame (partition_for) against flow_partitions(), and the grouping of a
-    batch's frames by flow (flow_keys + flow_groups: the flow cache looked up once per flow).
+  * the slice of pump() that follows reading, on a sample: decode_frame + RecordBatcher.add
+    per frame (the reference) against decode_batch(1024) + RecordBatcher.add_batch (what
+    pump() runs) and decode_batch(1024).tuples() + add (the drop-in wiring), add and
+    add_batch alone, the record packing per frame (RECORD.pack) against
+    DecodedBatch.records(), and the flow cache look-up of a batch (flow_keys +
+    FlowCache.labels).
 
 Times are CPU times of this process (time.process_time). It prints the median and the range
 of the runs and the ratio to decode_frame(); it asserts nothing but a sample of equal results
@@ -37,65 +38,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from capture.batch_decode import (  # noqa: E402
-    DecodedBatch,
-    decode_batch,
-    flow_groups,
-    flow_keys,
-    flow_partitions,
-)
+from capture.batch_decode import decode_batch, flow_keys  # noqa: E402
 from capture.batching import RecordBatcher  # noqa: E402
 from capture.decode import decode_frame  # noqa: E402
 from capture.pcapfile import read_frames  # noqa: E402
-from packet_records import FLAG_FRAGMENT, RECORD, partition_for  # noqa: E402
+from packet_records import RECORD  # noqa: E402
 from tests.synthetic import write_synthetic_pcap  # noqa: E402
 
 BATCHES = (256, 1024, 4096)
-
-
-def add_batch_prototype(batcher: RecordBatcher, ts: np.ndarray, wire: np.ndarray,
-                        frames: list[bytes], cols: DecodedBatch) -> None:
-    """PROTOTYPE of a RecordBatcher.add_batch (it reaches into the batcher's internals: it
-    belongs in capture/batching.py once adopted). Gives the messages that add() per frame
-    gives, in the same order, with per-frame Python work only for IP fragments and for the
-    frames of flows still under inspection; every other frame: records packed by numpy, flow
-    cache looked up once per flow of the batch."""
-    n = len(frames)
-    if n == 0:
-        return
-    flows = batcher.flows
-    slow = (cols.flags & FLAG_FRAGMENT) != 0  # FragmentTracker: per frame, in add()
-    whole = np.flatnonzero(~slow)  # (a later fragment's own ports are 0: not its flow)
-    first, grouped = flow_groups(flow_keys(cols)[whole])
-    first = whole[first]
-    get = flows.get
-    group_flows = [get(*key) for key in zip(
-        cols.ip_proto[first].tolist(), cols.src[first].view("V16").ravel().tolist(),
-        cols.sport[first].tolist(), cols.dst[first].view("V16").ravel().tolist(),
-        cols.dport[first].tolist())]
-    partition = np.fromiter((f.partition for f in group_flows), np.int64, len(group_flows))
-    app = np.fromiter((f.app for f in group_flows), np.uint8, len(group_flows))
-    app_flags = np.fromiter((f.app_flags for f in group_flows), np.uint8, len(group_flows))
-    inspecting = np.fromiter((f.inspector is not None for f in group_flows), bool,
-                             len(group_flows))
-    slow[whole] |= inspecting[grouped] & (cols.l4_off[whole] >= 0)  # inspection: in add()
-    per_frame = np.zeros((3, n), dtype=np.int64)  # fragments: in add(), these stay unused
-    per_frame[:, whole] = partition[grouped], app[grouped], app_flags[grouped]
-    packed = cols.records(ts, wire, per_frame[1], per_frame[2]).view("V56").tolist()
-    parts = per_frame[0].tolist()
-    slow_rows = np.flatnonzero(slow)
-    decoded = dict(zip(slow_rows.tolist(), cols.tuples(slow_rows)))
-    pending, limit, close = batcher.pending, batcher.records_per_message, batcher._close
-    # in frame order (the records of a partition keep their order, as add() per frame)
-    for i, p in enumerate(parts):
-        if i in decoded:
-            batcher.add(int(ts[i]), int(wire[i]), frames[i], decoded[i])
-            continue
-        batch = pending[p]
-        batch.append(packed[i])
-        if len(batch) >= limit:
-            close(p)
-    batcher.last_ts = int(ts[-1])
 
 
 def loop_reference(frames: list[bytes], linktype: int) -> None:
@@ -212,28 +162,31 @@ def main(argv: list[str] | None = None) -> int:
             for cols, (ts, wire) in zip(columns, stamps):
                 cols.records(ts, wire).tobytes()
 
-        def partition_per_frame():
-            for d in decoded_all:
-                partition_for(d[2], d[3], d[4], d[5], d[1], 12)
+        # the flow cache as the sample leaves it: every flow in it
+        warm = RecordBatcher(12, 1000, inspect=True, replay=True)
+        for ts, wire, frame, lt in sample_items:
+            warm.add(ts, wire, frame, decode_frame(frame, lt))
 
-        def partition_columns():
+        def labels_of_batches(flows=warm.flows):
             for cols in columns:
-                flow_partitions(cols, 12)
+                keys = flow_keys(cols)
+                flows.labels(keys.view(f"V{keys.dtype.itemsize}").tolist())
 
-        def flows_of_batches():
-            for cols in columns:
-                flow_groups(flow_keys(cols))
+        def add_batch_only(items=sample_items):
+            batcher = RecordBatcher(12, 1000, inspect=True, replay=True)
+            for i, cols in zip(range(0, len(items), 1024), columns):
+                ts, wire, frames_, _ = zip(*items[i:i + 1024])
+                batcher.add_batch(ts, wire, frames_, cols)
+                if batcher.ready:
+                    batcher.take()
 
         def batch_path(items=sample_items, size=1024, inspect=True):
-            """decode_batch columns + the add_batch prototype."""
+            """decode_batch columns + RecordBatcher.add_batch, as pump() runs them."""
             batcher = RecordBatcher(12, 1000, inspect=inspect, replay=True)
             out = []
             for i in range(0, len(items), size):
-                chunk = items[i:i + size]
-                ts = np.fromiter((t for t, _, _, _ in chunk), np.int64, len(chunk))
-                wire = np.fromiter((w for _, w, _, _ in chunk), np.int64, len(chunk))
-                frames_ = [f for _, _, f, _ in chunk]
-                add_batch_prototype(batcher, ts, wire, frames_, decode_batch(frames_, 1))
+                ts, wire, frames_, linktypes = zip(*items[i:i + size])
+                batcher.add_batch(ts, wire, frames_, decode_batch(frames_, linktypes))
                 if batcher.ready:
                     out += batcher.take()
             batcher.flush(final=True)
@@ -251,20 +204,19 @@ def main(argv: list[str] | None = None) -> int:
 
         for inspect in (True, False):  # the same messages, even in the same order
             same = batch_path(inspect=inspect) == reference_messages(inspect=inspect)
-            print(f"add_batch prototype, inspect {'on' if inspect else 'off'}: messages identical "
+            print(f"add_batch, inspect {'on' if inspect else 'off'}: messages identical "
                   f"(and in the same order) to add() per frame: {same}")
 
-        rows = [("slice: decode_frame + add (pump today)", per_frame),
-                ("slice: decode_batch 1024 + add_batch prototype", batch_path),
+        rows = [("slice: decode_frame + add (reference)", per_frame),
+                ("slice: decode_batch 1024 + add_batch (pump)", batch_path),
                 ("slice: decode_batch 1024 .tuples() + add", drop_in),
-                ("  of which RecordBatcher.add alone", add_only),
+                ("  RecordBatcher.add alone", add_only),
+                ("  RecordBatcher.add_batch alone", add_batch_only),
                 ("  RECORD.pack per frame (inside add)", pack_per_frame),
                 ("  DecodedBatch.records(), batch 1024", pack_columns),
-                ("  partition_for per frame", partition_per_frame),
-                ("  flow_partitions(), batch 1024", partition_columns),
-                ("  flow_keys() + flow_groups(), batch 1024", flows_of_batches),
+                ("  flow_keys() + FlowCache.labels(), 1024", labels_of_batches),
                 ("slice, inspect off: decode_frame + add", partial(per_frame, inspect=False)),
-                ("slice, inspect off: batch 1024 + prototype", partial(batch_path, inspect=False))]
+                ("slice, inspect off: batch 1024 + add_batch", partial(batch_path, inspect=False))]
         runs: dict[str, list[float]] = {name: [] for name, _ in rows}
         per_frame()  # warm-up: process-wide caches (names, fingerprints) fill on the first pass
         for _ in range(args.runs):

@@ -15,7 +15,9 @@ import time
 from collections.abc import Iterable
 from itertools import chain
 
-from capture.batch_decode import decode_batch_frames
+import numpy as np
+
+from capture.batch_decode import decode_batch
 from capture.batching import RecordBatcher
 from capture.counters import CaptureCounters
 from capture.pcapfile import CaptureFileError, read_frames
@@ -60,7 +62,7 @@ def pump(frames: Iterable, batcher: RecordBatcher, producer: RecordProducer,
     interval = settings.batch_interval_ms / 1000
     now = time.monotonic()
     next_flush, next_stats = now + interval, now + settings.stats_interval_s
-    add, take, send = batcher.add, batcher.take, producer.send
+    add_batch, take, send = batcher.add_batch, batcher.take, producer.send
     live = source is not None
     monotonic = time.monotonic
     # hot-loop counters live in locals and reach `counters` in sync_counters()
@@ -87,23 +89,25 @@ def pump(frames: Iterable, batcher: RecordBatcher, producer: RecordProducer,
         nonlocal frames_n, bytes_n, malformed, unsupported
         if not pending:
             return
-        decoded_all = decode_batch_frames([item[2] for item in pending],
-                                          [item[3] for item in pending])
-        for (ts_ns, wire_len, frame, linktype), decoded in zip(pending, decoded_all):
-            frames_n += 1
-            bytes_n += wire_len
-            if decoded[7] & FLAG_MALFORMED:
-                malformed += 1
-                if decoded[7] & FLAG_UNSUPPORTED_LINK:
-                    unsupported += 1
+        ts_ns, wire_lens, frame_list, linktypes = zip(*pending)
+        pending.clear()
+        decoded = decode_batch(frame_list, linktypes)
+        frames_n += len(frame_list)
+        bytes_n += sum(wire_lens)
+        bad = (decoded.flags & FLAG_MALFORMED) != 0
+        if bad.any():
+            malformed += int(bad.sum())
+            unknown = np.flatnonzero(bad & ((decoded.flags & FLAG_UNSUPPORTED_LINK) != 0))
+            if len(unknown):
+                unsupported += len(unknown)
+                for linktype in dict.fromkeys(linktypes[i] for i in unknown.tolist()):
                     if linktype not in warned_links:
                         warned_links.add(linktype)
                         log.warning("link type %d is not supported: its frames count as OTHER",
                                     linktype)
-            add(ts_ns, wire_len, frame, decoded)
-            if batcher.ready:
-                send_ready()
-        pending.clear()
+        add_batch(ts_ns, wire_lens, frame_list, decoded)
+        if batcher.ready:
+            send_ready()
 
     try:
         for item in frames:

@@ -199,6 +199,8 @@ def decode_batch(frames: Sequence[bytes], linktype: int | Sequence[int]) -> Deco
     result = DecodedBatch(n)
     if n == 0:
         return result
+    if isinstance(linktype, (list, tuple)) and linktype.count(linktype[0]) == n:
+        linktype = linktype[0]  # one link type after all (the common case, checked in C)
     if isinstance(linktype, (int, np.integer)):
         _decode_group(frames, int(linktype), result, None)
         return result
@@ -345,39 +347,7 @@ def _decode_group(frames: Sequence[bytes], linktype: int, result: DecodedBatch,
         result._set(k if rows is None else int(rows[k]), decode_frame(frames[k], linktype))
 
 
-# -- building blocks for a batch path in RecordBatcher (see bench/bench_batch_decode.py) -------
-
-def _crc32_table() -> np.ndarray:
-    table = np.zeros(256, dtype=np.uint32)
-    for i in range(256):
-        crc = i
-        for _ in range(8):
-            crc = (crc >> 1) ^ (0xEDB88320 if crc & 1 else 0)
-        table[i] = crc
-    return table
-
-
-_CRC32 = _crc32_table()
-
-
-def crc32_rows(rows: np.ndarray) -> np.ndarray:
-    """zlib.crc32 of every row of a 2-D uint8 array (as uint32)."""
-    crc = np.full(len(rows), 0xFFFFFFFF, dtype=np.uint32)
-    for k in range(rows.shape[1]):
-        crc = _CRC32[(crc ^ rows[:, k]) & 0xFF] ^ (crc >> 8)
-    return crc ^ np.uint32(0xFFFFFFFF)
-
-
-def flow_partitions(batch: DecodedBatch, partitions: int) -> np.ndarray:
-    """packet_records.partition_for() of every frame's (src, dst, sport, dport, proto), with
-    the decoded ports (a non-first fragment takes its first fragment's ports in the batcher:
-    its partition must come from those)."""
-    both = crc32_rows(np.concatenate((batch.src, batch.dst)))
-    n = len(batch.flags)
-    ports = (batch.sport.astype(np.uint64) ^ batch.dport) * np.uint64(0x9E3779B1)
-    mixed = (both[:n].astype(np.uint64) ^ both[n:] ^ ports ^ batch.ip_proto) & np.uint64(0xFFFFFFFF)
-    return (mixed % np.uint64(partitions)).astype(np.int64)
-
+# -- for RecordBatcher.add_batch: the batch's frames in the flow cache -----------------------
 
 FLOW_KEY_DTYPE = np.dtype([("proto", "u1"), ("a", "V16"), ("a_port", ">u2"), ("b", "V16"),
                            ("b_port", ">u2")])
@@ -386,8 +356,8 @@ FLOW_KEY_DTYPE = np.dtype([("proto", "u1"), ("a", "V16"), ("a_port", ">u2"), ("b
 def flow_keys(batch: DecodedBatch) -> np.ndarray:
     """Every frame's direction-independent flow key, ordered as FlowCache.get orders it
     ((proto, lower address, its port, higher address, its port); equal addresses: lower port
-    first), as FLOW_KEY_DTYPE rows: np.unique(keys, return_index=True, return_inverse=True)
-    gives the batch's flows, so that the flow cache is looked up once per flow, not per frame."""
+    first), as FLOW_KEY_DTYPE rows: each row's bytes are the frame's FlowCache key (a later
+    fragment's are not its flow's: its ports come from its first fragment)."""
     src = batch.src.view(">u8")  # two big-endian halves: compare as bytes compare
     dst = batch.dst.view(">u8")
     src_first = ((src[:, 0] < dst[:, 0])
@@ -401,28 +371,3 @@ def flow_keys(batch: DecodedBatch) -> np.ndarray:
     keys["a_port"] = np.where(src_first, batch.sport, batch.dport)
     keys["b_port"] = np.where(src_first, batch.dport, batch.sport)
     return keys
-
-
-def flow_groups(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The flows of a batch from its flow_keys(): (first, inverse) where first[g] is the index
-    of flow g's first frame, flows numbered in the order they first appear (the order in which
-    a per-frame loop would meet them, and insert them in the flow cache), and inverse[i] is
-    frame i's flow. (np.unique on the structured keys gives the same groups, 5-10x slower.)"""
-    n = len(keys)
-    if n == 0:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    words = np.zeros((n, 40), dtype=np.uint8)  # 37 key bytes as 5 big-endian words
-    words[:, :FLOW_KEY_DTYPE.itemsize] = keys.view(np.uint8).reshape(n, FLOW_KEY_DTYPE.itemsize)
-    words = words.view(">u8")
-    order = np.lexsort(words.T[::-1])  # stable: a group's frames stay in frame order
-    ordered = words[order]
-    starts = np.ones(n, dtype=bool)
-    starts[1:] = (ordered[1:] != ordered[:-1]).any(axis=1)
-    group = np.cumsum(starts) - 1
-    first_sorted = order[starts]  # each group's first frame (stable sort)
-    rank = np.argsort(first_sorted, kind="stable")  # groups by first appearance
-    renumber = np.empty(len(rank), dtype=np.int64)
-    renumber[rank] = np.arange(len(rank))
-    inverse = np.empty(n, dtype=np.int64)
-    inverse[order] = renumber[group]
-    return first_sorted[rank], inverse

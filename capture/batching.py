@@ -1,5 +1,10 @@
 """From decoded frames to packed records, batched per Kafka partition.
 
+RecordBatcher.add() takes one decoded frame; add_batch() a batch decoded by
+capture.batch_decode (what the capture loop uses): it gives the same messages, byte for byte
+and in the same order, packing with numpy the records of the frames whose flow is known and no
+longer inspected (nearly all) and handing the others to add() in their turn.
+
 Non-first IP fragments carry no L4 header. Like tshark's conversation table, they belong to the
 flow of the first fragment with the same (addresses, protocol, IP id): FragmentTracker remembers
 the first fragments' ports, and holds back a non-first fragment that arrives before its first
@@ -16,8 +21,12 @@ flow cache (capture.flowcache: INSPECT_MEMORY_MB, INSPECT_IDLE_TIMEOUT_S).
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 
-from capture.flowcache import FlowCache
+import numpy as np
+
+from capture.batch_decode import FLOW_KEY_DTYPE, DecodedBatch, flow_keys
+from capture.flowcache import INSPECTED, FlowCache, payload_of
 from capture.inspect.names import safe_name
 from packet_records import (
     FLAG_FRAGMENT,
@@ -25,10 +34,17 @@ from packet_records import (
     FLAG_LATER_FRAGMENT,
     FLAG_TRUNCATED,
     RECORD,
+    RECORD_DTYPE,
     encode_batch,
 )
 
 _pack = RECORD.pack
+_RECORD_VOID = np.dtype(f"V{RECORD.size}")  # one packed record, listed as bytes
+_FLOW_KEY_VOID = np.dtype(f"V{FLOW_KEY_DTYPE.itemsize}")  # a FlowCache key, listed as bytes
+_APP = RECORD_DTYPE.fields["app"][1]  # offset of app (then app_flags) in a packed record
+assert RECORD_DTYPE.fields["app_flags"][1] == _APP + 1
+_PARTITION = 0xFFFFFFFF  # a flow's partition in its label (capture.flowcache.label_of)
+_LOOK, _ADD = -1, -2  # add_batch(): turns of the frames it does not pack at once
 
 
 class FragmentTracker:
@@ -122,6 +138,70 @@ class RecordBatcher:
                 sport, dport = known[0], known[1]
         self._emit(ts_ns, wire_len, ipver, proto, src, dst, tcp_flags, flags, sport, dport,
                    frame if l4_off >= 0 else None, decoded)
+
+    def add_batch(self, ts_ns: Sequence[int], wire_lens: Sequence[int], frames: Sequence[bytes],
+                  batch: DecodedBatch) -> None:
+        """add() every frame of a decoded batch (capture.batch_decode), in order: the same
+        records, messages and state as add() frame by frame, with per-frame Python work only
+        where add() has some to do. Records are packed by numpy, with the partition and label
+        of their flow found in the flow cache by the batch's flow_keys(); a frame whose flow
+        was not cached then, or inspected, looks again when its turn comes, and add() takes
+        it if it has something to do there: a flow to enter in the cache, a payload to feed
+        to the flow's inspector. add() takes the IP fragments too."""
+        n = len(frames)
+        if n == 0:
+            return
+        flows, add = self.flows, self.add
+        ts = np.fromiter(ts_ns, np.int64, n)
+        wire = np.fromiter(wire_lens, np.int64, n)
+        keys = flow_keys(batch).view(_FLOW_KEY_VOID).tolist()
+        labels = np.array(flows.labels(keys), dtype=np.int64)
+        # the turn of each frame: its partition (the record is packed), _LOOK (look again),
+        # _ADD (an IP fragment: add(); its own ports are 0, not its flow's)
+        turns = np.where(labels & INSPECTED, _LOOK, labels & _PARTITION)
+        turns[(batch.flags & FLAG_FRAGMENT) != 0] = _ADD
+        deferred = np.flatnonzero(turns < 0)
+        # Each add() enters at most one flow in the cache, plus one per held fragment it
+        # releases or pushes out (held before this batch, or in it by another add()). Near
+        # the cache's bound, a flow packed here could be evicted by an earlier frame's and
+        # come back afresh in add() frame by frame: then the whole batch takes that path.
+        if len(deferred) and not flows.survive(keys, 2 * len(deferred)
+                                                + self.fragments.held_count):
+            for item in zip(ts.tolist(), wire.tolist(), frames, batch.tuples()):
+                add(*item)
+            return
+        app = ((labels >> 32) & 0xFF).astype(np.uint8)
+        app_flags = ((labels >> 40) & 0xFF).astype(np.uint8)
+        records = batch.records(ts, wire, app, app_flags).view(_RECORD_VOID).tolist()
+        for i, t, w, decoded, turn in zip(deferred.tolist(), ts[deferred].tolist(),
+                                          wire[deferred].tolist(), batch.tuples(deferred),
+                                          turns[deferred].tolist()):
+            item = (t, w, frames[i], decoded)
+            records[i] = item if turn == _ADD else (keys[i], records[i], item)
+        pending, limit, close = self.pending, self.records_per_message, self._close
+        find = flows.flows.get
+        for p, record in zip(turns.tolist(), records):
+            if p < 0:
+                if p == _ADD:
+                    add(*record)
+                    continue
+                # as add() would: the flow cached now (or enter it), its inspector fed the
+                # payload (if it has one and is still there), its label on the record
+                key, record, item = record
+                flow = find(key)
+                if flow is None or (flow.inspector is not None
+                                    and payload_of(item[2], item[3]) is not None):
+                    add(*item)
+                    continue
+                p = flow.partition
+                if record[_APP] != flow.app or record[_APP + 1] != flow.app_flags:
+                    record = b"".join((record[:_APP], bytes((flow.app, flow.app_flags)),
+                                       record[_APP + 2:]))
+            batch_p = pending[p]
+            batch_p.append(record)
+            if len(batch_p) >= limit:
+                close(p)
+        self.last_ts = int(ts[-1])
 
     def _emit(self, ts_ns, wire_len, ipver, proto, src, dst, tcp_flags, flags, sport, dport,
               frame=None, decoded=None):

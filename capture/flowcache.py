@@ -5,11 +5,11 @@ comes back is inspected afresh.
 
 Memory is bounded three ways:
 
-* entries: at most max_flows (262144). An entry (key tuple, the address and port objects it
-  holds, the CachedFlow, its share of the dict and OrderedDict) takes about 420 bytes; an
-  unfinished inspector with no reassembly state yet (a flow that sent no payload) adds about
-  180 (tracemalloc, bench/bench_inspect_memory.py): at most about 160 MB at the bound, 110 MB
-  once the inspections have ended.
+* entries: at most max_flows (262144). An entry (its key: 37 bytes as flow_keys() lays them
+  out, the CachedFlow and the objects it holds, its share of the dict and OrderedDict) takes
+  about 375 bytes; an unfinished inspector with no reassembly state yet (a flow that sent no
+  payload) adds about 200 (tracemalloc, bench/bench_inspect_memory.py): at most about 150 MB
+  at the bound, 100 MB once the inspections have ended.
 * bytes of inspection state: an inspector that holds reassembly buffers or QUIC state (see
   FlowInspector.held_bytes()) is charged against memory_bytes (INSPECT_MEMORY_MB) for all
   flows together. Over the budget, the inspections that have waited longest for their next
@@ -21,13 +21,20 @@ A flow whose inspection is given up keeps the label it had (a port guess, UNKNOW
 whose name never completed) and is not inspected again while it stays in the cache. The
 bookkeeping happens only for packets with payload fed to an unfinished inspector: done flows
 (nearly every packet) pay nothing for it.
+
+What a record takes from its flow (partition, app, app flags, and whether the flow is still
+inspected) is kept as one int, CachedFlow.label, so that RecordBatcher.add_batch reads a whole
+batch's with one look-up per frame (FlowCache.labels) and packs the records with numpy.
 """
 
 from __future__ import annotations
 
 import struct
 from collections import OrderedDict
+from collections.abc import Iterable
+from itertools import islice
 
+from capture.batch_decode import FLOW_KEY_DTYPE
 from capture.inspect.flow import FlowInspector
 from packet_records import APP_GUESS, META_FINGERPRINT, META_SERVER_NAME, partition_for
 from packet_records.apps import APP_ID
@@ -35,11 +42,40 @@ from packet_records.apps import APP_ID
 INSPECTED_PROTOCOLS = (6, 17)
 _U16 = struct.Struct("!H").unpack_from
 _U32 = struct.Struct("!I").unpack_from
+# a flow's key: protocol, then the lower (address, port) and the higher, as bytes: one row of
+# capture.batch_decode.flow_keys() (RecordBatcher.add_batch finds a batch's flows with those)
+_KEY = struct.Struct(">B16sH16sH").pack
+assert struct.calcsize(">B16sH16sH") == FLOW_KEY_DTYPE.itemsize
+INSPECTED = 1 << 48  # in CachedFlow.label: the flow is still inspected (its label may change)
+NOT_CACHED = -1  # FlowCache.labels() of a flow not in the cache (INSPECTED set as well)
+
+
+def label_of(partition: int, app: int, app_flags: int, inspected: bool = False) -> int:
+    """What a record takes from its flow, as one int (CachedFlow.label)."""
+    return partition | app << 32 | app_flags << 40 | (INSPECTED if inspected else 0)
+
+
+def payload_of(frame: bytes, decoded: tuple) -> tuple[int, int] | None:
+    """(start, end) in the frame of the L4 payload of a TCP or UDP packet (decode_frame()
+    tuple), trimmed to the UDP length; None when there is none (or no L4 header)."""
+    l4_off, end = decoded[9], decoded[10]
+    if l4_off < 0:
+        return None
+    if decoded[1] == 6:
+        if len(frame) < l4_off + 13:
+            return None
+        start = l4_off + (frame[l4_off + 12] >> 4) * 4
+    else:
+        start = l4_off + 8
+        udp_len = _U16(frame, l4_off + 4)[0] if len(frame) >= l4_off + 6 else 0
+        if udp_len >= 8 and l4_off + udp_len < end:
+            end = l4_off + udp_len
+    return (start, end) if end > start else None
 
 
 class CachedFlow:
     __slots__ = ("partition", "inspector", "client_addr", "client_port", "app", "app_flags",
-                 "sent_name", "sent_fp", "held", "last_ns")
+                 "sent_name", "sent_fp", "held", "last_ns", "label")
 
     def __init__(self, partition: int, inspector: FlowInspector | None, client_addr: bytes,
                  client_port: int):
@@ -52,6 +88,23 @@ class CachedFlow:
         self.sent_name = self.sent_fp = None
         self.held = 0  # bytes of inspection state charged to the budget (FlowCache.held_bytes)
         self.last_ns = 0  # capture time of the last payload fed to the unfinished inspector
+        self.label = 0
+        self.relabel()
+
+    def relabel(self) -> None:
+        """label: partition, app, app_flags and whether it is inspected, as label_of() packs
+        them (RecordBatcher.add_batch reads them all at once); set whenever one changes."""
+        self.label = label_of(self.partition, self.app, self.app_flags,
+                              self.inspector is not None)
+
+    def settle(self) -> None:
+        """The inspection is over (done or given up): the flow's label stays as it is."""
+        self.inspector = None
+        self.relabel()
+
+
+_NOT_CACHED = CachedFlow(0, None, b"", 0)  # FlowCache.labels() of a flow not in the cache
+_NOT_CACHED.label = NOT_CACHED
 
 
 class FlowCache:
@@ -59,7 +112,7 @@ class FlowCache:
                  memory_bytes: int = 64 << 20, idle_timeout_ns: int = 30_000_000_000):
         self.partitions = partitions
         self.inspect_payloads = inspect
-        self.flows: OrderedDict[tuple, CachedFlow] = OrderedDict()
+        self.flows: OrderedDict[bytes, CachedFlow] = OrderedDict()  # _KEY -> flow
         self.max_flows = max_flows
         self.memory_bytes = memory_bytes
         self.idle_timeout_ns = idle_timeout_ns
@@ -69,9 +122,9 @@ class FlowCache:
 
     def get(self, proto: int, src: bytes, sport: int, dst: bytes, dport: int) -> CachedFlow:
         if src < dst or (src == dst and sport <= dport):
-            key = (proto, src, sport, dst, dport)
+            key = _KEY(proto, src, sport, dst, dport)
         else:
-            key = (proto, dst, dport, src, sport)
+            key = _KEY(proto, dst, dport, src, sport)
         flow = self.flows.get(key)
         if flow is None:
             inspector = None
@@ -85,12 +138,31 @@ class FlowCache:
                     self._release(old)
         return flow
 
+    def labels(self, keys: Iterable[bytes]) -> list[int]:
+        """The label of the flow of every key (flow_keys() rows as bytes), NOT_CACHED where
+        there is none: RecordBatcher.add_batch packs the records of the frames of flows that
+        are not inspected by itself. Nothing enters the cache."""
+        find = self.flows.get
+        return [find(key, _NOT_CACHED).label for key in keys]
+
+    def survive(self, keys: Iterable[bytes], inserts: int) -> bool:
+        """Whether the flows of these keys that are cached now still are after at most
+        `inserts` more flows enter: an insertion past max_flows evicts the oldest entry, and
+        get() does not reorder, so the entries at risk are the first ones."""
+        room = self.max_flows - len(self.flows)
+        if inserts <= room:
+            return True
+        evictions = inserts - room
+        if evictions >= len(self.flows):
+            return False  # the new flows themselves could go
+        return set(islice(self.flows, evictions)).isdisjoint(keys)
+
     def _release(self, flow: CachedFlow) -> None:
         """Forget the flow's inspection state (its inspector goes with it)."""
         del self.active[flow]
         self.held_bytes -= flow.held
         flow.held = flow.last_ns = 0  # small ints: shared objects, nothing left per flow
-        flow.inspector = None
+        flow.settle()
 
     def _give_up(self, budget: bool) -> None:
         """Give up the inspection that waited longest for a payload (the label stays)."""
@@ -130,21 +202,11 @@ class FlowCache:
         """Feed one packet's payload to the flow's inspector; return new meta entries as
         (kind, bytes), or None. The bytes are those taken from the packet (the JA4, made here,
         as ASCII): RecordBatcher turns each into text with names.safe_name()."""
-        l4_off, end = decoded[9], decoded[10]
-        if decoded[1] == 6:
-            if len(frame) < l4_off + 13:
-                return None
-            start = l4_off + (frame[l4_off + 12] >> 4) * 4
-            if end <= start:
-                return None  # no payload (a TCP handshake or ACK): the common case
-            seq = _U32(frame, l4_off + 4)[0]
-        else:
-            start, seq = l4_off + 8, None
-            udp_len = _U16(frame, l4_off + 4)[0] if len(frame) >= l4_off + 6 else 0
-            if udp_len >= 8 and l4_off + udp_len < end:
-                end = l4_off + udp_len
-            if end <= start:
-                return None
+        span = payload_of(frame, decoded)
+        if span is None:
+            return None  # no payload (a TCP handshake or ACK): the common case
+        start, end = span
+        seq = _U32(frame, decoded[9] + 4)[0] if decoded[1] == 6 else None
         inspector = flow.inspector
         from_client = decoded[4] == flow.client_port and decoded[2] == flow.client_addr
         changed = inspector.feed(frame[start:end], from_client, seq)
@@ -153,11 +215,14 @@ class FlowCache:
             if flow.held:
                 self._release(flow)
         else:
-            self._charge(flow, inspector, ts_ns)
+            self._charge(flow, inspector, ts_ns)  # (which may give this inspection up)
+        if changed:
+            flow.app = APP_ID.get(inspector.app, 0)
+            flow.app_flags = APP_GUESS if inspector.guess else 0
+        if changed or flow.inspector is None:
+            flow.relabel()  # (the label it leaves with, once done)
         if not changed:
             return None
-        flow.app = APP_ID.get(inspector.app, 0)
-        flow.app_flags = APP_GUESS if inspector.guess else 0
         meta = []
         raw_name = inspector.raw_name
         if raw_name and raw_name != flow.sent_name:

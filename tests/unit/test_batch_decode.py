@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import random
 import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -18,16 +17,14 @@ import pytest
 
 from capture.batch_decode import (
     FAST_LINKTYPES,
-    crc32_rows,
     decode_batch,
     decode_batch_frames,
-    flow_groups,
     flow_keys,
-    flow_partitions,
 )
 from capture.decode import decode_frame
+from capture.flowcache import FlowCache
 from capture.pcapfile import CaptureFileError, read_frames
-from packet_records import FLAG_TRUNCATED, RECORD, partition_for
+from packet_records import FLAG_TRUNCATED, RECORD
 from tests.captures import write_captures
 
 CORPUS = Path(os.path.dirname(__file__), "..", "..", "..", "shared", "corpus", "ndpi", "pcap")
@@ -284,9 +281,10 @@ def test_records_match_the_batchers_packing(tmp_path):
     assert any(len(f) < w for f, w in zip(frames, wire))
 
 
-def test_flow_partitions_and_keys_match_the_flow_cache():
-    """flow_partitions() is partition_for() and flow_keys() the FlowCache key, frame by frame
-    (random addresses, equal addresses, equal ports, both orders)."""
+def test_flow_keys_are_the_flow_cache_keys():
+    """flow_keys() orders every frame's (address, port) pairs as FlowCache.get does, and each
+    row's bytes are the key it files the flow under (random addresses, equal addresses,
+    equal ports, both orders)."""
     rnd = random.Random(9)
     frames = [f for f, lt in valid_frames(rnd) * 20 if lt == ETH]
     frames += [eth(0x0800, ipv4(17, udp(p, q))) for p, q in ((5, 5), (7, 3), (3, 7))]
@@ -303,27 +301,15 @@ def test_flow_partitions_and_keys_match_the_flow_cache():
     extra.dport[:] = [rnd.choice((int(extra.sport[i]), rnd.randrange(65536))) for i in range(400)]
     extra.ip_proto[:] = [rnd.randrange(256) for _ in range(400)]
     for batch in (result, extra):
-        tuples = batch.tuples()
-        rows = crc32_rows(batch.src)
-        assert rows.tolist() == [zlib.crc32(t[2]) for t in tuples]
-        for partitions in (1, 7, 12, 1000):
-            expected = [partition_for(t[2], t[3], t[4], t[5], t[1], partitions) for t in tuples]
-            assert flow_partitions(batch, partitions).tolist() == expected
         keys = flow_keys(batch)
-        for key, (_, proto, src, dst, sport, dport, *_rest) in zip(keys.tolist(), tuples):
+        rows = keys.view(f"V{keys.dtype.itemsize}").tolist()
+        cache = FlowCache(12, False)
+        for key, row, (_, proto, src, dst, sport, dport, *_rest) in zip(keys.tolist(), rows,
+                                                                       batch.tuples()):
             if src < dst or (src == dst and sport <= dport):
                 assert key == (proto, src, sport, dst, dport)
             else:
                 assert key == (proto, dst, dport, src, sport)
-        # flow_groups: one group per distinct key, numbered by first appearance
-        first, inverse = flow_groups(keys)
-        listed = keys.tolist()
-        order = list(dict.fromkeys(listed))  # distinct keys, first appearance first
-        assert [listed[i] for i in first.tolist()] == order
-        assert [order[g] for g in inverse.tolist()] == listed
-        assert first.tolist() == [listed.index(key) for key in order]
-
-
-def test_flow_groups_of_an_empty_batch():
-    first, inverse = flow_groups(flow_keys(decode_batch([], ETH)))
-    assert len(first) == len(inverse) == 0
+            flow = cache.get(proto, src, sport, dst, dport)
+            assert cache.flows[row] is flow is cache.get(proto, dst, dport, src, sport)
+    assert len(flow_keys(decode_batch([], ETH))) == 0
