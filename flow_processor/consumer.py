@@ -63,6 +63,7 @@ class Processor:
         # for pipeline:processor
         self.unwritten = {"set_aside_failed": 0, "offset_resets": 0, "flows_evicted": 0}
         self.next_trim = time.monotonic() + TRIM_EVERY_S
+        self.idle = False  # the last poll found nothing to read
         self.limits = TimeLimits(settings.live_time_window_s * NS, settings.max_time_ahead_s * NS)
         self.topic_id: str | None = None
         security = kafka_client_config(settings)
@@ -328,6 +329,8 @@ class Processor:
     def flush(self, states: list[PartitionState] | None = None) -> None:
         targets = [s for s in (states if states is not None else self.states.values()) if s.pending]
         if not targets:
+            if self.idle:  # a quiet moment: the newest minute joins the top-N windows
+                self.sink.advance_windows(close_newest=True)
             return
         result = self.sink.write(targets)
         commits = []
@@ -348,6 +351,9 @@ class Processor:
                         state.partition, stored)
             self._restart(state, stored)
         self.totals["flushes"] += 1
+        # the top-N windows take the minutes this flush completed (all, when nothing is left
+        # to read: a replay's last minute, or a quiet moment live)
+        self.sink.advance_windows(close_newest=self.idle)
         if time.monotonic() >= self.next_trim:
             self.sink.trim_top()
             self.next_trim = time.monotonic() + TRIM_EVERY_S
@@ -431,6 +437,7 @@ class Processor:
                 per_message = max(1.0, self.records_per_message)
                 batch = max(1, min(10000, int(s.max_poll_records / per_message)))
                 messages = self.consumer.consume(num_messages=batch, timeout=0.2)
+                self.idle = not messages
                 for msg in messages:
                     self.handle(msg)
                 now = time.monotonic()
@@ -485,7 +492,9 @@ class Processor:
                              self.exit_when_idle)
                     break
             if not self.paused:
+                self.idle = True
                 self.flush()
+                self.sink.advance_windows(close_newest=True, max_steps=1_000_000)
         finally:
             self.log_stats("final")
             self.deadletter.flush(10)

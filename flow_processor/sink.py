@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import orjson
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError, WatchError
@@ -46,12 +47,10 @@ TOP_PER_CALL = 2000  # top-N increments (or keys to expire) per call of top.lua
 APP_SERIES = tuple(f"ts:app:{app}" for app in APPS)  # by app id
 METRICS = (("bps", 0), ("pps", 1))  # series suffix, index in the [bytes, packets] cells
 TOP_FLOWS = "flows:top:bytes"
-# Sets with time windows, by their index in top.lua's SETS (1-based, as Lua counts)
-TOP_SET_HOSTS, TOP_SET_APPS, TOP_SET_DOMAINS, TOP_SET_FLOWS = 1, 2, 3, 4
+# Sets with time windows, in the order of top.lua's SETS
 WINDOWED_SETS = (("hosts", "bytes"), ("apps", "bytes"), ("domains", "bytes"),
                  ("flows", "endpoints"))
 WINDOWS = ("5m", "1h", "24h")
-WINDOW_CLOCK = "top:window:clock"  # the newest minute of capture time (top.lua)
 TOP_SETS = (TOP_FLOWS, *(f"{a}:top:{b}" for a, b in WINDOWED_SETS),
             *(f"{a}:top:{w}:{b}" for a, b in WINDOWED_SETS for w in WINDOWS))
 COUNTERS = "pipeline:processor"
@@ -309,6 +308,7 @@ class RedisSink:
                         n = self._queue_writes(pipe, state)
                         end = len(pipe.command_stack)
                         madd_at.extend(range(end - n, end))
+                    self._queue_top(pipe, writable)
                     replies = pipe.execute(raise_on_error=False)
                 except WatchError:
                     continue  # an offset moved under us: look again
@@ -330,17 +330,7 @@ class RedisSink:
                                  "metric", name)
         for name, value in state.capture_totals.items():
             pipe.hincrby(CAPTURE_COUNTERS, name, value)
-        flows = state.dirty_flows
-        self._queue_flows(pipe, flows)
-        ttl = self.settings.flow_ttl_s
-        now = time.monotonic()
-        refresh_before = now - ttl / 4
-        expire: list[str] = []
-        for f in flows:
-            if f.new or f.ttl_at < refresh_before:
-                expire.append(f"flow:{f.id}:meta")  # the meta hash exists from here on
-                f.ttl_at = now
-        self._queue_top(pipe, state, expire)
+        self._queue_flows(pipe, state.dirty_flows)
         for name, value in (("records", state.records),
                             ("malformed_frames", state.malformed_frames),
                             ("malformed_messages", state.malformed_messages)):
@@ -351,56 +341,74 @@ class RedisSink:
             pipe.set(self.topic_id_prefix + str(state.partition), state.topic_id)
         return self._queue_samples(pipe, state)
 
-    def _queue_top(self, pipe, state: PartitionState, expire: list[str]) -> None:
+    def _queue_top(self, pipe, states: list[PartitionState]) -> None:
         """The top-N sets of hosts, applications, domains and flows, with their time windows
-        (top.lua): summed here per member and minute of capture time, one increment per member
-        the flush touched in a minute (not one per flow or second), in a few calls of top.lua;
-        and the TTLs of `expire`."""
+        (top.lua): summed here over the partitions of the transaction per member and minute of
+        capture time, one increment per member the transaction touches in a minute (not one
+        per flow, second or partition), in a few calls of top.lua; and the TTLs of flow hashes
+        written for the first time, or not renewed for a quarter of FLOW_TTL_S."""
+        ttl = self.settings.flow_ttl_s
+        now = time.monotonic()
+        refresh_before = now - ttl / 4
+        expire: list[str] = []
         flow_minutes: dict[tuple[Flow, int], int] = {}
-        for (flow, sec), cell in state.flow_seconds.items():
-            key = (flow, sec // 60)
-            flow_minutes[key] = flow_minutes.get(key, 0) + cell[0]
-        # (set index in top.lua's SETS, minute) -> member -> bytes
-        sums: dict[tuple[int, int], dict[str, int]] = {}
-
-        def add(index: int, minute: int, member: str, value: int) -> None:
-            members = sums.get((index, minute))
-            if members is None:
-                sums[(index, minute)] = members = {}
-            members[member] = members.get(member, 0) + value
-
+        no_flow: dict[int, int] = {}
+        newest = 0
+        for state in states:
+            for f in state.dirty_flows:
+                if f.new or f.ttl_at < refresh_before:
+                    expire.append(f"flow:{f.id}:meta")  # the meta hash exists from here on
+                    f.ttl_at = now
+            for (flow, sec), cell in state.flow_seconds.items():
+                key = (flow, sec // 60)
+                flow_minutes[key] = flow_minutes.get(key, 0) + cell[0]
+            for sec, cell in state.no_flow.items():
+                no_flow[sec // 60] = no_flow.get(sec // 60, 0) + cell[0]
+            newest = max(newest, max(state.global_, default=0) // 60)
+        # minute -> one {member: bytes} per set of top.lua's SETS (hosts, apps, domains, flows)
+        sums: dict[int, tuple[dict, dict, dict, dict]] = {}
         apps = APPS
         for (f, minute), b in flow_minutes.items():
-            add(TOP_SET_HOSTS, minute, f.src, b)
+            sets = sums.get(minute)
+            if sets is None:
+                sums[minute] = sets = ({}, {}, {}, {})
+            hosts, by_app, domains, flows = sets
+            hosts[f.src] = hosts.get(f.src, 0) + b
             if f.dst != f.src:
-                add(TOP_SET_HOSTS, minute, f.dst, b)
-            add(TOP_SET_APPS, minute, apps[f.app], b)
+                hosts[f.dst] = hosts.get(f.dst, 0) + b
+            app = apps[f.app]
+            by_app[app] = by_app.get(app, 0) + b
             if f.server_name:
-                add(TOP_SET_DOMAINS, minute, f.server_name, b)
-            add(TOP_SET_FLOWS, minute, f.label, b)
-        for sec, cell in state.no_flow.items():
-            add(TOP_SET_APPS, sec // 60, "UNKNOWN", cell[0])
+                domains[f.server_name] = domains.get(f.server_name, 0) + b
+            flows[f.label] = flows.get(f.label, 0) + b
+        for minute, value in no_flow.items():
+            sets = sums.get(minute)
+            if sets is None:
+                sums[minute] = sets = ({}, {}, {}, {})
+            sets[1]["UNKNOWN"] = sets[1].get("UNKNOWN", 0) + value
         if not sums and not expire:
             return
-        newest = max(state.global_, default=0) // 60
-        args: list = [newest]
-        for (index, minute), members in sorted(sums.items()):
-            items = [(member, value) for member, value in members.items() if value]
-            for start in range(0, len(items), TOP_PER_CALL):
-                chunk = items[start:start + TOP_PER_CALL]
-                args += ("w", minute, index, len(chunk))
-                for member, value in chunk:
-                    args += (value, member)
-                if len(args) >= 2 * TOP_PER_CALL:
-                    self.top_script(args=args, client=pipe)
-                    args = [newest]
-        for start in range(0, len(expire), TOP_PER_CALL):
-            chunk = expire[start:start + TOP_PER_CALL]
-            args += ("e", self.settings.flow_ttl_s, len(chunk), *chunk)
-            self.top_script(args=args, client=pipe)
-            args = [newest]
-        if len(args) > 1:
-            self.top_script(args=args, client=pipe)
+        # calls of at most about TOP_PER_CALL increments (each call holds Redis while it runs)
+        groups: list = []
+        count = 0
+        for minute in sorted(sums):
+            for index, members in enumerate(sums[minute], start=1):
+                items = [x for member, value in members.items() if value
+                         for x in (value, member)]
+                for at in range(0, len(items), 2 * TOP_PER_CALL):
+                    chunk = items[at:at + 2 * TOP_PER_CALL]
+                    groups.append((minute, index, chunk))
+                    count += len(chunk) // 2
+                    if count >= TOP_PER_CALL:
+                        self.top_script(args=["add", newest, orjson.dumps(groups), ttl, b"[]"],
+                                        client=pipe)
+                        groups, count = [], 0
+        for at in range(0, len(expire), TOP_PER_CALL):
+            self.top_script(args=["add", newest, orjson.dumps(groups), ttl,
+                                  orjson.dumps(expire[at:at + TOP_PER_CALL])], client=pipe)
+            groups = []
+        if groups:
+            self.top_script(args=["add", newest, orjson.dumps(groups), ttl, b"[]"], client=pipe)
 
     def _queue_samples(self, pipe, state: PartitionState) -> int:
         """TS.MADD every sample of the flush: aggregate series oldest first (a retention
@@ -447,15 +455,22 @@ class RedisSink:
         return commands
 
     def _queue_flows(self, pipe, flows: list[Flow]) -> None:
-        s = self.settings
+        """flows.lua's updates of these flows' hashes and of flows:top:bytes, packed as JSON
+        (one argument per call: orjson packs it in C, where RESP would go field by field)."""
+        apps = APPS
         for start in range(0, len(flows), FLOWS_PER_CALL):
-            args: list = [s.flow_series_retention_ms, s.flow_series_chunk_bytes]
+            entries = []
             for f in flows[start:start + FLOWS_PER_CALL]:
-                args += [f.id, f.delta_bytes, f.delta_packets, ns_text(f.last_ns),
-                         2 if f.new else 0, f.src, f.dst, f.sport, f.dport, f.proto,
-                         ns_text(f.first_ns), int(f.labels_changed), APPS[f.app],
-                         int(f.app_guess), f.server_name or "", f.fingerprint or ""]
-            self.flows_script(args=args, client=pipe)
+                labels = ([apps[f.app], int(f.app_guess), f.server_name or "",
+                           f.fingerprint or ""] if f.labels_changed else 0)
+                if f.new:
+                    entries.append((f.id, f.delta_bytes, f.delta_packets, ns_text(f.last_ns),
+                                    labels, (f.src, f.dst, f.sport, f.dport, f.proto,
+                                             ns_text(f.first_ns))))
+                else:
+                    entries.append((f.id, f.delta_bytes, f.delta_packets, ns_text(f.last_ns),
+                                    labels))
+            self.flows_script(args=[orjson.dumps(entries)], client=pipe)
 
     @staticmethod
     def _count_rejected(madd_replies: list) -> int:
@@ -472,20 +487,33 @@ class RedisSink:
 
     # -- after a write ---------------------------------------------------------------------
 
+    def advance_windows(self, close_newest: bool, max_steps: int = 2000) -> bool:
+        """Move the top-N windows on after a flush (top.lua 'advance'): close the minutes
+        before the newest one (the newest too when close_newest: nothing more to read), and
+        subtract what left each window. One short script call per step, so other clients get
+        in between; at most max_steps now, the rest after the next flush. True when done."""
+        args = ["advance", "1" if close_newest else "0", self.settings.top_flows_kept, TRIM_CHUNK]
+        for _ in range(max_steps):
+            if not self.top_script(args=args):
+                return True
+        return False
+
     def trim_top(self) -> None:
         """Keep the top-N sets bounded (hosts and domains grow with every new name): remove
         what is beyond TOP_FLOWS_KEPT, at most TRIM_CHUNK members a command (each command is
         atomic, and short: other clients get in between). The buckets of the time windows
-        that still grow (the newest minute and hour, and the minute before) are trimmed too:
-        past ones were trimmed while they grew."""
+        that still grow (the open minutes, the newest hours) are trimmed too: the others were
+        trimmed while they grew."""
         kept = self.settings.top_flows_kept
         keys = list(TOP_SETS)
-        clock = self.redis.get(WINDOW_CLOCK)
-        if clock is not None:
-            minute = int(clock)
-            for a, b in WINDOWED_SETS:
-                keys += (f"{a}:top:min:{minute}:{b}", f"{a}:top:min:{minute - 1}:{b}",
-                         f"{a}:top:hour:{minute // 60}:{b}")
+        pipe = self.redis.pipeline(transaction=False)
+        for a, _b in WINDOWED_SETS:
+            pipe.zrange(f"top:window:open:{a}", 0, -1)
+            pipe.zrange(f"top:window:hours:{a}", -2, -1)
+        replies = pipe.execute()
+        for (a, b), open_minutes, hours in zip(WINDOWED_SETS, replies[::2], replies[1::2]):
+            keys += [f"{a}:top:min:{int(m)}:{b}" for m in open_minutes]
+            keys += [f"{a}:top:hour:{int(h)}:{b}" for h in hours]
         pipe = self.redis.pipeline(transaction=False)
         for key in keys:
             pipe.zcard(key)

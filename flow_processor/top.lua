@@ -1,101 +1,169 @@
--- Top-N sums of one flush, and TTLs of new flow keys, in one call (see sink.py): the processor
--- adds up each member's bytes per minute of capture time, and one call here saves a client
--- round trip per member.
+-- Top-N sets and their time windows (see sink.py). Two modes:
+--
+-- ARGV[1] = 'add': the sums of one flush, inside its MULTI/EXEC. ARGV[2]: the newest capture
+-- minute of the flush; ARGV[3]: JSON [[minute, set index (SETS), [increment, member, ...]],
+-- ...]; ARGV[4]: a TTL and ARGV[5]: JSON [key, ...] to EXPIRE (flow keys: TTL from their
+-- first write). JSON packs the many values in one argument (in C, on both sides).
+-- ARGV[1] = 'advance': one bounded step of moving the windows on (its own call, outside any
+-- transaction: each step is one or a few set operations, so Redis is never held for long).
+-- ARGV[2]: '1' to close the newest minute too (the processor has nothing more to read), else
+-- '0'; ARGV[3]: members a minute's bucket keeps when it closes (TOP_FLOWS_KEPT: the smallest
+-- are dropped first, at most ARGV[4] a step). Returns 1 when it did something (call again),
+-- 0 when the windows are up to date.
 --
 -- Each top-N set <a>:top:<b> (hosts:top:bytes, apps:top:bytes, domains:top:bytes,
--- flows:top:endpoints) holds all-time totals, and has three time windows of capture time:
--- <a>:top:5m:<b> and <a>:top:1h:<b> (the newest minute seen and the 4 or 59 before it) and
--- <a>:top:24h:<b> (the newest hour and the 23 before it). A window is the sum of per-minute
--- buckets <a>:top:min:<minute>:<b> (or per-hour <a>:top:hour:<hour>:<b>) inside it: when the
--- newest minute moves on, the buckets that leave a window are subtracted from it (and deleted
--- once they leave every window), and an increment for a minute that already left a window
--- does not enter it. So a window equals the exact sum of its minutes, whatever the order in
--- which partitions and processors write them. The newest minute (top:window:clock) and how far
--- each window has subtracted (top:window:<window>) live in Redis, shared by every processor.
+-- flows:top:endpoints) holds all-time totals and has three windows of capture time:
+-- <a>:top:5m:<b>, <a>:top:1h:<b> (the last 5 or 60 closed minutes) and <a>:top:24h:<b> (the
+-- closed minutes of the last closed minute's hour and the 23 hours before it). A minute is
+-- open while data for it may still come in bulk: its increments go to its bucket
+-- <a>:top:min:<minute>:<b> only (one ZINCRBY besides the all-time one). Closing it adds the
+-- bucket to the three windows and to its hour's bucket <a>:top:hour:<hour>:<b>; minutes
+-- before the newest one close after each flush, the newest one too when the processor is
+-- idle. An increment for a closed minute goes straight into the windows (and buckets) that
+-- hold that minute. Buckets leaving a window are subtracted from it; a minute's bucket is
+-- deleted when it leaves the hour window, an hour's when it leaves the day window. So each
+-- window is the exact sum of its minutes whatever the order in which partitions and
+-- processors write them.
 --
--- ARGV[1]: the newest capture minute of this call's data; then groups of
---   'w', minute, set index (SETS), n, then n (increment, member) pairs; or
---   'e', ttl, n, then n keys to EXPIRE.
+-- State, per set <a>: top:window:open:<a> and top:window:kept:<a> (sorted sets of the open
+-- minutes, and of the closed minutes whose buckets are in the hour window),
+-- top:window:hours:<a> (hours whose buckets are in the day window), top:window:closed:<a>
+-- (the last closed minute), top:window:5m:<a> (the last minute subtracted from the 5 minute
+-- window); top:window:clock: the newest minute seen.
 local SETS = {{'hosts', 'bytes'}, {'apps', 'bytes'}, {'domains', 'bytes'}, {'flows', 'endpoints'}}
--- name, size in its unit, unit ('min' or 'hour'), and whether it is the widest window of its
--- unit (its buckets are deleted once subtracted from it)
-local WINDOWS = {{'5m', 5, 'min', false}, {'1h', 60, 'min', true}, {'24h', 24, 'hour', true}}
 
 local function key(set, middle)
   return set[1] .. ':top:' .. middle .. ':' .. set[2]
 end
 
-local clock = tonumber(redis.call('GET', 'top:window:clock'))
-local newest = tonumber(ARGV[1])
-if clock == nil or newest > clock then
-  clock = newest
-  redis.call('SET', 'top:window:clock', clock)
+local function state(set, what)
+  return 'top:window:' .. what .. ':' .. set[1]
 end
 
--- move every window up to the clock; through[name] = the last unit no longer in the window
-local through = {}
-for _, w in ipairs(WINDOWS) do
-  local name, size, unit, widest = w[1], w[2], w[3], w[4]
-  local now = clock
-  if unit == 'hour' then now = math.floor(clock / 60) end
-  local target = now - size
-  local marker = 'top:window:' .. name
-  local done = tonumber(redis.call('GET', marker))
-  if done == nil then
-    done = target  -- a new window: nothing of it was ever added
-    redis.call('SET', marker, done)
-  elseif done < target then
-    -- buckets exist only for units after `done` (older ones were deleted or never made),
-    -- and at most `size` of them: the loop is bounded even after a long jump of the clock
-    for u = done + 1, math.min(target, done + size) do
-      for _, set in ipairs(SETS) do
-        local bucket = key(set, unit .. ':' .. u)
-        if redis.call('EXISTS', bucket) == 1 then
-          local window = key(set, name)
-          redis.call('ZUNIONSTORE', window, 2, window, bucket, 'WEIGHTS', 1, -1)
-          redis.call('ZREMRANGEBYSCORE', window, '-inf', 0)
-          if widest then redis.call('DEL', bucket) end
-        end
+local function number(k)
+  return tonumber(redis.call('GET', k))
+end
+
+local function subtract(window, bucket)
+  redis.call('ZUNIONSTORE', window, 2, window, bucket, 'WEIGHTS', 1, -1)
+  redis.call('ZREMRANGEBYSCORE', window, '-inf', 0)
+end
+
+local function add(target, bucket)
+  redis.call('ZUNIONSTORE', target, 2, target, bucket)
+end
+
+local function first_at_most(zkey, limit)
+  local found = redis.call('ZRANGEBYSCORE', zkey, '-inf', limit, 'LIMIT', 0, 1)
+  if #found == 0 then return nil end
+  return tonumber(found[1])
+end
+
+local mode = ARGV[1]
+
+if mode == 'add' then
+  local clock = number('top:window:clock')
+  local newest = tonumber(ARGV[2])
+  if clock == nil or newest > clock then
+    redis.call('SET', 'top:window:clock', newest)
+  end
+  for _, group in ipairs(cjson.decode(ARGV[3])) do
+    local minute, set, items = group[1], SETS[group[2]], group[3]
+    local closed = number(state(set, 'closed'))
+    local targets = {}
+    if closed == nil or minute > closed then  -- open: its bucket only
+      targets[1] = key(set, 'min:' .. minute)
+      redis.call('ZADD', state(set, 'open'), minute, minute)
+    else  -- closed: every window (and bucket) holding it now
+      local kept = state(set, 'kept')
+      if redis.call('ZSCORE', kept, minute) or minute > closed - 60 then
+        targets[#targets + 1] = key(set, 'min:' .. minute)
+        targets[#targets + 1] = key(set, '1h')
+        redis.call('ZADD', kept, minute, minute)
+        if minute > number(state(set, '5m')) then targets[#targets + 1] = key(set, '5m') end
+      end
+      local hour, hours = math.floor(minute / 60), state(set, 'hours')
+      if redis.call('ZSCORE', hours, hour) or hour > math.floor(closed / 60) - 24 then
+        targets[#targets + 1] = key(set, 'hour:' .. hour)
+        targets[#targets + 1] = key(set, '24h')
+        redis.call('ZADD', hours, hour, hour)
       end
     end
-    if target > done + size then  -- the whole window expired: whatever is left is stale
-      for _, set in ipairs(SETS) do redis.call('DEL', key(set, name)) end
-    end
-    done = target
-    redis.call('SET', marker, done)
-  end
-  through[name] = done
-end
-
-local i = 2
-while i <= #ARGV do
-  local kind = ARGV[i]
-  if kind == 'w' then
-    local minute, set, n = tonumber(ARGV[i + 1]), SETS[tonumber(ARGV[i + 2])], tonumber(ARGV[i + 3])
-    local hour = math.floor(minute / 60)
     local alltime = set[1] .. ':top:' .. set[2]
-    local targets = {}
-    if minute > through['1h'] then
-      targets[#targets + 1] = key(set, 'min:' .. minute)
-      targets[#targets + 1] = key(set, '1h')
-      if minute > through['5m'] then targets[#targets + 1] = key(set, '5m') end
-    end
-    if hour > through['24h'] then
-      targets[#targets + 1] = key(set, 'hour:' .. hour)
-      targets[#targets + 1] = key(set, '24h')
-    end
-    for j = i + 4, i + 3 + 2 * n, 2 do
-      local by, member = ARGV[j], ARGV[j + 1]
+    for j = 1, #items, 2 do
+      local by, member = items[j], items[j + 1]
       redis.call('ZINCRBY', alltime, by, member)
       for _, target in ipairs(targets) do redis.call('ZINCRBY', target, by, member) end
     end
-    i = i + 4 + 2 * n
-  else
-    local ttl, n = ARGV[i + 1], tonumber(ARGV[i + 2])
-    for j = i + 3, i + 2 + n do
-      redis.call('EXPIRE', ARGV[j], ttl)
+  end
+  local ttl = ARGV[4]
+  for _, k in ipairs(cjson.decode(ARGV[5])) do
+    redis.call('EXPIRE', k, ttl)
+  end
+  return 0
+end
+
+-- 'advance': the first thing left to do, for the first set that has something
+local clock = number('top:window:clock')
+if clock == nil then return 0 end
+local limit = clock - 1
+if ARGV[2] == '1' then limit = clock end
+for _, set in ipairs(SETS) do
+  local closed = number(state(set, 'closed'))
+  if closed ~= nil then
+    -- windows leave behind what is older than the last closed minute allows
+    local kept, hours, gone5 = state(set, 'kept'), state(set, 'hours'), state(set, '5m')
+    local done5 = number(gone5)
+    if done5 < closed - 5 then
+      local found = redis.call('ZRANGEBYSCORE', kept, '(' .. done5, closed - 5, 'LIMIT', 0, 1)
+      if #found == 0 then
+        redis.call('SET', gone5, closed - 5)
+      else
+        subtract(key(set, '5m'), key(set, 'min:' .. found[1]))
+        redis.call('SET', gone5, found[1])
+      end
+      return 1
     end
-    i = i + 3 + n
+    local old = first_at_most(kept, closed - 60)
+    if old ~= nil then
+      local bucket = key(set, 'min:' .. old)
+      subtract(key(set, '1h'), bucket)
+      redis.call('DEL', bucket)
+      redis.call('ZREM', kept, old)
+      return 1
+    end
+    old = first_at_most(hours, math.floor(closed / 60) - 24)
+    if old ~= nil then
+      local bucket = key(set, 'hour:' .. old)
+      subtract(key(set, '24h'), bucket)
+      redis.call('DEL', bucket)
+      redis.call('ZREM', hours, old)
+      return 1
+    end
+  end
+  -- close the oldest open minute up to the limit; or move past minutes without data
+  local minute = first_at_most(state(set, 'open'), limit)
+  if minute ~= nil then
+    local bucket = key(set, 'min:' .. minute)
+    local excess = redis.call('ZCARD', bucket) - tonumber(ARGV[3])
+    if excess > 0 then  -- a bounded bucket keeps each union short
+      redis.call('ZREMRANGEBYRANK', bucket, 0, math.min(excess, tonumber(ARGV[4])) - 1)
+      return 1
+    end
+    if closed == nil then redis.call('SET', state(set, '5m'), minute - 5) end
+    add(key(set, '5m'), bucket)
+    add(key(set, '1h'), bucket)
+    add(key(set, '24h'), bucket)
+    add(key(set, 'hour:' .. math.floor(minute / 60)), bucket)
+    redis.call('ZREM', state(set, 'open'), minute)
+    redis.call('ZADD', state(set, 'kept'), minute, minute)
+    redis.call('ZADD', state(set, 'hours'), math.floor(minute / 60), math.floor(minute / 60))
+    redis.call('SET', state(set, 'closed'), minute)
+    return 1
+  end
+  if closed ~= nil and closed < limit then
+    redis.call('SET', state(set, 'closed'), limit)
+    return 1
   end
 end
 return 0

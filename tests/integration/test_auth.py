@@ -19,6 +19,7 @@ fails with an authentication error instead of hanging. The ACLs themselves are c
 from __future__ import annotations
 
 import importlib.resources
+import json
 import os
 import secrets
 import shutil
@@ -294,15 +295,21 @@ def test_processor_runs_every_command_of_its_writes(acl_redis):
         assert pipe.execute() == [5, 5.0, True]
     script = p.register_script((REPO / "flow_processor" / "flows.lua").read_text())
     fid = "0123456789abcdef"
-    flow = [fid, 100, 2, "1.000000000", 1, "10.0.0.1", "10.0.0.2", 1234, 53, 17,
-            "0.500000000", 1, "DNS", 0, "example.org", ""]
+    flow = [fid, 100, 2, "1.000000000", ["DNS", 0, "example.org", ""],
+            ["10.0.0.1", "10.0.0.2", 1234, 53, 17, "0.500000000"]]
     top = p.register_script((REPO / "flow_processor" / "top.lua").read_text())
     with p.pipeline(transaction=True) as pipe:  # EVALSHA, after SCRIPT EXISTS / SCRIPT LOAD
-        script(args=[86_400_000, 512, *flow], client=pipe)
-        top(args=[100, "w", 100, 1, 1, 5, "10.0.0.1", "e", 3600, 1, f"flow:{fid}:meta"],
-            client=pipe)
-        top(args=[200, "w", 200, 1, 1, 5, "10.0.0.1"], client=pipe)  # windows move: ZUNIONSTORE
+        script(args=[json.dumps([flow])], client=pipe)
+        top(args=["add", 100, json.dumps([[100, 1, [5, "10.0.0.1"]]]), 3600,
+                  json.dumps([f"flow:{fid}:meta"])], client=pipe)
+        top(args=["add", 200, json.dumps([[200, 1, [5, "10.0.0.1"]]]), 3600, "[]"], client=pipe)
         pipe.execute()
+    for k in (f"ts:flow:{fid}:bps", f"ts:flow:{fid}:pps"):  # the processor creates them
+        p.execute_command("TS.CREATE", k, "RETENTION", 1000, "CHUNK_SIZE", 512,
+                          "DUPLICATE_POLICY", "SUM", "LABELS", "dimension", "flow",
+                          "flow_id", fid, "metric", k[-3:])
+    while top(args=["advance", "1", 10, 10]):  # windows move on: ZUNIONSTORE, DEL, ...
+        pass
     assert p.zscore("hosts:top:bytes", "10.0.0.1") == 10
     assert p.zscore("hosts:top:5m:bytes", "10.0.0.1") == 5
     assert p.hget(f"flow:{fid}:meta", "server_name") == "example.org"
