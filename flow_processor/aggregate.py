@@ -6,6 +6,11 @@ with the offset range it covers, so that a flush writes the sums and the offsets
 
 from __future__ import annotations
 
+from itertools import compress, repeat
+from operator import is_, not_
+
+import numpy as np
+
 from flow_processor.flows import Flow, FlowTable
 from packet_records import (
     APP_GUESS,
@@ -14,9 +19,23 @@ from packet_records import (
     META_FINGERPRINT,
     META_SERVER_NAME,
     PROTO_NAMES,
+    PROTOCOLS,
+    RECORD,
+    RECORD_DTYPE,
 )
 
 NS = 1_000_000_000
+# L4 bucket of each IP protocol number as an index into PROTOCOLS (records with a 5-tuple)
+_OTHER = PROTOCOLS.index("OTHER")
+_PROTO_CODE = np.full(256, _OTHER, dtype=np.int64)
+for _number, _name in PROTO_NAMES.items():
+    _PROTO_CODE[_number] = PROTOCOLS.index(_name)
+# RECORD_DTYPE's addresses as big-endian 64-bit halves: numbers that order as the bytes do
+_ADDRESS_HALVES = np.dtype({
+    "names": ["src_hi", "src_lo", "dst_hi", "dst_lo"], "formats": [">u8"] * 4,
+    "offsets": [RECORD_DTYPE.fields["src"][1], RECORD_DTYPE.fields["src"][1] + 8,
+                RECORD_DTYPE.fields["dst"][1], RECORD_DTYPE.fields["dst"][1] + 8],
+    "itemsize": RECORD_DTYPE.itemsize})
 
 
 class PartitionState:
@@ -55,70 +74,184 @@ class PartitionState:
         return self.next_offset != self.base_offset or self.reset
 
     def add_records(self, records, meta: list[tuple[int, int, str]] = ()) -> None:
-        """Aggregate an iterator of record tuples (packet_records.RECORD field order) and the
-        meta entries of their message."""
-        global_, protocols, flow_seconds = self.global_, self.protocols, self.flow_seconds
-        flows, dirty = self.table.flows, self.dirty_flows
-        proto_names = PROTO_NAMES
-        count = malformed = 0
-        clock = self.clock_ns
-        for ts, wire, ipver, proto, _tcp, flags, sport, dport, src, dst, app, app_flags, _r \
-                in records:
-            count += 1
-            if flags & FLAG_MALFORMED:
-                malformed += 1
-            if ts > clock:
-                clock = ts
-            sec = ts // NS
-            cell = global_.get(sec)
-            if cell is None:
-                global_[sec] = cell = [0, 0]
-            cell[0] += wire
-            cell[1] += 1
-            name = proto_names.get(proto, "OTHER") if ipver else "OTHER"
-            cell = protocols.get((name, sec))
-            if cell is None:
-                protocols[(name, sec)] = cell = [0, 0]
-            cell[0] += wire
-            cell[1] += 1
-            if not ipver:  # no 5-tuple: counts in global, OTHER and the UNKNOWN application
-                cell = self.no_flow.get(sec)
-                if cell is None:
-                    self.no_flow[sec] = cell = [0, 0]
-                cell[0] += wire
-                cell[1] += 1
-                continue
-            if (src, sport) <= (dst, dport):
-                key = (ipver, proto, src, sport, dst, dport)
-            else:
-                key = (ipver, proto, dst, dport, src, sport)
-            flow = flows.get(key)
-            if flow is None:
-                flows[key] = flow = Flow(key, ipver, proto, src, sport, dst, dport, ts)
+        """Aggregate the records of one message and its meta entries.
+
+        records: what decode_batch returns (its RECORD_DTYPE `array` is used), a RECORD_DTYPE
+        array, or an iterable of record tuples (packet_records.RECORD field order). The work is
+        column-wise: Python runs once per distinct second, flow and (flow, second) of the
+        message, not per record. The result is the one of taking the records one by one in
+        message order (tests/unit/test_aggregate.py keeps that loop as its reference): dicts
+        gain their keys in the order the records first meet them, a flow's labels change in
+        record order, meta entries apply to the flow of their record."""
+        batch = getattr(records, "array", records)
+        if not isinstance(batch, np.ndarray):
+            batch = records_array(batch)
+        n = len(batch)
+        if not n:
+            return
+        ts = batch["ts_ns"]
+        wire = batch["wire_len"].astype(np.int64)
+        ipver = batch["ip_version"]
+        flags = batch["flags"]
+        self.records += n
+        self.malformed_frames += int(np.count_nonzero(flags & FLAG_MALFORMED))
+        newest = int(ts.max())
+        if newest > self.clock_ns:
+            self.clock_ns = newest
+        sec = ts // NS
+        _add_cells(self.global_, *_sums(sec, wire))
+        code = np.where(ipver != 0, _PROTO_CODE[batch["ip_proto"]], _OTHER)
+        keys, sums, packets = _sums(sec * 8 + code, wire)
+        _add_cells(self.protocols, [(PROTOCOLS[k & 7], k >> 3) for k in keys], sums, packets)
+        has_flow = ipver != 0
+        if has_flow.all():
+            rows = None
+        else:
+            no_flow = ~has_flow
+            _add_cells(self.no_flow, *_sums(sec[no_flow], wire[no_flow]))
+            rows = np.flatnonzero(has_flow)
+            if not len(rows):
+                return
+            batch, sec, wire = batch[rows], sec[rows], wire[rows]
+        flows, record_flow = self._add_flows(batch, sec, wire)
+        if meta:  # in record order; a record's entries in their order
+            index = np.array([entry[0] for entry in meta], dtype=np.int64)
+            order = np.argsort(index, kind="stable")
+            index = index[order]
+            named = (flags[index] & FLAG_HAS_META != 0) & (ipver[index] != 0)
+            order, index = order[named], index[named]
+            if rows is not None:
+                index = np.searchsorted(rows, index)  # every such record has a 5-tuple
+            for entry, owner in zip(order.tolist(), record_flow[index].tolist()):
+                _index, kind, text = meta[entry]
+                _apply_meta(flows[owner], kind, text)
+
+    def _add_flows(self, batch: np.ndarray, sec: np.ndarray, wire: np.ndarray,
+                   ) -> tuple[list[Flow], np.ndarray]:
+        """The flow part of add_records for records that all have a 5-tuple: returns the flows
+        in the order the records first meet them, and each record's index into that list."""
+        m = len(batch)
+        ts = batch["ts_ns"]
+        ipver, proto = batch["ip_version"], batch["ip_proto"]
+        sport, dport = batch["sport"], batch["dport"]
+        halves = batch.view(_ADDRESS_HALVES)
+        src_hi, src_lo = halves["src_hi"].astype(np.uint64), halves["src_lo"].astype(np.uint64)
+        dst_hi, dst_lo = halves["dst_hi"].astype(np.uint64), halves["dst_lo"].astype(np.uint64)
+        # canonical key: (src, sport) <= (dst, dport) as the bytes compare, else reversed
+        forward = (src_hi < dst_hi) | ((src_hi == dst_hi) & (
+            (src_lo < dst_lo) | ((src_lo == dst_lo) & (sport <= dport))))
+        a_hi, b_hi = np.where(forward, src_hi, dst_hi), np.where(forward, dst_hi, src_hi)
+        a_lo, b_lo = np.where(forward, src_lo, dst_lo), np.where(forward, dst_lo, src_lo)
+        ports = np.where(forward, sport.astype(np.uint64) << 16 | dport,
+                         dport.astype(np.uint64) << 16 | sport)
+        small = ipver.astype(np.uint64) << 40 | proto.astype(np.uint64) << 32 | ports
+        # sort by flow key, then second; stable: each (flow, second) starts with its first record
+        order = np.lexsort((sec, small, b_lo, b_hi, a_lo, a_hi))
+        flow_start = np.zeros(m, dtype=bool)
+        flow_start[0] = True
+        changed = flow_start[1:]  # a view: the record's key differs from the one before it
+        for column in (a_hi, a_lo, b_hi, b_lo, small):
+            column = column[order]
+            changed |= column[1:] != column[:-1]
+        s_sec = sec[order]
+        cell_start = flow_start.copy()
+        cell_start[1:] |= s_sec[1:] != s_sec[:-1]
+        flow_starts, cell_starts = np.flatnonzero(flow_start), np.flatnonzero(cell_start)
+        s_wire, s_ts = wire[order], ts[order]
+        # flows numbered in the order their first records come (a flow's group is sorted by
+        # second first: its first record is the lowest index of the group)
+        first = np.minimum.reduceat(order, flow_starts)
+        rank = np.argsort(first)
+        number = np.empty(len(rank), dtype=np.int64)
+        number[rank] = np.arange(len(rank))
+        sorted_flow = number[np.cumsum(flow_start) - 1]
+        record_flow = np.empty(m, dtype=np.int64)
+        record_flow[order] = sorted_flow
+        nbytes = np.add.reduceat(s_wire, flow_starts)[rank]
+        packets = np.diff(flow_starts, append=m)[rank]
+        oldest = np.minimum.reduceat(s_ts, flow_starts)[rank]
+        newest = np.maximum.reduceat(s_ts, flow_starts)[rank]
+        first = first[rank]
+        # look the flows up (C loops: zip, map), then create the new ones
+        fwd = forward[first]
+        src, dst = batch["src"][first], batch["dst"][first]
+        sp, dp = sport[first], dport[first]
+        key_columns = (ipver[first].tolist(), proto[first].tolist(),
+                       np.where(fwd, src, dst).tolist(), np.where(fwd, sp, dp).tolist(),
+                       np.where(fwd, dst, src).tolist(), np.where(fwd, dp, sp).tolist())
+        table = self.table.flows
+        flows: list[Flow] = list(map(table.get, zip(*key_columns)))
+        if None in flows:
+            self._create_flows(flows, key_columns, batch[first], ts[first])
+        # one pass over the flows: dirty, sums, capture times
+        dirty = self.dirty_flows
+        for flow, b, p, lo, hi in zip(flows, nbytes.tolist(), packets.tolist(), oldest.tolist(),
+                                      newest.tolist()):
             if not flow.dirty:
                 flow.dirty = True
                 dirty.append(flow)
-            flow.delta_bytes += wire
-            flow.delta_packets += 1
-            if app and (app != flow.app or flow.app_guess != bool(app_flags & APP_GUESS)):
-                if not (app_flags & APP_GUESS and flow.app and not flow.app_guess):
-                    flow.app, flow.app_guess = app, bool(app_flags & APP_GUESS)
-                    flow.labels_changed = True
-            if flags & FLAG_HAS_META:
-                _apply_meta(flow, meta, count - 1)
-            if ts > flow.last_ns:
-                flow.last_ns = ts
-            elif ts < flow.first_ns:
-                flow.first_ns = ts
-            cell = flow_seconds.get((flow, sec))
-            if cell is None:
-                flow_seconds[(flow, sec)] = cell = [0, 0]
-            cell[0] += wire
-            cell[1] += 1
-        self.clock_ns = clock
-        self.records += count
-        self.malformed_frames += malformed
+            flow.delta_bytes += b
+            flow.delta_packets += p
+            if hi > flow.last_ns:
+                flow.last_ns = hi
+            if lo < flow.first_ns:
+                flow.first_ns = lo
+        # (flow, second) cells, in the order their first records come
+        cell_rank = np.argsort(order[cell_starts])
+        flow_seconds = self.flow_seconds
+        cell_keys = list(zip(map(flows.__getitem__, sorted_flow[cell_starts][cell_rank].tolist()),
+                             s_sec[cell_starts][cell_rank].tolist()))
+        cell_bytes = np.add.reduceat(s_wire, cell_starts)[cell_rank].tolist()
+        cell_packets = np.diff(cell_starts, append=m)[cell_rank].tolist()
+        cells = list(map(flow_seconds.get, cell_keys))
+        new = list(map(is_, cells, repeat(None)))
+        # new cells in one update, in their order (C loops); then the cells that were there
+        flow_seconds.update(zip(compress(cell_keys, new),
+                                map(list, compress(zip(cell_bytes, cell_packets), new))))
+        if not all(new):
+            old = list(map(not_, new))
+            for cell, b, p in zip(compress(cells, old), compress(cell_bytes, old),
+                                  compress(cell_packets, old)):
+                cell[0] += b
+                cell[1] += p
+        self._label_flows(flows, record_flow, batch["app"], batch["app_flags"])
+        return flows, record_flow
 
+    def _create_flows(self, flows: list, key_columns: tuple, first: np.ndarray,
+                      first_ts: np.ndarray) -> None:
+        """Create the flows not in the table (None in flows), in the order of their first
+        records: first (the records) and first_ts (their times) give the sender and time."""
+        table = self.table.flows
+        missing = [i for i, flow in enumerate(flows) if flow is None]
+        keys = list(zip(*key_columns))
+        for i, src, sport, dst, dport, ts in zip(
+                missing, first["src"][missing].tolist(), first["sport"][missing].tolist(),
+                first["dst"][missing].tolist(), first["dport"][missing].tolist(),
+                first_ts[missing].tolist()):
+            key = keys[i]
+            table[key] = flows[i] = Flow(key, key[0], key[1], src, sport, dst, dport, ts)
+
+    @staticmethod
+    def _label_flows(flows: list[Flow], record_flow: np.ndarray, app: np.ndarray,
+                     app_flags: np.ndarray) -> None:
+        """Application labels of the records, per flow in record order. A record that repeats
+        its flow's previous label changes nothing, so only the changes are looked at."""
+        labelled = np.flatnonzero(app)
+        if not len(labelled):
+            return
+        label = app[labelled].astype(np.int64) << 1 | (app_flags[labelled] & APP_GUESS)
+        owner = record_flow[labelled]
+        by_flow = np.argsort(owner, kind="stable")
+        owner, label = owner[by_flow], label[by_flow]
+        change = np.ones(len(owner), dtype=bool)
+        change[1:] = (owner[1:] != owner[:-1]) | (label[1:] != label[:-1])
+        for f, value in zip(owner[change].tolist(), label[change].tolist()):
+            flow = flows[f]
+            new, guess = value >> 1, bool(value & 1)
+            if new != flow.app or flow.app_guess != guess:
+                if not (guess and flow.app and not flow.app_guess):
+                    flow.app, flow.app_guess = new, guess
+                    flow.labels_changed = True
 
     # -- per-flow series policy and what a written flush leaves behind -----------------------
 
@@ -184,14 +317,41 @@ class PartitionState:
         return 4 * len(self.dirty_flows) + len(self.flow_seconds)
 
 
-def _apply_meta(flow: Flow, meta: list[tuple[int, int, str]], index: int) -> None:
-    """Take the names found in record `index` (meta entries are few: a linear scan is fine)."""
-    for entry_index, kind, text in meta:
-        if entry_index != index:
-            continue
-        if kind == META_SERVER_NAME and text != flow.server_name:
-            flow.server_name = text
-            flow.labels_changed = True
-        elif kind == META_FINGERPRINT and text != flow.fingerprint:
-            flow.fingerprint = text
-            flow.labels_changed = True
+def _apply_meta(flow: Flow, kind: int, text: str) -> None:
+    """A name found in one of the flow's records."""
+    if kind == META_SERVER_NAME and text != flow.server_name:
+        flow.server_name = text
+        flow.labels_changed = True
+    elif kind == META_FINGERPRINT and text != flow.fingerprint:
+        flow.fingerprint = text
+        flow.labels_changed = True
+
+
+def records_array(records) -> np.ndarray:
+    """Record tuples (packet_records.RECORD field order) as a RECORD_DTYPE array."""
+    return np.frombuffer(b"".join([RECORD.pack(*r) for r in records]), RECORD_DTYPE)
+
+
+def _sums(keys: np.ndarray, wire: np.ndarray) -> tuple[list[int], list[int], list[int]]:
+    """(distinct keys, their byte sums, their record counts), keys in first-seen order."""
+    if keys[0] == keys[-1] and (keys == keys[0]).all():  # the usual message: one second
+        return [int(keys[0])], [int(wire.sum())], [len(keys)]
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    start = np.empty(len(keys), dtype=bool)
+    start[0] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=start[1:])
+    starts = np.flatnonzero(start)
+    rank = np.argsort(order[starts])
+    return (ordered[starts][rank].tolist(), np.add.reduceat(wire[order], starts)[rank].tolist(),
+            np.diff(starts, append=len(keys))[rank].tolist())
+
+
+def _add_cells(cells: dict, keys: list, sums: list[int], packets: list[int]) -> None:
+    for key, b, p in zip(keys, sums, packets):
+        cell = cells.get(key)
+        if cell is None:
+            cells[key] = [b, p]
+        else:
+            cell[0] += b
+            cell[1] += p

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import random
 import socket
+from pathlib import Path
 
 import pytest
 
+from capture.batching import RecordBatcher
+from capture.decode import decode_frame
+from capture.pcapfile import read_frames
 from flow_processor.aggregate import PartitionState
-from flow_processor.flows import FlowTable, flow_id
+from flow_processor.flows import Flow, FlowTable, flow_id
 from packet_records import (
     APP_GUESS,
     FLAG_HAS_META,
@@ -15,9 +20,14 @@ from packet_records import (
     FLAG_TRUNCATED,
     META_FINGERPRINT,
     META_SERVER_NAME,
+    PROTO_NAMES,
+    RECORD,
     Record,
+    decode_batch,
+    encode_batch,
 )
 from packet_records.apps import APP_ID
+from tests.synthetic import write_synthetic_pcap
 
 A4 = socket.inet_aton("192.0.2.10") + bytes(12)
 B4 = socket.inet_aton("198.51.100.20") + bytes(12)
@@ -271,3 +281,259 @@ def test_a_flow_holding_too_many_seconds_gets_its_series():
 def test_write_cost_counts_flows_and_cells():
     state = state_with(rec(T), rec(T + S), rec(T, sport=1))
     assert state.write_cost == 4 * 2 + 3
+
+
+# ----------------------------------------------------------------------------- differential
+# add_records works column-wise; this is the per-record loop it replaced, kept as the reference
+# it must agree with field by field (dict contents and insertion order, flows and their labels).
+def reference_add_records(state: PartitionState, records, meta=()) -> None:
+    global_, protocols, flow_seconds = state.global_, state.protocols, state.flow_seconds
+    flows, dirty = state.table.flows, state.dirty_flows
+    count = malformed = 0
+    clock = state.clock_ns
+    for ts, wire, ipver, proto, _tcp, flags, sport, dport, src, dst, app, app_flags, _r \
+            in records:
+        count += 1
+        if flags & FLAG_MALFORMED:
+            malformed += 1
+        if ts > clock:
+            clock = ts
+        sec = ts // S
+        cell = global_.get(sec)
+        if cell is None:
+            global_[sec] = cell = [0, 0]
+        cell[0] += wire
+        cell[1] += 1
+        name = PROTO_NAMES.get(proto, "OTHER") if ipver else "OTHER"
+        cell = protocols.get((name, sec))
+        if cell is None:
+            protocols[(name, sec)] = cell = [0, 0]
+        cell[0] += wire
+        cell[1] += 1
+        if not ipver:
+            cell = state.no_flow.get(sec)
+            if cell is None:
+                state.no_flow[sec] = cell = [0, 0]
+            cell[0] += wire
+            cell[1] += 1
+            continue
+        if (src, sport) <= (dst, dport):
+            key = (ipver, proto, src, sport, dst, dport)
+        else:
+            key = (ipver, proto, dst, dport, src, sport)
+        flow = flows.get(key)
+        if flow is None:
+            flows[key] = flow = Flow(key, ipver, proto, src, sport, dst, dport, ts)
+        if not flow.dirty:
+            flow.dirty = True
+            dirty.append(flow)
+        flow.delta_bytes += wire
+        flow.delta_packets += 1
+        if app and (app != flow.app or flow.app_guess != bool(app_flags & APP_GUESS)):
+            if not (app_flags & APP_GUESS and flow.app and not flow.app_guess):
+                flow.app, flow.app_guess = app, bool(app_flags & APP_GUESS)
+                flow.labels_changed = True
+        if flags & FLAG_HAS_META:
+            for entry_index, kind, text in meta:
+                if entry_index != count - 1:
+                    continue
+                if kind == META_SERVER_NAME and text != flow.server_name:
+                    flow.server_name = text
+                    flow.labels_changed = True
+                elif kind == META_FINGERPRINT and text != flow.fingerprint:
+                    flow.fingerprint = text
+                    flow.labels_changed = True
+        if ts > flow.last_ns:
+            flow.last_ns = ts
+        elif ts < flow.first_ns:
+            flow.first_ns = ts
+        cell = flow_seconds.get((flow, sec))
+        if cell is None:
+            flow_seconds[(flow, sec)] = cell = [0, 0]
+        cell[0] += wire
+        cell[1] += 1
+    state.clock_ns = clock
+    state.records += count
+    state.malformed_frames += malformed
+
+
+def snapshot(state: PartitionState) -> dict:
+    """Everything add_records touches, flows by key, dicts as lists (their order counts)."""
+    def fields(flow: Flow) -> dict:
+        return {name: getattr(flow, name) for name in Flow.__slots__}
+
+    return {
+        "global": list(state.global_.items()),
+        "protocols": list(state.protocols.items()),
+        "no_flow": list(state.no_flow.items()),
+        "flow_seconds": [((flow.key, sec), cell)
+                         for (flow, sec), cell in state.flow_seconds.items()],
+        "dirty": [flow.key for flow in state.dirty_flows],
+        "table": [(key, fields(flow)) for key, flow in state.table.flows.items()],
+        "counts": (state.records, state.malformed_frames, state.malformed_messages,
+                   state.clock_ns),
+    }
+
+
+def assert_plain_ints(state: PartitionState) -> None:
+    """No numpy scalars leak into what the sink writes and hashes."""
+    cells = [*state.global_.items(), *state.protocols.items(), *state.no_flow.items(),
+             *state.flow_seconds.items()]
+    for key, cell in cells:
+        sec = key if isinstance(key, int) else key[1]
+        assert type(sec) is int and all(type(v) is int for v in cell), (key, cell)
+    for flow in state.table.flows.values():
+        assert all(type(getattr(flow, n)) is int for n in (
+            "first_ns", "last_ns", "opened_ns", "delta_bytes", "delta_packets", "app", "sport",
+            "dport", "proto")), flow.key
+        assert type(flow.app_guess) is bool
+        assert all(type(part) in (int, bytes) for part in flow.key)
+    for (flow, _sec) in state.flow_seconds:
+        assert state.table.flows[flow.key] is flow
+
+
+def compare_on(messages, max_flows: int = 100_000, flush_every: int = 3,
+               tuples_every: int = 0, check_every: int = 1) -> int:
+    """Feed messages (bytes) to add_records and to the reference loop on two states, with
+    flushes and table expiry in between, and compare the states after every check_every-th
+    message, before and after every flush, and at the end. Returns the records fed."""
+    fed = 0
+    new = PartitionState(0, None, FlowTable(60 * S, 600 * S, max_flows))
+    ref = PartitionState(0, None, FlowTable(60 * S, 600 * S, max_flows))
+    for i, message in enumerate(messages):
+        records, meta = decode_batch(message)
+        if tuples_every and i % tuples_every == 0:
+            new.add_records(iter(list(records)), meta)  # the tuple path of add_records
+        else:
+            new.add_records(records, meta)
+        reference_add_records(ref, iter(records), meta)
+        fed += len(records)
+        flush = flush_every and i % flush_every == flush_every - 1
+        if flush or i % check_every == 0 or i == len(messages) - 1:
+            assert snapshot(new) == snapshot(ref), f"message {i}"
+            assert_plain_ints(new)
+        if flush:
+            for state in (new, ref):
+                state.plan_series("top", 5000, [], 10, 4)
+                state.written()
+                state.table.expire(state.clock_ns)
+            assert snapshot(new) == snapshot(ref), f"flush after message {i}"
+    return fed
+
+
+def capture_messages(path, partitions: int = 4, per_message: int = 500) -> list[bytes]:
+    """A capture file's messages as capture makes them (one list for all partitions: a
+    partition's messages in their order, interleaved as produced)."""
+    batcher = RecordBatcher(partitions, per_message, True, replay=True)
+    for ts, wire, frame, linktype in read_frames(path):
+        batcher.add(ts, wire, frame, decode_frame(frame, linktype))
+    batcher.flush(final=True)
+    return [message for _partition, message, _n in batcher.take()]
+
+
+def by_partition(messages_with_partitions) -> dict:
+    out: dict[int, list[bytes]] = {}
+    for partition, message in messages_with_partitions:
+        out.setdefault(partition, []).append(message)
+    return out
+
+
+@pytest.mark.parametrize("per_message, packets", [(1, 2000), (97, 20_000), (1000, 20_000)])
+def test_matches_the_per_record_loop_on_the_synthetic_capture(tmp_path, per_message, packets):
+    path = write_synthetic_pcap(tmp_path / "synthetic.pcap", packets, flows=packets // 13,
+                                seconds=4, real_payloads=True)
+    batcher = RecordBatcher(3, per_message, True, replay=True)
+    for ts, wire, frame, linktype in read_frames(path):
+        batcher.add(ts, wire, frame, decode_frame(frame, linktype))
+    batcher.flush(final=True)
+    parts = by_partition((p, m) for p, m, _n in batcher.take())
+    fed = sum(compare_on(messages, flush_every=5 if per_message > 1 else 50,
+                         tuples_every=7 if per_message > 1 else 0,
+                         check_every=1 if per_message > 1 else 25)
+              for messages in parts.values())
+    assert fed == packets
+
+
+CORPUS_PCAPS = Path(__file__).resolve().parents[2].parent / "shared" / "corpus" / "ndpi" / "pcap"
+
+
+@pytest.mark.corpus
+def test_matches_the_per_record_loop_on_the_corpus():
+    if not CORPUS_PCAPS.is_dir():
+        pytest.skip(f"corpus not found at {CORPUS_PCAPS}")
+    for pcap in sorted(CORPUS_PCAPS.iterdir()):
+        batcher = RecordBatcher(2, 50, True, replay=True)
+        for ts, wire, frame, linktype in read_frames(pcap):
+            batcher.add(ts, wire, frame, decode_frame(frame, linktype))
+        batcher.flush(final=True)
+        for messages in by_partition((p, m) for p, m, _n in batcher.take()).values():
+            compare_on(messages, flush_every=4)
+
+
+def random_message(rnd: random.Random, base_ns: int, flows: int, size: int) -> bytes:
+    """Records with every kind of oddity the contract allows: both directions, equal
+    addresses and ports, IPv4 with bytes after the address, no 5-tuple, any flag bits, out of
+    order and far apart times, labels that change, meta entries in any order."""
+    v4 = [bytes(rnd.choice([(10, 0, 0, k), (192, 0, 2, k % 4), (198, 51, 100, 1)]))
+          + bytes(12) for k in range(6)] + [bytes([10, 0, 0, 1]) + bytes([0, 0, 0, 1]) + bytes(8)]
+    v6 = [bytes(15) + bytes([k]) for k in range(3)] + [b"\xfe\x80" + bytes(13) + b"\x01",
+                                                       b"\xff" * 16, bytes([1]) + bytes(15)]
+    ports = [0, 53, 80, 443, 40000, 40001, 65535]
+    pool = []
+    for _ in range(flows):
+        ver = rnd.choice([4, 4, 6])
+        addrs = v4 if ver == 4 else v6
+        pool.append((ver, rnd.choice([6, 17, 1, 58, 47, 132, 0, 255]), rnd.choice(addrs),
+                     rnd.choice(ports), rnd.choice(addrs), rnd.choice(ports)))
+    records, meta = [], []
+    names = ["a.example", "b.example", "", "t13d1516h2_x", "c.example"]
+    for i in range(size):
+        ts = base_ns + rnd.choice([0, 1, S // 2, S - 1, S, 2 * S + 7, -S // 3, -1, 40 * S])
+        ts = max(ts, 0)
+        flags = rnd.getrandbits(7) & ~FLAG_HAS_META if rnd.random() < 0.3 else 0
+        if rnd.random() < 0.1:
+            ver, proto, src, sport, dst, dport = 0, rnd.choice([0, 6]), MAC, 0, rnd.choice(
+                [MAC, bytes(16)]), rnd.choice([0, 5])
+        else:
+            ver, proto, src, sport, dst, dport = rnd.choice(pool)
+            if rnd.random() < 0.5:
+                src, sport, dst, dport = dst, dport, src, sport
+        app = rnd.choice([0, 0, 0, DNS, HTTP, TLS, 1])
+        app_flags = rnd.choice([0, APP_GUESS]) if app else rnd.choice([0, 0, APP_GUESS])
+        if rnd.random() < 0.15:
+            flags |= FLAG_HAS_META
+            for _ in range(rnd.randrange(1, 4)):
+                meta.append((i, rnd.choice([META_SERVER_NAME, META_FINGERPRINT]),
+                             rnd.choice(names)))
+        elif rnd.random() < 0.03:  # an entry whose record lacks the flag: ignored
+            meta.append((i, META_SERVER_NAME, "ignored.example"))
+        records.append(RECORD.pack(ts, rnd.randrange(0, 70000), ver, proto, rnd.getrandbits(8),
+                                   flags, sport, dport, src, dst, app, app_flags, 0))
+    rnd.shuffle(meta)
+    return encode_batch(records, meta)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_matches_the_per_record_loop_on_random_records(seed):
+    rnd = random.Random(seed)
+    base = T + rnd.randrange(0, 100) * S
+    messages = []
+    for _ in range(30):
+        base += rnd.choice([0, S // 3, S, -S, 5 * S])
+        messages.append(random_message(rnd, base, rnd.choice([1, 3, 20, 200]),
+                                       rnd.choice([0, 1, 2, 5, 60, 400])))
+    compare_on(messages, max_flows=rnd.choice([5, 1000]), flush_every=rnd.choice([0, 2, 5]),
+               tuples_every=rnd.choice([0, 3]))
+
+
+def test_matches_the_per_record_loop_on_label_sequences():
+    """Every sequence of three labels (inspected, guessed, none) on one flow, in one message
+    and spread over messages."""
+    labels = [(0, 0), (0, APP_GUESS), (TLS, 0), (TLS, APP_GUESS), (HTTP, 0), (HTTP, APP_GUESS)]
+    for a in labels:
+        for b in labels:
+            for c in labels:
+                recs = [RECORD.pack(*rec(T + k, app=app, app_flags=fl))
+                        for k, (app, fl) in enumerate((a, b, c))]
+                compare_on([encode_batch(recs)], flush_every=0)
+                compare_on([encode_batch(recs[:1]), encode_batch(recs[1:])], flush_every=1)

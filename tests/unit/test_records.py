@@ -26,6 +26,7 @@ from packet_records import (
     META_SERVER_NAME,
     NAME_COUNT,
     RECORD,
+    RECORD_DTYPE,
     STATS_COUNTERS,
     VERSION,
     MalformedMessage,
@@ -69,6 +70,16 @@ def test_round_trip_without_meta_and_without_records():
     message = encode_batch(packed())
     assert len(message) == HEADER.size + 3 * RECORD.size + NAME_COUNT.size + CHECKSUM.size
     assert list(decode_batch(message)[0]) == [tuple(r) for r in RECORDS]
+
+
+def test_decoded_records_are_also_an_array_of_the_same_records():
+    records, _meta = decode_batch(encode_batch(packed(), META_ENTRIES))
+    assert len(records) == 3 and records.array.dtype == RECORD_DTYPE
+    assert [tuple(row) for row in records.array.tolist()] == [tuple(r) for r in RECORDS]
+    assert list(records) == list(records)  # iterating again gives the tuples again
+    assert not records.array.flags.writeable  # a view of the message
+    empty, _ = decode_batch(encode_batch([]))
+    assert len(empty) == 0 and empty.array.dtype == RECORD_DTYPE
 
 
 def test_values_longer_than_255_bytes_are_cut():
