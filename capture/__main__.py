@@ -29,6 +29,7 @@ from packet_records.runtime import (
     configure_logging,
     environment_help,
     load_settings,
+    tune_gc,
 )
 from packet_records.security import kafka_client_config
 from packet_records.topics import ensure_topics
@@ -145,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pcap", metavar="FILE", help="read this pcap/pcapng file, then exit")
     args = parser.parse_args(argv)
     settings = load_settings(CaptureSettings, "capture")
+    tune_gc()
     configure_logging(settings.log_level)
     Stop.install()
     counters = CaptureCounters()

@@ -17,6 +17,7 @@ from packet_records.runtime import (
     configure_logging,
     environment_help,
     load_settings,
+    tune_gc,
 )
 from packet_records.security import kafka_client_config
 from packet_records.topics import ensure_topics
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.exit_when_idle is not None and args.exit_when_idle < 0:
         parser.error("--exit-when-idle must be >= 0")
     settings = load_settings(ProcessorSettings, "flow_processor")
+    tune_gc()
     configure_logging(settings.log_level)
     sink = RedisSink(settings)
     if args.reset_data:

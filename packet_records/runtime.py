@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import sys
@@ -17,6 +18,15 @@ TOPICS_FILE = Path(__file__).resolve().parents[1] / "kafka" / "topics.json"
 
 class StartupError(Exception):
     """A condition that stops a service at start (bad configuration, missing server, bad file)."""
+
+
+def tune_gc() -> None:
+    """The services hold hundreds of thousands of long-lived objects (flow tables, caches) and
+    make few reference cycles: Python's default thresholds (a collection every 700 allocations,
+    a full one every 100 of those) made the processor spend about 40% of its aggregation time
+    in the cyclic collector. Collect far less often; what start-up made is never scanned."""
+    gc.set_threshold(100_000, 50, 100)
+    gc.freeze()
 
 
 def load_settings(cls: type[S], service: str) -> S:
