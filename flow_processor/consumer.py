@@ -22,7 +22,12 @@ from confluent_kafka.admin import AdminClient, OffsetSpec
 from flow_processor.aggregate import NS, PartitionState
 from flow_processor.flows import FlowTable, evict_over_bound
 from flow_processor.settings import ProcessorSettings
-from flow_processor.sink import REDIS_UNAVAILABLE, RedisSink, redis_refusing
+from flow_processor.sink import (
+    REDIS_UNAVAILABLE,
+    BackgroundWriter,
+    RedisSink,
+    redis_refusing,
+)
 from packet_records import (
     STATS_MAGIC,
     MalformedMessage,
@@ -64,6 +69,7 @@ class Processor:
         self.unwritten = {"set_aside_failed": 0, "offset_resets": 0, "flows_evicted": 0}
         self.next_trim = time.monotonic() + TRIM_EVERY_S
         self.idle = False  # the last poll found nothing to read
+        self.writer = BackgroundWriter(sink)
         self.limits = TimeLimits(settings.live_time_window_s * NS, settings.max_time_ahead_s * NS)
         self.topic_id: str | None = None
         security = kafka_client_config(settings)
@@ -146,6 +152,7 @@ class Processor:
         revoked = [self.states[tp.partition] for tp in partitions if tp.partition in self.states]
         try:
             self.flush(revoked)
+            self.settle()  # the next owner starts from what we stored: it must have landed
         except redis.RedisError as exc:  # the next owner resumes from the offsets stored in Redis
             if not redis_refusing(exc):
                 raise
@@ -290,6 +297,7 @@ class Processor:
         (another member wrote, or Redis was emptied or rolled back) restarts the partition from
         it; a position past the topic's end, or offsets of another incarnation of the topic,
         reset it to the topic's earliest offset."""
+        self.settle()  # a flush in flight has moved our offsets on already
         self.sink.ensure_series()
         owned = sorted(self.states)
         if not owned:
@@ -327,36 +335,47 @@ class Processor:
         return sum(s.records for s in self.states.values())
 
     def flush(self, states: list[PartitionState] | None = None) -> None:
+        """Write what these partitions (default: all) hold: wait for the previous flush to land
+        (raising its Redis error, if any, to be retried), then build this one and send it on
+        the writer thread while the loop reads on."""
+        self.settle()
         targets = [s for s in (states if states is not None else self.states.values()) if s.pending]
         if not targets:
             if self.idle:  # a quiet moment: the newest minute joins the top-N windows
                 self.sink.advance_windows(close_newest=True)
             return
-        result = self.sink.write(targets)
-        commits = []
-        for state in result.written:
-            state.written()
+        groups = self.sink.prepare(targets)
+        for state in targets:
             # flows leaving the table keep their keys: those carry a TTL since their first write
             state.table.expire(state.clock_ns)
-            commits.append(TopicPartition(self.topic, state.partition, state.next_offset))
         evicted = len(evict_over_bound([st.table for st in self.states.values()],
                                        self.settings.max_flows))
         if evicted:
             self.totals["flows_evicted"] += evicted
             self.unwritten["flows_evicted"] += evicted
-        for state, stored in result.fenced:
+        self.totals["flushes"] += 1
+        trim = time.monotonic() >= self.next_trim
+        if trim:
+            self.next_trim = time.monotonic() + TRIM_EVERY_S
+        # the top-N windows take the minutes this flush completed (all, when nothing is left
+        # to read: a replay's last minute, or a quiet moment live)
+        self.writer.submit(groups, close_newest=self.idle, trim=trim)
+
+    def settle(self) -> None:
+        """Wait for the flush in flight, if any, and act on how it went: raise its Redis error
+        (it is sent again by the next call), or count it, restart the partitions another
+        member wrote meanwhile and report the offsets to Kafka."""
+        result = self.writer.settle()
+        if result is None:
+            return
+        commits = [TopicPartition(self.topic, w.partition, w.next_offset)
+                   for w in result.written if self.states.get(w.partition) is w.state]
+        for write, stored in result.fenced:
             # another member wrote this partition since we took it: drop ours, resume after theirs
             self.totals["fenced"] += 1
             log.warning("partition %d was written by another member; resuming at %s",
-                        state.partition, stored)
-            self._restart(state, stored)
-        self.totals["flushes"] += 1
-        # the top-N windows take the minutes this flush completed (all, when nothing is left
-        # to read: a replay's last minute, or a quiet moment live)
-        self.sink.advance_windows(close_newest=self.idle)
-        if time.monotonic() >= self.next_trim:
-            self.sink.trim_top()
-            self.next_trim = time.monotonic() + TRIM_EVERY_S
+                        write.partition, stored)
+            self._restart(write.state, stored)
         self.totals["rejected_samples"] += result.rejected_samples
         self.totals["write_errors"] += result.write_errors
         self.unwritten["rejected_samples"] = (self.unwritten.get("rejected_samples", 0)
@@ -494,6 +513,7 @@ class Processor:
             if not self.paused:
                 self.idle = True
                 self.flush()
+                self.settle()
                 self.sink.advance_windows(close_newest=True, max_steps=1_000_000)
         finally:
             self.log_stats("final")

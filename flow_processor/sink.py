@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,10 +80,34 @@ def ns_text(ns: int) -> str:
     return f"{ns // 1_000_000_000}.{ns % 1_000_000_000:09d}"
 
 
+class Recorder:
+    """Stands in for a pipeline while a write is built: keeps the commands to send later."""
+
+    def __init__(self) -> None:
+        self.commands: list[tuple] = []
+
+    def execute_command(self, *args) -> None:
+        self.commands.append(args)
+
+
+@dataclass
+class PartitionWrite:
+    """One partition's flush, built and ready to send. It is sent while the processor reads on,
+    and sent again as it is after an error: the offset fence makes it land exactly once."""
+    state: PartitionState
+    partition: int
+    base_offset: int | None  # the offset Redis must hold for this write to apply
+    next_offset: int | None  # the offset it stores
+    before: list[tuple]  # series creation and TTLs, outside the transaction (idempotent)
+    commands: list[tuple]  # its part of the MULTI/EXEC
+    madd: int  # how many TS.MADD end `commands`
+    cost: int  # PartitionState.write_cost when it was built
+
+
 @dataclass
 class WriteResult:
-    written: list[PartitionState] = field(default_factory=list)
-    fenced: list[tuple[PartitionState, int | None]] = field(default_factory=list)
+    written: list[PartitionWrite] = field(default_factory=list)
+    fenced: list[tuple[PartitionWrite, int | None]] = field(default_factory=list)
     rejected_samples: int = 0
     write_errors: int = 0
 
@@ -101,8 +126,12 @@ class RedisSink:
                                 f"{settings.kafka_topic}:")
         self.created: set[str] = set()
         self.created_counters = False
-        self.flows_script = self.redis.register_script(FLOWS_LUA.read_text())
-        self.top_script = self.redis.register_script(TOP_LUA.read_text())
+        # inside transactions the scripts go by EVAL with their text: Redis caches them by
+        # digest, and an EVALSHA that found them gone (Redis restarted) would fail one command
+        # of an EXEC whose others landed
+        self.flows_lua = FLOWS_LUA.read_text()
+        self.top_lua = TOP_LUA.read_text()
+        self.top_script = self.redis.register_script(self.top_lua)
 
     def check(self) -> None:
         """Fail at start with one clear line when Redis or RedisTimeSeries is missing, or the
@@ -218,97 +247,111 @@ class RedisSink:
         return [score for _m, score in self.redis.zrevrange(TOP_FLOWS, 0, s.flow_series_top - 1,
                                                             withscores=True)]
 
-    def write(self, states: list[PartitionState]) -> WriteResult:
-        """Write the aggregates of these partitions with their offsets, exactly once. A flush
-        that would hold Redis for long is cut into several MULTI/EXEC, each holding whole
-        partitions (at least one) and fenced by WATCH on their offset keys; a small flush is
-        one MULTI/EXEC. The processor also flushes a partition early once its own transaction
-        would grow big (FLUSH_MAX_FLOWS)."""
+    def prepare(self, states: list[PartitionState]) -> list[list[PartitionWrite]]:
+        """Build the writes of these partitions' aggregates with their offsets, and clear the
+        aggregates (they live on in the writes until these land). A flush that would hold
+        Redis for long is cut into several MULTI/EXEC (the groups returned), each holding
+        whole partitions (at least one) and fenced by WATCH on their offset keys; a small
+        flush is one MULTI/EXEC. The processor also flushes a partition early once its own
+        transaction would grow big (FLUSH_MAX_FLOWS)."""
         self._create_series(self._series_to_create())
         s = self.settings
         scores = self.top_scores()
-        result = WriteResult()
-        group: list[PartitionState] = []
+        groups: list[list[PartitionWrite]] = []
+        group: list[PartitionWrite] = []
         cost = 0
         for state in states:
             state.plan_series(s.flow_series, s.flow_series_min_bytes, scores, s.flow_series_top,
                               s.flow_series_max_held)
-            if group and cost + state.write_cost > TRANSACTION_COST:
-                self._write_group(group, result)
+            before, commands = Recorder(), Recorder()
+            self._prepare_flows(state.dirty_flows, before)
+            madd = self._queue_writes(commands, state)
+            write = PartitionWrite(state, state.partition, state.base_offset, state.next_offset,
+                                   before.commands, commands.commands, madd, state.write_cost)
+            state.written()
+            if group and cost + write.cost > TRANSACTION_COST:
+                groups.append(group)
                 group, cost = [], 0
-            self._prepare_flows(state.dirty_flows)
-            group.append(state)
-            cost += state.write_cost
+            group.append(write)
+            cost += write.cost
         if group:
+            groups.append(group)
+        return groups
+
+    def execute(self, groups: list[list[PartitionWrite]], close_newest: bool = False,
+                trim: bool = False) -> WriteResult:
+        """Send built writes, group after group, then move the top-N windows on (and trim the
+        top-N sets when asked). Safe to call again with the same writes after an error."""
+        result = WriteResult()
+        for group in groups:
+            for write in group:
+                self._send_before(write.before)
             self._write_group(group, result)
+        self.advance_windows(close_newest)
+        if trim:
+            self.trim_top()
         return result
 
-    def _prepare_flows(self, flows: list[Flow]) -> None:
+    def write(self, states: list[PartitionState]) -> WriteResult:
+        """prepare + execute, in this thread."""
+        return self.execute(self.prepare(states))
+
+    def _prepare_flows(self, flows: list[Flow], out: Recorder) -> None:
         """Before the transaction, outside it: create the series of flows that get them now
         and (re)set the TTL of their keys. An empty series changes no value, so this needs no
         fence; done here it keeps TS.CREATE (the dearest command) out of the transactions,
         in short pipelines that let other clients in between."""
         ttl = self.settings.flow_ttl_s
-        now = time.monotonic()
-        refresh_before = now - ttl / 4
-        pipe = self.redis.pipeline(transaction=False)
-        queued = 0
-        created: list[Flow] = []
+        refresh_before = time.monotonic() - ttl / 4
         s = self.settings
         for f in flows:
             if (f.series or f.qualifies) and not f.series_ready:
                 for key, metric in ((f.bps_key, "bps"), (f.pps_key, "pps")):
-                    pipe.execute_command(
+                    out.execute_command(
                         "TS.CREATE", key, "RETENTION", s.flow_series_retention_ms, "CHUNK_SIZE",
                         s.flow_series_chunk_bytes, "DUPLICATE_POLICY", "SUM", "LABELS",
                         "dimension", "flow", "flow_id", f.id, "metric", metric)
-                    pipe.expire(key, ttl)
-                created.append(f)
-                queued += 4
+                    out.execute_command("EXPIRE", key, ttl)
+                f.series_ready = True  # sent before the flush's transaction, or again with it
             elif f.series_ready and f.ttl_at < refresh_before:
-                pipe.expire(f.bps_key, ttl)
-                pipe.expire(f.pps_key, ttl)
-                queued += 2
-            if queued >= PREPARE_CHUNK:
-                self._run_prepared(pipe)
-                queued = 0
-        if queued:
-            self._run_prepared(pipe)
-        for f in created:
-            f.series_ready = True
+                out.execute_command("EXPIRE", f.bps_key, ttl)
+                out.execute_command("EXPIRE", f.pps_key, ttl)
 
-    @staticmethod
-    def _run_prepared(pipe) -> None:
-        for reply in pipe.execute(raise_on_error=False):
-            if isinstance(reply, Exception) and "already exists" not in str(reply):
-                raise reply
+    def _send_before(self, commands: list[tuple]) -> None:
+        for start in range(0, len(commands), PREPARE_CHUNK):
+            pipe = self.redis.pipeline(transaction=False)
+            for args in commands[start:start + PREPARE_CHUNK]:
+                pipe.execute_command(*args)
+            for reply in pipe.execute(raise_on_error=False):
+                if isinstance(reply, Exception) and "already exists" not in str(reply):
+                    raise reply
 
-    def _write_group(self, states: list[PartitionState], result: WriteResult) -> None:
+    def _write_group(self, writes: list[PartitionWrite], result: WriteResult) -> None:
         """One MULTI/EXEC for these partitions, fenced by WATCH on their offset keys."""
-        keys = [self.offset_prefix + str(s.partition) for s in states]
+        keys = [self.offset_prefix + str(w.partition) for w in writes]
         while True:
             with self.redis.pipeline(transaction=True) as pipe:
                 try:
                     pipe.watch(*keys)
                     stored = [int(v) if v is not None else None for v in pipe.mget(keys)]
                     writable = []
-                    for state, offset in zip(states, stored):
-                        if offset == state.base_offset:
-                            writable.append(state)
-                        elif offset == state.next_offset:
-                            result.written.append(state)  # our earlier EXEC landed, reply lost
+                    for write, offset in zip(writes, stored):
+                        if offset == write.base_offset:
+                            writable.append(write)
+                        elif offset == write.next_offset:
+                            result.written.append(write)  # our earlier EXEC landed, reply lost
                         else:
-                            result.fenced.append((state, offset))
+                            result.fenced.append((write, offset))
                     if not writable:
                         pipe.unwatch()
                         return
                     pipe.multi()
                     madd_at: list[int] = []  # positions of the TS.MADD replies
-                    for state in writable:
-                        n = self._queue_writes(pipe, state)
+                    for write in writable:
+                        for args in write.commands:
+                            pipe.execute_command(*args)
                         end = len(pipe.command_stack)
-                        madd_at.extend(range(end - n, end))
-                    self._queue_top(pipe, writable)
+                        madd_at.extend(range(end - write.madd, end))
                     replies = pipe.execute(raise_on_error=False)
                 except WatchError:
                     continue  # an offset moved under us: look again
@@ -322,49 +365,49 @@ class RedisSink:
             result.written.extend(writable)
             return
 
-    def _queue_writes(self, pipe, state: PartitionState) -> int:
-        """Queue one partition's flush; return how many TS.MADD commands end the replies."""
+    def _queue_writes(self, pipe: Recorder, state: PartitionState) -> int:
+        """Record one partition's flush; return how many TS.MADD commands end it."""
         for (name, sec), value in state.health.items():
             pipe.execute_command("TS.ADD", f"ts:health:{name}:count", sec * 1000, value,
                                  "ON_DUPLICATE", "SUM", "LABELS", "dimension", "health",
                                  "metric", name)
         for name, value in state.capture_totals.items():
-            pipe.hincrby(CAPTURE_COUNTERS, name, value)
+            pipe.execute_command("HINCRBY", CAPTURE_COUNTERS, name, value)
         self._queue_flows(pipe, state.dirty_flows)
+        self._queue_top(pipe, state)
         for name, value in (("records", state.records),
                             ("malformed_frames", state.malformed_frames),
                             ("malformed_messages", state.malformed_messages)):
             if value:
-                pipe.hincrby(COUNTERS, name, value)
-        pipe.set(self.offset_prefix + str(state.partition), state.next_offset)
+                pipe.execute_command("HINCRBY", COUNTERS, name, value)
+        pipe.execute_command("SET", self.offset_prefix + str(state.partition), state.next_offset)
         if state.topic_id:
-            pipe.set(self.topic_id_prefix + str(state.partition), state.topic_id)
+            pipe.execute_command("SET", self.topic_id_prefix + str(state.partition),
+                                 state.topic_id)
         return self._queue_samples(pipe, state)
 
-    def _queue_top(self, pipe, states: list[PartitionState]) -> None:
+    def _queue_top(self, pipe: Recorder, state: PartitionState) -> None:
         """The top-N sets of hosts, applications, domains and flows, with their time windows
-        (top.lua): summed here over the partitions of the transaction per member and minute of
-        capture time, one increment per member the transaction touches in a minute (not one
-        per flow, second or partition), in a few calls of top.lua; and the TTLs of flow hashes
-        written for the first time, or not renewed for a quarter of FLOW_TTL_S."""
+        (top.lua): summed here per member and minute of capture time, one increment per member
+        the flush touches in a minute (not one per flow or second), in a few calls of top.lua;
+        and the TTLs of flow hashes written for the first time, or not renewed for a quarter
+        of FLOW_TTL_S."""
         ttl = self.settings.flow_ttl_s
         now = time.monotonic()
         refresh_before = now - ttl / 4
         expire: list[str] = []
         flow_minutes: dict[tuple[Flow, int], int] = {}
         no_flow: dict[int, int] = {}
-        newest = 0
-        for state in states:
-            for f in state.dirty_flows:
-                if f.new or f.ttl_at < refresh_before:
-                    expire.append(f"flow:{f.id}:meta")  # the meta hash exists from here on
-                    f.ttl_at = now
-            for (flow, sec), cell in state.flow_seconds.items():
-                key = (flow, sec // 60)
-                flow_minutes[key] = flow_minutes.get(key, 0) + cell[0]
-            for sec, cell in state.no_flow.items():
-                no_flow[sec // 60] = no_flow.get(sec // 60, 0) + cell[0]
-            newest = max(newest, max(state.global_, default=0) // 60)
+        for f in state.dirty_flows:
+            if f.new or f.ttl_at < refresh_before:
+                expire.append(f"flow:{f.id}:meta")  # the meta hash exists from here on
+                f.ttl_at = now
+        for (flow, sec), cell in state.flow_seconds.items():
+            key = (flow, sec // 60)
+            flow_minutes[key] = flow_minutes.get(key, 0) + cell[0]
+        for sec, cell in state.no_flow.items():
+            no_flow[sec // 60] = no_flow.get(sec // 60, 0) + cell[0]
+        newest = max(state.global_, default=0) // 60
         # minute -> one {member: bytes} per set of top.lua's SETS (hosts, apps, domains, flows)
         sums: dict[int, tuple[dict, dict, dict, dict]] = {}
         apps = APPS
@@ -400,17 +443,18 @@ class RedisSink:
                     groups.append((minute, index, chunk))
                     count += len(chunk) // 2
                     if count >= TOP_PER_CALL:
-                        self.top_script(args=["add", newest, orjson.dumps(groups), ttl, b"[]"],
-                                        client=pipe)
+                        pipe.execute_command("EVAL", self.top_lua, 0, "add", newest,
+                                             orjson.dumps(groups), ttl, b"[]")
                         groups, count = [], 0
         for at in range(0, len(expire), TOP_PER_CALL):
-            self.top_script(args=["add", newest, orjson.dumps(groups), ttl,
-                                  orjson.dumps(expire[at:at + TOP_PER_CALL])], client=pipe)
+            pipe.execute_command("EVAL", self.top_lua, 0, "add", newest, orjson.dumps(groups),
+                                 ttl, orjson.dumps(expire[at:at + TOP_PER_CALL]))
             groups = []
         if groups:
-            self.top_script(args=["add", newest, orjson.dumps(groups), ttl, b"[]"], client=pipe)
+            pipe.execute_command("EVAL", self.top_lua, 0, "add", newest, orjson.dumps(groups),
+                                 ttl, b"[]")
 
-    def _queue_samples(self, pipe, state: PartitionState) -> int:
+    def _queue_samples(self, pipe: Recorder, state: PartitionState) -> int:
         """TS.MADD every sample of the flush: aggregate series oldest first (a retention
         window never refuses an older sample written after a newer one), then the flows'.
         A flow lives on one partition: its (flow, second) cells are already unique."""
@@ -454,7 +498,7 @@ class RedisSink:
             commands += 1
         return commands
 
-    def _queue_flows(self, pipe, flows: list[Flow]) -> None:
+    def _queue_flows(self, pipe: Recorder, flows: list[Flow]) -> None:
         """flows.lua's updates of these flows' hashes and of flows:top:bytes, packed as JSON
         (one argument per call: orjson packs it in C, where RESP would go field by field)."""
         apps = APPS
@@ -470,7 +514,7 @@ class RedisSink:
                 else:
                     entries.append((f.id, f.delta_bytes, f.delta_packets, ns_text(f.last_ns),
                                     labels))
-            self.flows_script(args=[orjson.dumps(entries)], client=pipe)
+            pipe.execute_command("EVAL", self.flows_lua, 0, orjson.dumps(entries))
 
     @staticmethod
     def _count_rejected(madd_replies: list) -> int:
@@ -561,3 +605,50 @@ class RedisSink:
         for name, value in counts.items():
             pipe.hincrby(COUNTERS, name, value)
         pipe.execute()
+
+
+class BackgroundWriter:
+    """Sends one flush's writes on its own thread while the processor reads and aggregates the
+    next (Redis works on flush N while Python builds N+1; the socket waits let the other thread
+    run). At most one flush is in flight: settle() waits for it before the next is sent, so
+    writes land in order."""
+
+    def __init__(self, sink: RedisSink):
+        self.sink = sink
+        self.pending: tuple | None = None  # (groups, close_newest, trim) not yet landed
+        self.thread: threading.Thread | None = None
+        self.outcome: WriteResult | BaseException | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self.pending is not None
+
+    def submit(self, groups: list[list[PartitionWrite]], close_newest: bool, trim: bool) -> None:
+        assert self.pending is None, "settle() the write in flight first"
+        self.pending = (groups, close_newest, trim)
+        self.outcome = None
+        self.thread = threading.Thread(target=self._run, name="redis-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.outcome = self.sink.execute(*self.pending)
+        except BaseException as exc:  # noqa: BLE001 - handed to the processor's thread
+            self.outcome = exc
+
+    def settle(self) -> WriteResult | None:
+        """Wait for the write in flight and return its result (None: nothing was in flight).
+        A write that failed raises its error here once, and is then sent again, in this
+        thread, by every later call until it lands."""
+        if self.pending is None:
+            return None
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+            outcome = self.outcome
+            if isinstance(outcome, BaseException):
+                raise outcome
+        else:
+            outcome = self.sink.execute(*self.pending)
+        self.pending = self.outcome = None
+        return outcome
