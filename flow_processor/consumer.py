@@ -41,6 +41,10 @@ log = logging.getLogger("flow_processor")
 
 REDIS_DOWN = REDIS_UNAVAILABLE
 BACKLOG_FLUSH_FACTOR = 5  # behind on a backlog, flush at most this many intervals apart
+# Nothing to read for this long: the newest minute of capture time joins the top-N windows
+# before a newer minute starts (the end of a replay, a quiet network). Not on every empty poll:
+# data still coming for a closed minute costs five sorted-set updates instead of one.
+QUIET_S = 3.0
 TRIM_EVERY_S = 10.0  # top-N sets are trimmed to TOP_FLOWS_KEPT this often (monotonic time)
 # Messages set aside are cut to this size: the dead-letter topic takes at most about 1 MB, and
 # the first bytes are what tells what the message was.
@@ -68,7 +72,7 @@ class Processor:
         # for pipeline:processor
         self.unwritten = {"set_aside_failed": 0, "offset_resets": 0, "flows_evicted": 0}
         self.next_trim = time.monotonic() + TRIM_EVERY_S
-        self.idle = False  # the last poll found nothing to read
+        self.idle = False  # nothing to read for QUIET_S: the newest minute may close
         self.writer = BackgroundWriter(sink)
         self.limits = TimeLimits(settings.live_time_window_s * NS, settings.max_time_ahead_s * NS)
         self.topic_id: str | None = None
@@ -341,7 +345,7 @@ class Processor:
         self.settle()
         targets = [s for s in (states if states is not None else self.states.values()) if s.pending]
         if not targets:
-            if self.idle:  # a quiet moment: the newest minute joins the top-N windows
+            if self.idle:  # a quiet spell: the newest minute joins the top-N windows
                 self.sink.advance_windows(close_newest=True)
             return
         groups = self.sink.prepare(targets)
@@ -456,12 +460,12 @@ class Processor:
                 per_message = max(1.0, self.records_per_message)
                 batch = max(1, min(10000, int(s.max_poll_records / per_message)))
                 messages = self.consumer.consume(num_messages=batch, timeout=0.2)
-                self.idle = not messages
                 for msg in messages:
                     self.handle(msg)
                 now = time.monotonic()
                 if messages:
                     last_message = now
+                self.idle = now - last_message >= QUIET_S
                 # behind (the poll came back full): a backlog is written in fewer, bigger
                 # flushes (every flow touched is written once per flush), up to
                 # BACKLOG_FLUSH_FACTOR intervals apart; caught up, every FLUSH_INTERVAL_MS

@@ -35,8 +35,7 @@ def endpoints_label(proto: int, src: str, sport: int, dst: str, dport: int, fid:
 class Flow:
     """One flow as this process knows it since the flow entered its table."""
 
-    __slots__ = ("id", "bps_key", "pps_key", "label", "key", "src", "dst", "sport", "dport",
-                 "proto",
+    __slots__ = ("id", "label", "key", "src", "dst", "sport", "dport", "proto",
                  "first_ns", "last_ns", "opened_ns", "delta_bytes", "delta_packets", "new", "dirty",
                  "app", "app_guess", "server_name", "fingerprint", "labels_changed",
                  "total_bytes", "series", "series_ready", "qualifies", "held", "ttl_at")
@@ -44,7 +43,6 @@ class Flow:
     def __init__(self, key: tuple, ipver: int, proto: int, src: bytes, sport: int, dst: bytes,
                  dport: int, ts_ns: int):
         self.id = flow_id(key)
-        self.bps_key, self.pps_key = f"ts:flow:{self.id}:bps", f"ts:flow:{self.id}:pps"
         self.key = key
         # src is the sender of the first frame seen of the flow (kept in Redis with HSETNX)
         self.src, self.dst = address_text(ipver, src), address_text(ipver, dst)
@@ -69,6 +67,17 @@ class Flow:
         self.qualifies = False
         self.held: dict[int, list[int]] | None = None
         self.ttl_at = 0.0  # monotonic time the TTL of the flow's keys was last set
+
+
+    # the series keys, made when needed: most flows never get series (FLOW_SERIES=top), and
+    # a flow table holds up to MAX_FLOWS flows
+    @property
+    def bps_key(self) -> str:
+        return f"ts:flow:{self.id}:bps"
+
+    @property
+    def pps_key(self) -> str:
+        return f"ts:flow:{self.id}:pps"
 
 
 class FlowTable:
@@ -98,17 +107,22 @@ class FlowTable:
 
     def evict_oldest(self, count: int) -> list[Flow]:
         """Remove and return up to `count` of the oldest entries that are not dirty (the
-        processor's MAX_FLOWS bound, shared between the tables of its partitions)."""
-        gone: list[Flow] = []
-        if count <= 0:
-            return gone
-        for key, flow in list(self.flows.items()):
-            if not flow.dirty:
-                del self.flows[key]
-                gone.append(flow)
-                if len(gone) >= count:
-                    break
-        return gone
+        processor's MAX_FLOWS bound, shared between the tables of its partitions). Flows
+        without series go first: under a scan the oldest entries are often the long-lived
+        flows an operator follows, and one re-entering the table would start its per-flow
+        decision again."""
+        chosen: dict[tuple, Flow] = {}
+        for spare_series in (True, False):
+            if len(chosen) >= count:
+                break
+            for key, flow in self.flows.items():  # oldest first (insertion order)
+                if not flow.dirty and not (spare_series and flow.series) and key not in chosen:
+                    chosen[key] = flow
+                    if len(chosen) >= count:
+                        break
+        for key in chosen:
+            del self.flows[key]
+        return list(chosen.values())
 
 
 def evict_over_bound(tables: list[FlowTable], max_flows: int) -> list[Flow]:

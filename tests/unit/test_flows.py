@@ -140,3 +140,16 @@ def test_the_process_bound_is_shared_by_the_tables_of_its_partitions():
 def test_evict_oldest_skips_dirty_flows():
     table, flows = table_with((T, T, True), (T + 1, T + 1, False), (T + 2, T + 2, False))
     assert table.evict_oldest(1) == [flows[1]] and len(table) == 2
+
+
+def test_evict_oldest_spares_flows_with_series_while_others_can_go():
+    table, flows = table_with(*[(T + i, T + i, False) for i in range(5)])
+    flows[0].series = flows[2].series = True  # long-lived flows an operator follows
+    assert table.evict_oldest(2) == [flows[1], flows[3]]
+    assert table.evict_oldest(2) == [flows[4], flows[0]]  # then the oldest, series or not
+    assert list(table.flows.values()) == [flows[2]]
+
+
+def test_series_keys_follow_the_flow_id():
+    flow = Flow(KEY, 4, 6, B4, 80, A4, 40000, T)
+    assert (flow.bps_key, flow.pps_key) == (f"ts:flow:{flow.id}:bps", f"ts:flow:{flow.id}:pps")
