@@ -261,9 +261,11 @@ class PartitionState:
 
         FLOW_SERIES=all: every flow. top: a flow qualifies once its bytes reach min_bytes, or
         would rank among the top_n of flows:top:bytes (its current top scores, top_scores,
-        together with the totals of this flush's flows), or holds more than max_held seconds
-        (the bound of what is held here). Deterministic for a given state: a flush retried
-        after an error decides the same way."""
+        together with the totals of this flush's flows: it must beat the one ranked just
+        after the top_n, so flows tied at the edge, as in a scan of equal flows, do not all
+        get series), or holds more than max_held seconds (the bound of what is held here).
+        Deterministic for a given state: a flush retried after an error decides the same
+        way."""
         flows = [f for f in self.dirty_flows if not f.series]
         if not flows:
             return
@@ -273,11 +275,9 @@ class PartitionState:
             return
         totals = [f.total_bytes + f.delta_bytes for f in flows]
         ranked = sorted([*top_scores, *totals], reverse=True)
-        threshold = min_bytes
-        if top_n and len(ranked) >= top_n:
-            threshold = min(threshold, ranked[top_n - 1])
-        elif top_n:
-            threshold = 0  # fewer flows than top_n: every one is in the top
+        beat = None  # a total above this ranks among the top_n
+        if top_n:
+            beat = ranked[top_n] if len(ranked) > top_n else -1  # few flows: all in the top
         held_seconds: dict[Flow, int] = {}
         if max_held:
             for (flow, sec) in self.flow_seconds:
@@ -285,8 +285,9 @@ class PartitionState:
                     held_seconds[flow] = held_seconds.get(flow, 0) + (
                         1 if flow.held is None or sec not in flow.held else 0)
         for f, total in zip(flows, totals):
-            f.qualifies = (total >= threshold or (max_held and len(f.held or ())
-                                                  + held_seconds.get(f, 0) > max_held))
+            f.qualifies = (total >= min_bytes or (beat is not None and total > beat)
+                           or (max_held and len(f.held or ()) + held_seconds.get(f, 0)
+                               > max_held))
 
     def written(self) -> None:
         """The flush landed in Redis: move deltas into the flows' totals, hold the cells of

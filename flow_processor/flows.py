@@ -17,10 +17,21 @@ def flow_id(key: tuple) -> str:
 
 
 def address_text(ipver: int, raw: bytes) -> str:
-    """RFC 5952 text of a record address (IPv4 lives in the first 4 bytes)."""
+    """RFC 5952 text of a record address (IPv4 lives in the first 4 bytes). A busy address
+    is in many flows: they share one string (the cache is bounded by emptying it)."""
     if ipver == 4:
-        return socket.inet_ntop(socket.AF_INET, raw[:4])
-    return socket.inet_ntop(socket.AF_INET6, raw)
+        raw = raw[:4]
+    text = _ADDRESSES.get(raw)
+    if text is None:
+        if len(_ADDRESSES) >= ADDRESS_CACHE:
+            _ADDRESSES.clear()
+        text = socket.inet_ntop(socket.AF_INET if ipver == 4 else socket.AF_INET6, raw)
+        _ADDRESSES[raw] = text
+    return text
+
+
+ADDRESS_CACHE = 65536
+_ADDRESSES: dict[bytes, str] = {}
 
 
 def endpoints_label(proto: int, src: str, sport: int, dst: str, dport: int, fid: str) -> str:

@@ -29,9 +29,9 @@ class ProcessorSettings(KafkaSecuritySettings):
                                      description="Forget a flow after this long without packets")
     flow_active_timeout_s: int = Field(1800, ge=1, le=604800,
                                        description="Re-open a flow's table entry after this long")
-    max_flows: int = Field(1_000_000, ge=100, le=100_000_000,
+    max_flows: int = Field(300_000, ge=100, le=100_000_000,
                            description="Bound of the in-memory flow tables of the process "
-                           "(all its partitions together)")
+                           "(all its partitions together; about 1.3 KB a flow)")
     series_retention_ms: int = Field(0, ge=0, description="Retention of aggregate series; 0 = keep")
     flow_series_retention_ms: int = Field(86_400_000, ge=0,
                                           description="Retention of per-flow series; 0 = keep")

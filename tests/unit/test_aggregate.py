@@ -262,6 +262,17 @@ def test_top_policy_takes_the_top_n_of_the_set_and_the_flush():
     assert [flows[p].qualifies for p in (1, 2, 3)] == [False, True, False]
 
 
+def test_flows_tied_at_the_edge_of_the_top_n_do_not_all_qualify():
+    """A scan: thousands of equal one-packet flows. Beating the flow ranked just after the top
+    N is what counts, so none of them gets series (each would cost Redis two series)."""
+    state = state_with(*(rec(T, 60, sport=port) for port in range(1, 501)))
+    state.plan_series("top", 10**6, [60.0] * 100, 100, 60)
+    assert not any(f.qualifies for f in state.dirty_flows)
+    state = state_with(rec(T, 61, sport=1), *(rec(T, 60, sport=port) for port in range(2, 501)))
+    state.plan_series("top", 10**6, [60.0] * 99, 100, 60)
+    assert [f.sport for f in state.dirty_flows if f.qualifies] == [1]
+
+
 def test_fewer_flows_than_the_top_n_all_qualify():
     state = state_with(rec(T, 1, sport=1), rec(T, 2, sport=2))
     state.plan_series("top", 10**9, [], 100, 60)

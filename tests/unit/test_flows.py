@@ -153,3 +153,10 @@ def test_evict_oldest_spares_flows_with_series_while_others_can_go():
 def test_series_keys_follow_the_flow_id():
     flow = Flow(KEY, 4, 6, B4, 80, A4, 40000, T)
     assert (flow.bps_key, flow.pps_key) == (f"ts:flow:{flow.id}:bps", f"ts:flow:{flow.id}:pps")
+
+
+def test_address_text_ignores_the_bytes_after_an_ipv4_address_and_shares_strings():
+    v4 = bytes([192, 0, 2, 1]) + bytes(12)
+    assert address_text(4, v4) == address_text(4, bytes([192, 0, 2, 1]) + b"x" * 12) == "192.0.2.1"
+    assert address_text(6, v4) == "c000:201::"  # the same 16 bytes as an IPv6 address
+    assert address_text(4, v4) is address_text(4, v4)
