@@ -33,10 +33,14 @@ lint: install
 	$(COMPOSE) -f docker-compose.yml --profile load-test config -q
 	$(BIN)/hadolint capture/Dockerfile flow_processor/Dockerfile traffic_generator/Dockerfile
 
+# The capture path in process (its end-to-end section left to bench_writepath; 6 inspection
+# samples a row instead of 40), live capture against tcpdump, and the write path on workloads
+# A, B and S with ndpiReader and nfstream beside it (once a workload). 10-14 minutes on the
+# host with two CPU cores (QUICK=1: under 3 minutes; bench/README.md).
 bench: install
-	$(BIN)/python bench/bench_pipeline.py $(if $(QUICK),--quick)
+	$(BIN)/python bench/bench_pipeline.py --no-e2e $(if $(QUICK),--quick --inspection-rounds 5,--inspection-rounds 6)
 	$(BIN)/python bench/bench_live.py $(if $(QUICK),--quick)
-	$(BIN)/python bench/bench_peers.py $(if $(QUICK),--quick)
+	$(BIN)/python bench/bench_writepath.py $(if $(QUICK),--quick --runs 1 --max-wait 5 --max-wait-alone 5,--peer-runs 1)
 
 # capture --pcap against ndpiReader (Debian libndpi-bin) and nfstream 6.6.0 (installed by the
 # script, a bench-only dependency) on the same files (about 2 minutes).
@@ -47,9 +51,11 @@ bench-peers: install
 bench-live: install
 	$(BIN)/python bench/bench_live.py $(if $(QUICK),--quick)
 
-# The write path end to end into the local broker and Redis, before/after (about 6 minutes).
+# The write path on workloads A, B and S (1,000,000 frames each): capture alone, processor
+# alone, end to end, against ndpiReader and nfstream; median of 3 (about 10 minutes).
+# VARIANTS=before,after also runs git HEAD's processor beside the working tree's.
 bench-writepath: install
-	$(BIN)/python bench/bench_writepath.py
+	$(BIN)/python bench/bench_writepath.py $(if $(QUICK),--quick) $(if $(VARIANTS),--variants $(VARIANTS))
 
 # The same services as compose, as local processes (no Docker engine needed), shown by the
 # terminal view (python -m dpi_top). Ctrl-C or `make demo-down` (another terminal) stops it.

@@ -9,7 +9,7 @@ median of the rounds with [min-max]. Two workloads:
   B  about 20,000 flows (--quick 2,000) of Pareto-distributed sizes, about 1,000,000 frames
      (--quick 100,000) over 60 s: TCP with handshake, data both ways with real sequence numbers
      and FIN teardown (80% of flows), QUIC and DNS over UDP; the first payload of every flow is
-     real (the generator helpers bench_pipeline uses).
+     real (bench/workloads.py, which writes it for bench_writepath too).
 
 Tools, each a subprocess per run:
 
@@ -31,15 +31,12 @@ nothing. See bench/README.md.
 from __future__ import annotations
 
 import argparse
-import heapq
 import json
 import os
-import random
 import re
 import resource
 import shutil
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -52,6 +49,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench_pipeline import children_cpu  # noqa: E402
+from workloads import write_pareto_pcap  # noqa: E402
 
 from tests import synthetic  # noqa: E402
 
@@ -117,120 +115,6 @@ def child_nfstream(path: str) -> dict:
         packets += flow.bidirectional_packets
     wall, cpu = time.perf_counter() - t0, cpu_self_children() - c0
     return {"wall": wall, "cpu": cpu, "flows": flows, "packets": packets}
-
-
-# --------------------------------------------------------------------------------------------
-# workload B
-
-
-def _tcp(sport: int, dport: int, seq: int, ack: int, flags: int, body: bytes) -> bytes:
-    return struct.pack("!HHIIBBHHH", sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, 0x50,
-                       flags, 65535, 0, 0) + body
-
-
-def _udp(sport: int, dport: int, body: bytes) -> bytes:
-    return struct.pack("!HHHH", sport, dport, 8 + len(body), 0) + body
-
-
-ETH = b"\x02\x00\x00\x00\x00\x02\x02\x00\x00\x00\x00\x01"
-SYN, ACK, PSH, FIN = 0x02, 0x10, 0x08, 0x01
-
-
-def _flow_kind(rnd: random.Random) -> str:
-    kind = rnd.random()
-    if kind < 0.10:
-        return "dns"
-    if kind < 0.20:
-        return "quic"
-    return "tls" if kind < 0.70 else ("http" if kind < 0.95 else "http8080")
-
-
-def _flow_length(kind: str, n: int) -> int:
-    return 2 if kind == "dns" else (max(1, n) if kind == "quic" else max(0, n - 7) + 7)
-
-
-def _flow_packets(i: int, kind: str, n: int, rnd: random.Random):
-    """(direction, IP protocol, l4 bytes) of one flow of about n packets; direction 0 is
-    client to server."""
-    sport = 1024 + i % 60000
-    if kind == "dns":  # query and response
-        yield 0, 17, _udp(sport, 53, synthetic._first_payload(17, 53, i))
-        yield 1, 17, _udp(53, sport, bytes(rnd.choice((60, 120, 200))))
-        return
-    if kind == "quic":  # Initial, then data both ways
-        yield 0, 17, _udp(sport, 443, synthetic._first_payload(17, 443, i))
-        for k in range(1, n):
-            down = k % 4 != 0
-            yield (1 if down else 0), 17, (_udp(443, sport, bytes(1200)) if down
-                                           else _udp(sport, 443, bytes(40)))
-        return
-    dport = {"tls": 443, "http": 80, "http8080": 8080}[kind]
-    first = synthetic._first_payload(6, dport, i)
-    cseq, sseq = rnd.getrandbits(32), rnd.getrandbits(32)
-    yield 0, 6, _tcp(sport, dport, cseq, 0, SYN, b"")
-    yield 1, 6, _tcp(dport, sport, sseq, cseq + 1, SYN | ACK, b"")
-    cseq, sseq = cseq + 1, sseq + 1
-    yield 0, 6, _tcp(sport, dport, cseq, sseq, ACK, b"")
-    yield 0, 6, _tcp(sport, dport, cseq, sseq, PSH | ACK, first)
-    cseq += len(first)
-    for k in range(max(0, n - 7)):  # the server sends, the client acks every other segment
-        if k % 3 == 2:
-            yield 0, 6, _tcp(sport, dport, cseq, sseq, ACK, b"")
-        else:
-            size = 1448 if rnd.random() < 0.85 else rnd.randrange(100, 1448)
-            yield 1, 6, _tcp(dport, sport, sseq, cseq, PSH | ACK, bytes(size))
-            sseq += size
-    yield 0, 6, _tcp(sport, dport, cseq, sseq, FIN | ACK, b"")
-    yield 1, 6, _tcp(dport, sport, sseq, cseq + 1, FIN | ACK, b"")
-    yield 0, 6, _tcp(sport, dport, cseq + 1, sseq + 1, ACK, b"")
-
-
-def write_pareto_pcap(path: Path, frames: int, flows: int, seconds: int = 60,
-                      seed: int = 11) -> int:
-    """Workload B; returns the number of frames written. Flows start at random times over
-    `seconds`, packets 2-20 ms apart (jittered), flow sizes Pareto (alpha 1.2, at least 8
-    packets for TCP, at most frames/20), scaled to about `frames` in all."""
-    rnd = random.Random(seed)
-    sizes = [rnd.paretovariate(1.2) for _ in range(flows)]
-    kinds = [_flow_kind(random.Random(seed * 1_000_003 + i)) for i in range(flows)]
-    raw = sizes
-    scale = frames / sum(raw)
-    for _ in range(20):  # the floor and the cap move the total: scale until it is near
-        sizes = [min(frames // 20 + 8, max(8, round(s * scale))) for s in raw]
-        total = sum(_flow_length(k, n) for k, n in zip(kinds, sizes))
-        if abs(total - frames) < frames * 0.005:
-            break
-        scale *= frames / total
-    base = 1_700_000_000 * 1_000_000_000
-    span = seconds * 1_000_000_000
-
-    def stream(i: int, n: int):
-        """(ts_ns, frame) of flow i, in time order."""
-        version = 6 if i % 10 == 0 else 4
-        client = (0x0A000000 + i) if version == 4 else (0x20010DB8 << 96) + i
-        server = (0xC6336400 + i % 200) if version == 4 else (0x20010DB8 << 96) + 0x10000 + i % 200
-        rnd = random.Random(seed * 1_000_003 + i)
-        kind = _flow_kind(rnd)
-        count = _flow_length(kind, n)
-        duration = min(span * 0.9, count * rnd.uniform(2e6, 20e6))  # 2-20 ms apart
-        ts = base + int(rnd.uniform(0, span - duration))
-        gap = duration / count
-        for direction, proto, l4 in _flow_packets(i, kind, n, rnd):
-            src, dst = (client, server) if direction == 0 else (server, client)
-            ip = (synthetic._ipv4 if version == 4 else synthetic._ipv6)(src, dst, proto, l4)
-            yield int(ts), ETH + struct.pack("!H", 0x0800 if version == 4 else 0x86DD) + ip
-            ts += gap * rnd.uniform(0.5, 1.5)
-
-    written = 0
-    with open(path, "wb") as fh:
-        fh.write(synthetic.PCAP_HEADER)
-        for ts, frame in heapq.merge(*(stream(i, n) for i, n in enumerate(sizes)),
-                                     key=lambda item: item[0]):
-            fh.write(synthetic.RECORD.pack(ts // 1_000_000_000, ts % 1_000_000_000 // 1000,
-                                           len(frame), len(frame)))
-            fh.write(frame)
-            written += 1
-    return written
 
 
 # --------------------------------------------------------------------------------------------

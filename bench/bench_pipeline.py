@@ -215,14 +215,14 @@ def paired_capture(path: Path, modes: tuple[bool, bool]) -> list[tuple[int, int,
 
 
 def inspection_cost(label: str, frames: list, passes: int = 1,
-                    rounds: int = INSPECTION_ROUNDS) -> tuple:
+                    rounds: int | None = None) -> tuple:
     """Decode + batching of the same frames with L7 inspection on and off: `rounds` samples of
     each, alternating, the best of each kept (this machine's speed drifts by tens of percent
     from one second to the next; short alternating samples see both modes at the same speed).
     A sample is `passes` passes over `frames`, each with a fresh batcher and cold caches, so
     every flow is inspected from its first packet as if it were new."""
     best = {True: float("inf"), False: float("inf")}
-    for _ in range(rounds):
+    for _ in range(rounds or INSPECTION_ROUNDS):
         for inspect in (True, False):
             gc.collect()
             start = time.perf_counter()
@@ -709,6 +709,7 @@ def section_e2e(path: Path, packets: int, workdir: Path) -> dict:
 
 
 def main() -> None:
+    global PAIRED_RUNS, INSPECTION_ROUNDS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--packets", type=int, default=1_000_000, help="packets in the capture")
     parser.add_argument("--quick", action="store_true", help="100,000 packets")
@@ -718,7 +719,14 @@ def main() -> None:
     parser.add_argument("--scapy-packets", type=int, default=20_000,
                         help="packets Scapy dissects in (d)")
     parser.add_argument("--no-e2e", action="store_true", help="skip section 3 (broker, Redis)")
+    parser.add_argument("--paired-runs", type=int, default=PAIRED_RUNS,
+                        help="paired runs of (c) and (c2), the median shown (default "
+                        f"{PAIRED_RUNS})")
+    parser.add_argument("--inspection-rounds", type=int, default=INSPECTION_ROUNDS,
+                        help="alternating on/off samples per row of section 1b (default "
+                        f"{INSPECTION_ROUNDS})")
     args = parser.parse_args()
+    PAIRED_RUNS, INSPECTION_ROUNDS = max(1, args.paired_runs), max(1, args.inspection_rounds)
     packets = 100_000 if args.quick else args.packets
     flows = args.flows or max(10, packets * 65 // 1000)
     scapy_limit = min(args.scapy_packets, packets)
