@@ -35,7 +35,7 @@ lint: install
 
 # The capture path in process (its end-to-end section left to bench_writepath; 6 inspection
 # samples a row instead of 40), live capture against tcpdump, and the write path on workloads
-# A, B and S with ndpiReader and nfstream beside it (once a workload). 10-14 minutes on the
+# A, B and S with ndpiReader and nfstream beside it (once a workload). 10-14 minutes on a
 # host with two CPU cores (QUICK=1: under 3 minutes; bench/README.md).
 bench: install
 	$(BIN)/python bench/bench_pipeline.py --no-e2e $(if $(QUICK),--quick --inspection-rounds 5,--inspection-rounds 6)

@@ -283,10 +283,10 @@ class PartitionState:
             for (flow, sec) in self.flow_seconds:
                 if not flow.series:
                     held_seconds[flow] = held_seconds.get(flow, 0) + (
-                        1 if flow.held is None or sec not in flow.held else 0)
+                        0 if holds(flow.held, sec) else 1)
         for f, total in zip(flows, totals):
             f.qualifies = (total >= min_bytes or (beat is not None and total > beat)
-                           or (max_held and len(f.held or ()) + held_seconds.get(f, 0)
+                           or (max_held and len(held_cells(f.held)) + held_seconds.get(f, 0)
                                > max_held))
 
     def written(self) -> None:
@@ -295,14 +295,20 @@ class PartitionState:
         for (flow, sec), cell in self.flow_seconds.items():
             if not flow.series and not flow.qualifies:
                 held = flow.held
-                if held is None:
-                    flow.held = held = {}
-                old = held.get(sec)
-                if old is None:
-                    held[sec] = [cell[0], cell[1]]
+                if held is None:  # most flows (a scan's, short ones) hold one second
+                    flow.held = (sec, cell[0], cell[1])
+                elif type(held) is tuple:
+                    if held[0] == sec:
+                        flow.held = (sec, held[1] + cell[0], held[2] + cell[1])
+                    else:
+                        flow.held = {held[0]: [held[1], held[2]], sec: [cell[0], cell[1]]}
                 else:
-                    old[0] += cell[0]
-                    old[1] += cell[1]
+                    old = held.get(sec)
+                    if old is None:
+                        held[sec] = [cell[0], cell[1]]
+                    else:
+                        old[0] += cell[0]
+                        old[1] += cell[1]
         for flow in self.dirty_flows:
             if flow.qualifies:
                 flow.series, flow.qualifies, flow.held = True, False, None
@@ -316,6 +322,26 @@ class PartitionState:
     def write_cost(self) -> int:
         """Rough size of the transaction this state's flush makes (flows and cells)."""
         return 4 * len(self.dirty_flows) + len(self.flow_seconds)
+
+
+def held_cells(held) -> list[tuple[int, int, int]]:
+    """(second, bytes, packets) of what a flow without series holds (Flow.held), by second.
+    Flow.held is None, one (second, bytes, packets) tuple, or {second: [bytes, packets]}: one
+    second is what most flows hold, and a tuple is a third of a dict's memory."""
+    if held is None:
+        return []
+    if type(held) is tuple:
+        return [held]
+    return [(sec, cell[0], cell[1]) for sec, cell in sorted(held.items())]
+
+
+def holds(held, sec: int) -> bool:
+    """Does Flow.held have a cell for this second?"""
+    if held is None:
+        return False
+    if type(held) is tuple:
+        return held[0] == sec
+    return sec in held
 
 
 def _apply_meta(flow: Flow, kind: int, text: str) -> None:

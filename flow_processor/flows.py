@@ -71,12 +71,13 @@ class Flow:
         self.total_bytes = 0  # bytes of this table entry written to Redis
         # Per-flow series (FLOW_SERIES): series is True once this entry's series are written
         # (FLOW_SERIES=all: from the start); series_ready once they were created in Redis;
-        # qualifies: chosen by the flush being written; held: per-second cells (second ->
-        # [bytes, packets]) written before the flow qualified, kept here until it does.
+        # qualifies: chosen by the flush being written; held: per-second cells written before
+        # the flow qualified, kept here until it does (aggregate.held_cells: None, one
+        # (second, bytes, packets) tuple, or {second: [bytes, packets]}).
         self.series = False
         self.series_ready = False
         self.qualifies = False
-        self.held: dict[int, list[int]] | None = None
+        self.held: tuple[int, int, int] | dict[int, list[int]] | None = None
         self.ttl_at = 0.0  # monotonic time the TTL of the flow's keys was last set
 
 

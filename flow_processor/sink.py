@@ -23,7 +23,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError, WatchError
 from redis.retry import Retry
 
-from flow_processor.aggregate import PartitionState
+from flow_processor.aggregate import PartitionState, held_cells
 from flow_processor.flows import Flow
 from flow_processor.settings import ProcessorSettings
 from packet_records import PROTOCOLS, STATS_COUNTERS
@@ -483,9 +483,9 @@ class RedisSink:
                 flow_args += (flow.bps_key, ms, cell[0], flow.pps_key, ms, cell[1])
         for flow in state.dirty_flows:  # cells held until the flow qualified: its first seconds
             if flow.qualifies and flow.held:
-                for sec, cell in sorted(flow.held.items()):
+                for sec, held_bytes, held_packets in held_cells(flow.held):
                     ms = sec * 1000
-                    flow_args += (flow.bps_key, ms, cell[0], flow.pps_key, ms, cell[1])
+                    flow_args += (flow.bps_key, ms, held_bytes, flow.pps_key, ms, held_packets)
         args: list = []
         for (sec, series), cell in sorted(totals.items()):
             ms = sec * 1000
@@ -544,8 +544,9 @@ class RedisSink:
 
     def trim_top(self) -> None:
         """Keep the top-N sets bounded (hosts and domains grow with every new name): remove
-        what is beyond TOP_FLOWS_KEPT, at most TRIM_CHUNK members a command (each command is
-        atomic, and short: other clients get in between). The buckets of the time windows
+        what is beyond TOP_FLOWS_KEPT, at most TRIM_CHUNK members a command, one command a
+        round trip (a pipeline of them would hold Redis for all of them: under a scan that
+        was seconds; this way other clients get in between). The buckets of the time windows
         that still grow (the open minutes, the newest hours) are trimmed too: the others were
         trimmed while they grew."""
         kept = self.settings.top_flows_kept
@@ -562,17 +563,12 @@ class RedisSink:
         for key in keys:
             pipe.zcard(key)
         sizes = pipe.execute()
-        pipe = self.redis.pipeline(transaction=False)
-        queued = False
         for key, size in zip(keys, sizes):
             excess = size - kept
             while excess > 0:
                 n = min(excess, TRIM_CHUNK)
-                pipe.zremrangebyrank(key, 0, n - 1)
+                self.redis.zremrangebyrank(key, 0, n - 1)
                 excess -= n
-                queued = True
-        if queued:
-            pipe.execute()
 
     def record_lag(self, lag: int) -> None:
         """Consumer lag of the whole group now (a gauge: every member computes the same)."""

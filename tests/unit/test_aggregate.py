@@ -247,6 +247,22 @@ def test_top_policy_holds_cells_until_the_flow_reaches_the_byte_threshold():
     assert flow.series and flow.held is None and flow.total_bytes == 1060
 
 
+def test_one_held_second_is_a_tuple_and_grows_into_cells():
+    from flow_processor.aggregate import held_cells, holds
+
+    state = state_with(rec(T, 100))
+    (flow,) = state.table.flows.values()
+    flushed(state, min_bytes=1000)
+    assert flow.held == (SEC0, 100, 1) and holds(flow.held, SEC0) and not holds(flow.held, 0)
+    state.add_records(iter([rec(T, 5)]))
+    flushed(state, min_bytes=1000)
+    assert flow.held == (SEC0, 105, 2)
+    state.add_records(iter([rec(T + S, 7)]))
+    flushed(state, min_bytes=1000)
+    assert held_cells(flow.held) == [(SEC0, 105, 2), (SEC0 + 1, 7, 1)]
+    assert held_cells(None) == []
+
+
 def test_a_flush_that_did_not_land_changes_nothing():
     state = state_with(rec(T, 100))
     (flow,) = state.dirty_flows
