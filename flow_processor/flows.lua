@@ -7,19 +7,14 @@
 -- The flows' series are created by the processor before the transaction; the top-N sets of
 -- hosts, applications, domains and flow endpoints (with their time windows) are summed by the
 -- processor per member and written by top.lua, with the TTLs.
-for _, flow in ipairs(cjson.decode(ARGV[1])) do
-  local id, bytes, labels, fixed = flow[1], flow[2], flow[5], flow[6]
-  local meta = 'flow:' .. id .. ':meta'
-  -- src stays the sender of the flow's very first frame: the fixed fields are written
-  -- together, only when the hash has none yet
-  if fixed and redis.call('HSETNX', meta, 'src', fixed[1]) == 1 then
-    redis.call('HSET', meta, 'dst', fixed[2], 'sport', fixed[3], 'dport', fixed[4],
-               'proto', fixed[5], 'first_seen', fixed[6])
-  end
-  redis.call('HINCRBY', meta, 'bytes', bytes)
-  redis.call('HINCRBY', meta, 'packets', flow[3])
+local function labelled(fields, last_seen, labels)
+  fields[#fields + 1] = 'last_seen'
+  fields[#fields + 1] = last_seen
   if labels ~= 0 then
-    local fields = {'last_seen', flow[4], 'app', labels[1], 'app_guess', labels[2]}
+    fields[#fields + 1] = 'app'
+    fields[#fields + 1] = labels[1]
+    fields[#fields + 1] = 'app_guess'
+    fields[#fields + 1] = labels[2]
     if labels[3] ~= '' then
       fields[#fields + 1] = 'server_name'
       fields[#fields + 1] = labels[3]
@@ -28,9 +23,23 @@ for _, flow in ipairs(cjson.decode(ARGV[1])) do
       fields[#fields + 1] = 'fingerprint'
       fields[#fields + 1] = labels[4]
     end
-    redis.call('HSET', meta, unpack(fields))
+  end
+  return fields
+end
+
+for _, flow in ipairs(cjson.decode(ARGV[1])) do
+  local id, bytes, labels, fixed = flow[1], flow[2], flow[5], flow[6]
+  local meta = 'flow:' .. id .. ':meta'
+  -- src stays the sender of the flow's very first frame: the fixed fields are written
+  -- together, only when the hash has none yet; a new hash takes every field in one command
+  if fixed and redis.call('HSETNX', meta, 'src', fixed[1]) == 1 then
+    redis.call('HSET', meta, unpack(labelled({'dst', fixed[2], 'sport', fixed[3],
+      'dport', fixed[4], 'proto', fixed[5], 'first_seen', fixed[6], 'bytes', bytes,
+      'packets', flow[3]}, flow[4], labels)))
   else
-    redis.call('HSET', meta, 'last_seen', flow[4])
+    redis.call('HINCRBY', meta, 'bytes', bytes)
+    redis.call('HINCRBY', meta, 'packets', flow[3])
+    redis.call('HSET', meta, unpack(labelled({}, flow[4], labels)))
   end
   redis.call('ZINCRBY', 'flows:top:bytes', bytes, id)
 end
