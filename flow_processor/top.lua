@@ -49,6 +49,13 @@ local function subtract(window, bucket)
   redis.call('ZREMRANGEBYSCORE', window, '-inf', 0)
 end
 
+-- a bucket leaves the widest window of its unit: it is needed no more
+local function drop(window, bucket, index, unit)
+  subtract(window, bucket)
+  redis.call('DEL', bucket)
+  redis.call('ZREM', index, unit)
+end
+
 local function add(target, bucket)
   redis.call('ZUNIONSTORE', target, 2, target, bucket)
 end
@@ -126,18 +133,12 @@ for _, set in ipairs(SETS) do
     end
     local old = first_at_most(kept, closed - 60)
     if old ~= nil then
-      local bucket = key(set, 'min:' .. old)
-      subtract(key(set, '1h'), bucket)
-      redis.call('DEL', bucket)
-      redis.call('ZREM', kept, old)
+      drop(key(set, '1h'), key(set, 'min:' .. old), kept, old)
       return 1
     end
     old = first_at_most(hours, math.floor(closed / 60) - 24)
     if old ~= nil then
-      local bucket = key(set, 'hour:' .. old)
-      subtract(key(set, '24h'), bucket)
-      redis.call('DEL', bucket)
-      redis.call('ZREM', hours, old)
+      drop(key(set, '24h'), key(set, 'hour:' .. old), hours, old)
       return 1
     end
   end
