@@ -20,7 +20,7 @@ import numpy as np
 from capture.batch_decode import decode_batch
 from capture.batching import RecordBatcher
 from capture.counters import CaptureCounters
-from capture.pcapfile import CaptureFileError, read_frames
+from capture.pcapfile import CaptureFileError, FrameBatch, read_batches
 from capture.producer import RecordProducer
 from capture.settings import CaptureSettings
 from packet_records import FLAG_MALFORMED, FLAG_UNSUPPORTED_LINK, encode_stats
@@ -55,11 +55,15 @@ class Stop:
 # Frames are decoded in batches (capture.batch_decode: numpy over the common headers, the
 # reference decoder for everything else); a batch is this many frames at most.
 DECODE_BATCH = 1024
+_END = object()  # pump(): no first item
 
 
 def pump(frames: Iterable, batcher: RecordBatcher, producer: RecordProducer,
          counters: CaptureCounters, settings: CaptureSettings, source=None) -> None:
-    """Decode every frame into the batcher and hand full batches to the producer."""
+    """Decode every frame into the batcher and hand full batches to the producer. `frames`
+    yields either frames (ts_ns, wire_len, frame, linktype) and None (live: no traffic for a
+    while), or FrameBatch columns of frames (capture.pcapfile.read_batches): one or the other,
+    as its first item says."""
     interval = settings.batch_interval_ms / 1000
     now = time.monotonic()
     next_flush, next_stats = now + interval, now + settings.stats_interval_s
@@ -70,6 +74,8 @@ def pump(frames: Iterable, batcher: RecordBatcher, producer: RecordProducer,
     frames_n = bytes_n = malformed = unsupported = 0
     warned_links: set[int] = set()
     pending: list[tuple] = []  # frames read, waiting to be decoded as one batch
+    # frames read as FrameBatch columns, fewer than DECODE_BATCH, waiting for more
+    held: FrameBatch | None = None
 
     def sync_counters() -> None:
         counters.frames, counters.bytes = frames_n, bytes_n
@@ -85,13 +91,10 @@ def pump(frames: Iterable, batcher: RecordBatcher, producer: RecordProducer,
         for partition, message, count in take():
             send(partition, message, count)
 
-    def drain() -> None:
-        """Decode the pending frames as one batch and add them to the batcher, in order."""
+    def decode(ts_ns, wire_lens, frame_list, linktypes) -> None:
+        """Decode frames as one batch and add them to the batcher, in order; `linktypes` is
+        their link type or one per frame."""
         nonlocal frames_n, bytes_n, malformed, unsupported
-        if not pending:
-            return
-        ts_ns, wire_lens, frame_list, linktypes = zip(*pending)
-        pending.clear()
         decoded = decode_batch(frame_list, linktypes)
         frames_n += len(frame_list)
         bytes_n += sum(wire_lens)
@@ -101,7 +104,9 @@ def pump(frames: Iterable, batcher: RecordBatcher, producer: RecordProducer,
             unknown = np.flatnonzero(bad & ((decoded.flags & FLAG_UNSUPPORTED_LINK) != 0))
             if len(unknown):
                 unsupported += len(unknown)
-                for linktype in dict.fromkeys(linktypes[i] for i in unknown.tolist()):
+                kinds = ([linktypes] if isinstance(linktypes, int)
+                         else dict.fromkeys(linktypes[i] for i in unknown.tolist()))
+                for linktype in kinds:
                     if linktype not in warned_links:
                         warned_links.add(linktype)
                         log.warning("link type %d is not supported: its frames count as OTHER",
@@ -110,33 +115,89 @@ def pump(frames: Iterable, batcher: RecordBatcher, producer: RecordProducer,
         if batcher.ready:
             send_ready()
 
+    def drain() -> None:
+        """Decode the pending frames as one batch."""
+        if pending:
+            ts_ns, wire_lens, frame_list, linktypes = zip(*pending)
+            pending.clear()
+            decode(ts_ns, wire_lens, frame_list, linktypes)
+
+    def decode_full(batch: FrameBatch) -> bool:
+        """Decode the frames held and then those of `batch`, DECODE_BATCH at a time, with the
+        flushes, stats and stop checks between batches as for single frames; the rest of
+        them (fewer than DECODE_BATCH) is held for the next batch. False: stop requested."""
+        nonlocal held
+        if held is not None:
+            batch, held = _joined(held, batch), None
+        ts_ns, wire_lens, frame_list, linktypes = batch
+        n = len(frame_list)
+        one_type = isinstance(linktypes, int)
+        for i in range(0, n - DECODE_BATCH + 1, DECODE_BATCH):
+            j = i + DECODE_BATCH
+            decode(ts_ns[i:j], wire_lens[i:j], frame_list[i:j],
+                   linktypes if one_type else linktypes[i:j])
+            if not tick():
+                return False
+        rest = n % DECODE_BATCH
+        if rest:
+            i = n - rest
+            held = FrameBatch(ts_ns[i:], wire_lens[i:], frame_list[i:],
+                              linktypes if one_type else linktypes[i:]) if i else batch
+        return True
+
+    def tick() -> bool:
+        """Flush and send stats when their time has come. False: stop requested."""
+        nonlocal next_flush, next_stats
+        now = monotonic()
+        if now >= next_flush:
+            batcher.flush()
+            send_ready()
+            producer.poll()
+            next_flush = now + interval
+        if now >= next_stats:
+            sync_counters()
+            counters.log_summary()
+            send_stats()
+            next_stats = now + settings.stats_interval_s
+        return not Stop.requested
+
+    items = iter(frames)
     try:
-        for item in frames:
-            if item is not None:
-                pending.append(item)
-                # a file fills whole batches; live traffic must not wait for one to fill
-                if len(pending) < DECODE_BATCH and not (live and monotonic() >= next_flush):
-                    continue
-            drain()
-            now = monotonic()
-            if now >= next_flush:
-                batcher.flush()
-                send_ready()
-                producer.poll()
-                next_flush = now + interval
-            if now >= next_stats:
-                sync_counters()
-                counters.log_summary()
-                send_stats()
-                next_stats = now + settings.stats_interval_s
-            if Stop.requested:
-                break
+        first = next(items, _END)
+        if type(first) is FrameBatch:
+            for batch in chain((first,), items):
+                if not decode_full(batch):
+                    break
+        elif first is not _END:
+            for item in chain((first,), items):
+                if item is not None:
+                    pending.append(item)
+                    # a file fills whole batches; live traffic must not wait for one to fill
+                    if len(pending) < DECODE_BATCH and not (live and monotonic() >= next_flush):
+                        continue
+                drain()
+                if not tick():
+                    break
     finally:  # a file cut short still delivers every frame before the damage
         drain()
+        if held is not None:
+            decode(*held)
         batcher.flush(final=True)
         send_ready()
         sync_counters()
         send_stats()
+
+
+def _joined(first: FrameBatch, then: FrameBatch) -> FrameBatch:
+    """The frames of `first` followed by those of `then`, as one batch."""
+    types_a, types_b = first.linktypes, then.linktypes
+    if isinstance(types_a, int) and types_a == types_b:
+        types = types_a
+    else:
+        types = ([types_a] * len(first.frames) if isinstance(types_a, int) else types_a) + (
+            [types_b] * len(then.frames) if isinstance(types_b, int) else types_b)
+    return FrameBatch(first.ts_ns + then.ts_ns, first.wire_lens + then.wire_lens,
+                      first.frames + then.frames, types)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     file_error = None
     try:
         if args.pcap:
-            frames = read_frames(args.pcap)
+            frames = read_batches(args.pcap)
             first = next(frames, None)  # a bad file fails here, before we touch the broker
             frames = chain([first], frames) if first is not None else iter(())
             source = None

@@ -1,7 +1,9 @@
 """Reading pcap and pcapng files with plain chunked reads and struct (no per-packet Scapy objects).
 
 read_frames() yields (ts_ns, wire_len, frame bytes, linktype) for every packet of the file, in
-file order. Both classic pcap (micro- and nanosecond, either byte order) and pcapng (any number
+file order; read_batches() yields the same packets as FrameBatch columns, one batch for the
+complete packets of each read (what `python -m capture --pcap` decodes: no per-packet tuple).
+Both classic pcap (micro- and nanosecond, either byte order) and pcapng (any number
 of sections and interfaces, each with its own link type and timestamp resolution) are read.
 A file that is empty, not a capture, or cut short raises CaptureFileError after yielding every
 complete packet before the damage.
@@ -15,8 +17,11 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
+from itertools import repeat
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
+
+import numpy as np
 
 PCAP_MAGIC_US = 0xA1B2C3D4
 PCAP_MAGIC_NS = 0xA1B23C4D
@@ -28,6 +33,9 @@ MAX_RECORD = 256 * 1024 * 1024  # bigger "packets" are corruption, not traffic
 CHUNK = 1024 * 1024  # bytes per read
 # fixed fields each block type needs before its packet data or options
 BLOCK_MIN_BODY = {PCAPNG_IDB: 8, PCAPNG_EPB: 20, PCAPNG_OPB: 20, PCAPNG_SPB: 4}
+# per byte order: a pcapng block's type and length; an enhanced packet block's fields
+_PCAPNG_HEAD = {e: struct.Struct(e + "II").unpack_from for e in "<>"}
+_PCAPNG_EPB = {e: struct.Struct(e + "IIIII").unpack_from for e in "<>"}
 # compressed files people pass by mistake: magic -> (format, decompress, stream)
 COMPRESSED = {
     b"\x1f\x8b": ("gzip", "gunzip", "zcat"),
@@ -39,11 +47,30 @@ COMPRESSED = {
 Frame = tuple[int, int, bytes, int]  # (ts_ns, wire_len, frame, linktype)
 
 
+class FrameBatch(NamedTuple):
+    """Consecutive packets of a file, as columns: frame i is (ts_ns[i], wire_lens[i],
+    frames[i], linktypes if it is an int else linktypes[i])."""
+
+    ts_ns: list[int]
+    wire_lens: list[int]
+    frames: list[bytes]
+    linktypes: int | list[int]  # one link type for every frame (classic pcap), or one each
+
+
 class CaptureFileError(Exception):
     """The capture file cannot be read (empty, not a capture, corrupt or cut short)."""
 
 
 def read_frames(path: str | Path) -> Iterator[Frame]:
+    for ts_ns, wire_lens, frames, linktypes in read_batches(path):
+        types = repeat(linktypes) if isinstance(linktypes, int) else linktypes
+        yield from zip(ts_ns, wire_lens, frames, types)
+
+
+def read_batches(path: str | Path) -> Iterator[FrameBatch]:
+    """The packets of read_frames(path), a batch (never empty) for each read of the file: a
+    batch is yielded before the file is read further, and one that ends at damage before the
+    CaptureFileError."""
     path = Path(path)
     if path.is_dir():
         raise CaptureFileError(f"{path} is a directory: give one pcap or pcapng file")
@@ -74,19 +101,25 @@ def read_frames(path: str | Path) -> Iterator[Frame]:
 
 
 def _read(fh: BinaryIO, buf: bytes, pos: int, want: int) -> bytes:
-    """buf[pos:] followed by what the file holds next, until there are `want` bytes or it ends."""
-    parts = [buf[pos:]]
-    have = len(parts[0])
+    """buf[pos:] followed by what the file holds next, until there are `want` bytes or it ends.
+    When buf is used up, that is a new chunk (as it was read); else only the bytes missing to
+    the record or block that buf cut short are read: buf[pos:] joined with a whole chunk would
+    copy the chunk into a fresh buffer, past glibc's mmap threshold, at a page fault a page
+    (~0.2 us a frame)."""
+    parts = [buf[pos:]] if pos < len(buf) else []
+    have = len(buf) - pos if parts else 0
     while have < want:
-        chunk = fh.read(CHUNK)
+        chunk = fh.read(want - have if parts else CHUNK)
         if not chunk:
             break
         parts.append(chunk)
         have += len(chunk)
+    if len(parts) == 1:
+        return parts[0]
     return b"".join(parts)
 
 
-def _read_pcap(fh: BinaryIO, buf: bytes, path: Path) -> Iterator[Frame]:
+def _read_pcap(fh: BinaryIO, buf: bytes, path: Path) -> Iterator[FrameBatch]:
     if len(buf) < 24:
         raise CaptureFileError(f"{path}: pcap header cut short")
     endian = "<" if struct.unpack_from("<I", buf, 0)[0] in (PCAP_MAGIC_US, PCAP_MAGIC_NS) else ">"
@@ -95,22 +128,30 @@ def _read_pcap(fh: BinaryIO, buf: bytes, path: Path) -> Iterator[Frame]:
     )
     scale = 1 if magic == PCAP_MAGIC_NS else 1000
     linktype = network & 0x03FFFFFF  # upper bits may carry FCS information
-    unpack = struct.Struct(endian + "IIII").unpack_from
+    incl_at = struct.Struct(endian + "I").unpack_from
+    fields = np.dtype(endian + "u4")
     pos, base = 24, 0  # base: the file offset of buf[0]
     while True:
+        # The records chain through the buffer: only their offsets are found one by one, the
+        # rest is done for all of them at once. Each record whose header is complete is taken;
+        # the last one taken is dropped again if its frame goes past the buffer.
         end = len(buf)
-        while pos + 16 <= end:
-            sec, frac, incl, orig = unpack(buf, pos)
-            start = pos + 16
-            stop = start + incl
-            if stop > end:
-                break
-            yield sec * 1_000_000_000 + frac * scale, max(orig, incl), buf[start:stop], linktype
-            pos = stop
+        last = end - 16
+        starts: list[int] = []
+        take = starts.append
+        stop = pos
+        while stop <= last:
+            take(stop)
+            stop += 16 + incl_at(buf, stop + 8)[0]
+        if stop > end:
+            stop = starts.pop()
+        if starts:
+            yield _pcap_batch(buf, starts, stop, scale, fields, linktype)
+        pos = stop
         # the next record goes past what was read: read on
         want = 16
         if pos + 16 <= end:
-            want += unpack(buf, pos)[2]
+            want += incl_at(buf, pos + 8)[0]
             if want > MAX_RECORD:
                 raise CaptureFileError(f"{path}: packet record at byte {base + pos} is corrupt")
         base += pos
@@ -123,6 +164,21 @@ def _read_pcap(fh: BinaryIO, buf: bytes, path: Path) -> Iterator[Frame]:
                     f"{path}: file cut short inside a packet header at byte {base}")
             raise CaptureFileError(
                 f"{path}: packet record at byte {base} is cut short or corrupt")
+
+
+def _pcap_batch(buf: bytes, starts: list[int], stop: int, scale: int, fields: np.dtype,
+                linktype: int) -> FrameBatch:
+    """The records at `starts` (consecutive, the last one ending at `stop`) of a classic pcap."""
+    at = np.array(starts, dtype=np.intp)
+    # the 4 fields (seconds, fraction, captured and original length) from every byte of buf,
+    # as overlapping rows: row p is the header of a record at p; one gather takes them all
+    headers = np.ndarray((len(buf) - 15, 4), fields, buf, strides=(1, 4))
+    head = headers[at]
+    ts_ns = head[:, 0].astype(np.int64) * 1_000_000_000 + head[:, 1].astype(np.int64) * scale
+    wire_lens = np.maximum(head[:, 2], head[:, 3])
+    # a record's frame ends where the next record starts
+    frames = [buf[a:b] for a, b in zip((at + 16).tolist(), starts[1:] + [stop])]
+    return FrameBatch(ts_ns.tolist(), wire_lens.tolist(), frames, linktype)
 
 
 class _Interface:
@@ -142,68 +198,103 @@ class _Interface:
         return ticks * self.ticks_num // self.ticks_den + self.offset_ns
 
 
-def _read_pcapng(fh: BinaryIO, buf: bytes, path: Path) -> Iterator[Frame]:
-    pos = base = 0  # base: the file offset of buf[0], for error messages
-    size = len(buf)
-    endian = "<"
-    interfaces: list[_Interface] = []
-    while True:
-        if pos + 12 > size:
-            base += pos
-            buf, pos = _read(fh, buf, pos, 12), 0
-            size = len(buf)
-            if not size:
-                return
-            if size < 12:
-                raise CaptureFileError(f"{path}: block header cut short at byte {base}")
-        btype = struct.unpack_from(endian + "I", buf, pos)[0]
-        if btype == PCAPNG_SHB:  # a new section: byte order and interfaces start over
-            bom = struct.unpack_from("<I", buf, pos + 8)[0]
-            if bom == PCAPNG_BYTE_ORDER_MAGIC:
-                endian = "<"
-            elif bom == 0x4D3C2B1A:
-                endian = ">"
-            else:
-                raise CaptureFileError(f"{path}: bad pcapng byte-order magic at byte {base + pos}")
-            interfaces = []
-        blen = struct.unpack_from(endian + "I", buf, pos + 4)[0]
-        if blen < 12 or blen % 4 or blen > MAX_RECORD:
-            raise CaptureFileError(f"{path}: pcapng block at byte {base + pos} is corrupt")
-        if pos + blen > size:
-            base += pos
-            buf, pos = _read(fh, buf, pos, blen), 0
-            size = len(buf)
-            if size < blen:
-                raise CaptureFileError(f"{path}: pcapng block at byte {base} is cut short")
-        body = pos + 8
-        end = pos + blen - 4
-        if end - body < BLOCK_MIN_BODY.get(btype, 0):
-            raise CaptureFileError(
-                f"{path}: pcapng block at byte {base + pos} too short for its fields")
-        if btype == PCAPNG_IDB:
-            where = f"{path}: block at byte {base + pos}"
-            interfaces.append(_parse_idb(buf, body, end, endian, where))
-        elif btype in (PCAPNG_EPB, PCAPNG_OPB):
-            if btype == PCAPNG_EPB:
-                iface, ts_hi, ts_lo, cap, orig = struct.unpack_from(endian + "IIIII", buf, body)
-            else:
+def _read_pcapng(fh: BinaryIO, buf: bytes, path: Path) -> Iterator[FrameBatch]:
+    packets: list[Frame] = []  # those of the blocks parsed since the last read
+    try:
+        pos = base = 0  # base: the file offset of buf[0], for error messages
+        size = len(buf)
+        endian = "<"
+        head, packet = _PCAPNG_HEAD[endian], _PCAPNG_EPB[endian]
+        interfaces: list[_Interface] = []
+        clocks: list[tuple[int, int, int, int]] = []  # (linktype, ticks_num, ticks_den, offset)
+        while True:
+            if pos + 12 > size:
+                if packets:
+                    yield _pcapng_batch(packets)
+                    packets = []
+                base += pos
+                buf, pos = _read(fh, buf, pos, 12), 0
+                size = len(buf)
+                if not size:
+                    return
+                if size < 12:
+                    raise CaptureFileError(f"{path}: block header cut short at byte {base}")
+            btype, blen = head(buf, pos)
+            if btype == PCAPNG_SHB:  # a new section: byte order and interfaces start over
+                bom = struct.unpack_from("<I", buf, pos + 8)[0]
+                if bom == PCAPNG_BYTE_ORDER_MAGIC:
+                    endian = "<"
+                elif bom == 0x4D3C2B1A:
+                    endian = ">"
+                else:
+                    raise CaptureFileError(
+                        f"{path}: bad pcapng byte-order magic at byte {base + pos}")
+                head, packet = _PCAPNG_HEAD[endian], _PCAPNG_EPB[endian]
+                interfaces, clocks = [], []
+                blen = head(buf, pos)[1]
+            if blen < 12 or blen % 4 or blen > MAX_RECORD:
+                raise CaptureFileError(f"{path}: pcapng block at byte {base + pos} is corrupt")
+            if pos + blen > size:
+                if packets:
+                    yield _pcapng_batch(packets)
+                    packets = []
+                base += pos
+                buf, pos = _read(fh, buf, pos, blen), 0
+                size = len(buf)
+                if size < blen:
+                    raise CaptureFileError(f"{path}: pcapng block at byte {base} is cut short")
+            body = pos + 8
+            end = pos + blen - 4
+            if btype == PCAPNG_EPB:  # the common case first
+                if end - body < 20:
+                    raise CaptureFileError(
+                        f"{path}: pcapng block at byte {base + pos} too short for its fields")
+                iface, ts_hi, ts_lo, cap, orig = packet(buf, body)
+                start = body + 20
+                if iface >= len(clocks) or start + cap > end:
+                    raise CaptureFileError(
+                        f"{path}: packet block at byte {base + pos} is corrupt")
+                linktype, num, den, offset = clocks[iface]
+                packets.append((((ts_hi << 32) | ts_lo) * num // den + offset,
+                                orig if orig > cap else cap, buf[start:start + cap], linktype))
+                pos += blen
+                continue
+            if end - body < BLOCK_MIN_BODY.get(btype, 0):
+                raise CaptureFileError(
+                    f"{path}: pcapng block at byte {base + pos} too short for its fields")
+            if btype == PCAPNG_IDB:
+                where = f"{path}: block at byte {base + pos}"
+                itf = _parse_idb(buf, body, end, endian, where)
+                interfaces.append(itf)
+                clocks.append((itf.linktype, itf.ticks_num, itf.ticks_den, itf.offset_ns))
+            elif btype == PCAPNG_OPB:
                 iface, _drops, ts_hi, ts_lo, cap, orig = struct.unpack_from(
                     endian + "HHIIII", buf, body
                 )
-            start = body + 20
-            if iface >= len(interfaces) or start + cap > end:
-                raise CaptureFileError(f"{path}: packet block at byte {base + pos} is corrupt")
-            itf = interfaces[iface]
-            ts = itf.to_ns((ts_hi << 32) | ts_lo)
-            yield ts, max(orig, cap), buf[start:start + cap], itf.linktype
-        elif btype == PCAPNG_SPB:
-            if not interfaces:
-                raise CaptureFileError(f"{path}: simple packet block before any interface")
-            orig = struct.unpack_from(endian + "I", buf, body)[0]
-            cap = min(orig, end - body - 4)
-            # a simple packet block has no timestamp: 0 rather than an invented time
-            yield 0, orig, buf[body + 4:body + 4 + cap], interfaces[0].linktype
-        pos += blen
+                start = body + 20
+                if iface >= len(interfaces) or start + cap > end:
+                    raise CaptureFileError(
+                        f"{path}: packet block at byte {base + pos} is corrupt")
+                itf = interfaces[iface]
+                packets.append((itf.to_ns((ts_hi << 32) | ts_lo), max(orig, cap),
+                                buf[start:start + cap], itf.linktype))
+            elif btype == PCAPNG_SPB:
+                if not interfaces:
+                    raise CaptureFileError(f"{path}: simple packet block before any interface")
+                orig = struct.unpack_from(endian + "I", buf, body)[0]
+                cap = min(orig, end - body - 4)
+                # a simple packet block has no timestamp: 0 rather than an invented time
+                packets.append((0, orig, buf[body + 4:body + 4 + cap], interfaces[0].linktype))
+            pos += blen
+    except CaptureFileError:
+        if packets:  # every packet before the damage
+            yield _pcapng_batch(packets)
+        raise
+
+
+def _pcapng_batch(packets: list[Frame]) -> FrameBatch:
+    ts_ns, wire_lens, frames, linktypes = map(list, zip(*packets))
+    return FrameBatch(ts_ns, wire_lens, frames, linktypes)
 
 
 def _parse_idb(data: bytes, body: int, end: int, endian: str, where: str) -> _Interface:

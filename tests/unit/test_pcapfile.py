@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from capture.pcapfile import CaptureFileError, read_frames
+from capture.pcapfile import CaptureFileError, read_batches, read_frames
 from tests.captures import write_pcap
 
 T0 = 1_700_000_000 * 10**9 + 123_456_789  # ns; the last three digits survive only in ns files
@@ -338,3 +338,186 @@ def test_file_replaced_by_rename_while_read_is_read_to_its_end(tmp_path, monkeyp
     os.replace(write_pcap(tmp_path / "other.pcap", 1, recs()), path)  # the open file lives on
     got += [item[2] for item in reader]
     assert got == frames
+
+
+# ----------------------------------------------------------------------------- read_batches
+# read_frames() and read_batches() parse each chunk's records at once; whatever the chunk size,
+# they must give exactly what a plain record-by-record reading of the whole file gives.
+def reference_frames(data: bytes) -> list:
+    """(ts_ns, wire_len, frame, linktype) of every packet of a whole, sound capture, record by
+    record (the reading read_frames did before it parsed chunks as a whole)."""
+    from capture.pcapfile import _parse_idb
+
+    out = []
+    if data[:4] != b"\x0a\x0d\x0d\x0a":
+        e = "<" if struct.unpack_from("<I", data)[0] in (0xA1B2C3D4, 0xA1B23C4D) else ">"
+        magic, network = struct.unpack_from(e + "I", data)[0], struct.unpack_from(e + "I", data,
+                                                                                  20)[0]
+        scale = 1 if magic == 0xA1B23C4D else 1000
+        pos = 24
+        while pos < len(data):
+            sec, frac, incl, orig = struct.unpack_from(e + "IIII", data, pos)
+            out.append((sec * 10**9 + frac * scale, max(orig, incl),
+                        data[pos + 16:pos + 16 + incl], network & 0x03FFFFFF))
+            pos += 16 + incl
+        return out
+    pos, e, interfaces = 0, "<", []
+    while pos < len(data):
+        btype = struct.unpack_from(e + "I", data, pos)[0]
+        if btype == 0x0A0D0D0A:
+            e = "<" if data[pos + 8:pos + 12] == struct.pack("<I", 0x1A2B3C4D) else ">"
+            interfaces = []
+        blen = struct.unpack_from(e + "I", data, pos + 4)[0]
+        body, end = pos + 8, pos + blen - 4
+        if btype == 1:
+            interfaces.append(_parse_idb(data, body, end, e, "idb"))
+        elif btype in (6, 2):
+            fmt = e + ("IIIII" if btype == 6 else "HxxIIII")
+            iface, hi, lo, cap, orig = struct.unpack_from(fmt, data, body)
+            itf = interfaces[iface]
+            out.append((itf.to_ns(hi << 32 | lo), max(orig, cap),
+                        data[body + 20:body + 20 + cap], itf.linktype))
+        elif btype == 3:
+            orig = struct.unpack_from(e + "I", data, body)[0]
+            out.append((0, orig, data[body + 4:body + 4 + min(orig, end - body - 4)],
+                        interfaces[0].linktype))
+        pos += blen
+    return out
+
+
+def flattened(path) -> list:
+    out = []
+    for ts, wire, frames, linktypes in read_batches(path):
+        assert frames and len(ts) == len(wire) == len(frames)
+        if isinstance(linktypes, int):
+            linktypes = [linktypes] * len(frames)
+        out += zip(ts, wire, frames, linktypes)
+    return out
+
+
+@pytest.fixture(scope="module")
+def sound_captures(tmp_path_factory) -> list:
+    from pathlib import Path
+
+    from tests.captures import write_captures
+    from tests.conftest import SHARED_CORPUS
+    from tests.synthetic import write_synthetic_pcap
+
+    tmp = tmp_path_factory.mktemp("sound")
+    paths = sorted(write_captures(tmp).values())
+    paths.append(write_synthetic_pcap(tmp / "synthetic.pcap", 3000, flows=200, real_payloads=True))
+    corpus = Path(SHARED_CORPUS, "pcap")
+    if corpus.is_dir():
+        paths += sorted(corpus.iterdir())
+    return paths
+
+
+@pytest.mark.parametrize("chunk", [1, 61, 4096, 1 << 20])
+def test_frames_and_batches_equal_a_record_by_record_reading(sound_captures, monkeypatch, chunk):
+    monkeypatch.setattr("capture.pcapfile.CHUNK", chunk)
+    for path in sound_captures:
+        expected = reference_frames(path.read_bytes())
+        assert list(read_frames(path)) == expected, path
+        assert flattened(path) == expected, path
+
+
+def test_batches_of_a_pcap_have_one_link_type_and_end_at_each_read(tmp_path, monkeypatch):
+    monkeypatch.setattr("capture.pcapfile.CHUNK", SMALL_CHUNK)
+    path, frames = big_capture(tmp_path)
+    batches = list(read_batches(path))
+    assert [f for b in batches for f in b.frames] == frames
+    assert all(b.linktypes == 1 for b in batches)
+    # every batch but the first ends with a record the chunk before it cut short
+    sizes = [len(b.frames) for b in batches]
+    assert len(batches) > 5 and sizes[0] == complete_records(path, SMALL_CHUNK)
+
+
+@pytest.mark.parametrize("cut", [3 * SMALL_CHUNK + 5, 3 * SMALL_CHUNK + 24 + 8])
+def test_batches_of_a_file_truncated_while_read_end_with_one_error(tmp_path, monkeypatch, cut):
+    import os
+
+    monkeypatch.setattr("capture.pcapfile.CHUNK", SMALL_CHUNK)
+    path, frames = big_capture(tmp_path)
+    expected = complete_records(path, cut)
+    reader = read_batches(path)
+    got = list(next(reader).frames)  # the first chunk is read
+    os.truncate(path, cut)
+    with pytest.raises(CaptureFileError, match="cut short"):
+        for batch in reader:
+            got += batch.frames
+    assert got == frames[:expected] and 0 < expected < len(frames)
+
+
+def test_pcapng_batches_end_with_the_packets_before_the_damage(tmp_path):
+    packets = [epb(0, i, FRAMES[i % 3]) for i in range(5)]
+    data = shb() + idb(1) + b"".join(packets) + struct.pack("<III", 6, 7, 0)  # a corrupt length
+    path = tmp_path / "bad.pcapng"
+    path.write_bytes(data)
+    batches = []
+    with pytest.raises(CaptureFileError, match="is corrupt"):
+        for batch in read_batches(path):
+            batches.append(batch)
+    assert [b.frames for b in batches] == [[FRAMES[i % 3] for i in range(5)]]
+    assert batches[0].linktypes == [1] * 5
+
+
+# ----------------------------------------------------------------------------- pump of batches
+class KeepAll:
+    """Stands in for RecordProducer: keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.sent: list = []
+
+    def send(self, partition: int, message: bytes, records: int) -> bool:
+        self.sent.append((partition, message, records))
+        return True
+
+    def poll(self) -> None:
+        pass
+
+    def send_stats(self, message: bytes) -> None:
+        pass
+
+
+def pumped(items, decode_batch: int, monkeypatch) -> tuple:
+    from types import SimpleNamespace
+
+    from capture import __main__ as capture_main
+    from capture.batching import RecordBatcher
+    from capture.counters import CaptureCounters
+
+    monkeypatch.setattr(capture_main, "DECODE_BATCH", decode_batch)
+    settings = SimpleNamespace(batch_interval_ms=10**9, stats_interval_s=10**9)
+    producer, counters = KeepAll(), CaptureCounters()
+    error = None
+    try:
+        capture_main.pump(items, RecordBatcher(12, 100, True, replay=True), producer, counters,
+                          settings)
+    except CaptureFileError as exc:
+        error = str(exc)
+    return producer.sent, (counters.frames, counters.bytes, counters.malformed,
+                           counters.unsupported_link), error
+
+
+@pytest.mark.parametrize("size", [7, 1024])
+def test_pump_of_batches_equals_pump_of_frames(sound_captures, tmp_path, monkeypatch, size):
+    from itertools import chain
+
+    mixed_types = tmp_path / "mixed.pcapng"  # a link type we do not decode, among others
+    mixed_types.write_bytes(shb() + idb(147) + idb(1) + b"".join(
+        epb(i % 2, i, FRAMES[i % 3]) for i in range(20)))
+    paths = [write_pcap(tmp_path / "user.pcap", 147, recs()), *sound_captures[:40], mixed_types]
+    frames = pumped(chain.from_iterable(map(read_frames, paths)), size, monkeypatch)
+    batches = pumped(chain.from_iterable(map(read_batches, paths)), size, monkeypatch)
+    assert frames[1][0] > 1000 and frames[1][2] > 0 and frames[1][3] > 0
+    assert batches == frames
+
+
+def test_pump_of_a_cut_file_delivers_the_frames_before_the_damage(tmp_path, monkeypatch):
+    path, frames = big_capture(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) - 30])
+    by_frames = pumped(read_frames(path), 64, monkeypatch)
+    by_batches = pumped(read_batches(path), 64, monkeypatch)
+    assert by_batches == by_frames
+    assert by_batches[1][0] == len(frames) - 1 and "cut short" in by_batches[2]
