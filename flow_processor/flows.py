@@ -46,7 +46,7 @@ def endpoints_label(proto: int, src: str, sport: int, dst: str, dport: int, fid:
 class Flow:
     """One flow as this process knows it since the flow entered its table."""
 
-    __slots__ = ("id", "label", "key", "src", "dst", "sport", "dport", "proto",
+    __slots__ = ("id", "key", "src", "dst", "sport", "dport", "proto",
                  "first_ns", "last_ns", "opened_ns", "delta_bytes", "delta_packets", "new", "dirty",
                  "app", "app_guess", "server_name", "fingerprint", "labels_changed",
                  "total_bytes", "series", "series_ready", "qualifies", "held", "ttl_at")
@@ -58,7 +58,6 @@ class Flow:
         # src is the sender of the first frame seen of the flow (kept in Redis with HSETNX)
         self.src, self.dst = address_text(ipver, src), address_text(ipver, dst)
         self.sport, self.dport, self.proto = sport, dport, proto
-        self.label = endpoints_label(proto, self.src, sport, self.dst, dport, self.id)
         self.first_ns = self.last_ns = self.opened_ns = ts_ns
         self.delta_bytes = self.delta_packets = 0
         self.new = True  # meta not yet initialised in Redis by this table entry
@@ -81,8 +80,12 @@ class Flow:
         self.ttl_at = 0.0  # monotonic time the TTL of the flow's keys was last set
 
 
-    # the series keys, made when needed: most flows never get series (FLOW_SERIES=top), and
-    # a flow table holds up to MAX_FLOWS flows
+    # made when needed, not held: a flow table holds up to MAX_FLOWS flows, most flows never
+    # get series (FLOW_SERIES=top), and the label is needed once a flush that writes the flow
+    @property
+    def label(self) -> str:
+        return endpoints_label(self.proto, self.src, self.sport, self.dst, self.dport, self.id)
+
     @property
     def bps_key(self) -> str:
         return f"ts:flow:{self.id}:bps"
