@@ -45,7 +45,6 @@ BACKLOG_FLUSH_FACTOR = 5  # behind on a backlog, flush at most this many interva
 # before a newer minute starts (the end of a replay, a quiet network). Not on every empty poll:
 # data still coming for a closed minute costs five sorted-set updates instead of one.
 QUIET_S = 3.0
-TRIM_EVERY_S = 10.0  # top-N sets are trimmed to TOP_FLOWS_KEPT this often (monotonic time)
 # Messages set aside are cut to this size: the dead-letter topic takes at most about 1 MB, and
 # the first bytes are what tells what the message was.
 MAX_SET_ASIDE_BYTES = 512 * 1024
@@ -71,7 +70,6 @@ class Processor:
                        "set_aside_failed": 0, "offset_resets": 0, "flows_evicted": 0}
         # for pipeline:processor
         self.unwritten = {"set_aside_failed": 0, "offset_resets": 0, "flows_evicted": 0}
-        self.next_trim = time.monotonic() + TRIM_EVERY_S
         self.idle = False  # nothing to read for QUIET_S: the newest minute may close
         self.writer = BackgroundWriter(sink)
         self.limits = TimeLimits(settings.live_time_window_s * NS, settings.max_time_ahead_s * NS)
@@ -358,12 +356,11 @@ class Processor:
             self.totals["flows_evicted"] += evicted
             self.unwritten["flows_evicted"] += evicted
         self.totals["flushes"] += 1
-        trim = time.monotonic() >= self.next_trim
-        if trim:
-            self.next_trim = time.monotonic() + TRIM_EVERY_S
         # the top-N windows take the minutes this flush completed (all, when nothing is left
-        # to read: a replay's last minute, or a quiet moment live)
-        self.writer.submit(groups, close_newest=self.idle, trim=trim)
+        # to read: a replay's last minute, or a quiet moment live); the top-N sets are trimmed
+        # to TOP_FLOWS_KEPT after every flush: under a scan, sets left to grow for seconds made
+        # every increment dearer (measured: 3.3 against 1.7 us a ZINCRBY)
+        self.writer.submit(groups, close_newest=self.idle, trim=True)
 
     def settle(self) -> None:
         """Wait for the flush in flight, if any, and act on how it went: raise its Redis error
