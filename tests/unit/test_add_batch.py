@@ -29,6 +29,7 @@ from capture.inspect.flow import FlowInspector
 from capture.pcapfile import CaptureFileError, read_frames
 from packet_records import FLAG_MALFORMED, FLAG_UNSUPPORTED_LINK
 from tests.captures import write_captures
+from tests.fakes import RecordingProducer
 from tests.synthetic import write_synthetic_pcap
 from tests.unit.test_batch_decode import eth, ipv4, mutate, tcp, udp, valid_frames
 
@@ -290,28 +291,10 @@ def test_survive_names_the_flows_at_risk():
 
 
 # ------------------------------------------------------------------------------ pump
-class Recorder:
-    """Stands in for RecordProducer: keeps what it is given."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[int, bytes, int]] = []
-        self.stats = 0
-
-    def send(self, partition: int, message: bytes, records: int) -> bool:
-        self.sent.append((partition, message, records))
-        return True
-
-    def poll(self) -> None:
-        pass
-
-    def send_stats(self, message: bytes) -> None:
-        self.stats += 1
-
-
 def test_pump_gives_the_messages_and_counters_of_add_per_frame(crafted, synthetic, caplog):
     items = crafted + synthetic[:5000] + garbled(7, 2000) + crafted
     settings = SimpleNamespace(batch_interval_ms=10**9, stats_interval_s=10**9)
-    producer, counters = Recorder(), CaptureCounters()
+    producer, counters = RecordingProducer(), CaptureCounters()
     with caplog.at_level(logging.WARNING, logger="capture"):
         capture_main.pump(iter(items), make_batcher({}, None), producer, counters, settings)
     ref, _, _ = run(items, len(items), {}, None, batched=False)

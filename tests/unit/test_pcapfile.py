@@ -9,6 +9,7 @@ import pytest
 
 from capture.pcapfile import CaptureFileError, read_batches, read_frames
 from tests.captures import write_pcap
+from tests.fakes import RecordingProducer
 
 T0 = 1_700_000_000 * 10**9 + 123_456_789  # ns; the last three digits survive only in ns files
 FRAMES = [bytes(range(60)), b"\xaa" * 100, b"\x55" * 42]
@@ -462,23 +463,6 @@ def test_pcapng_batches_end_with_the_packets_before_the_damage(tmp_path):
 
 
 # ----------------------------------------------------------------------------- pump of batches
-class KeepAll:
-    """Stands in for RecordProducer: keeps what it is given."""
-
-    def __init__(self) -> None:
-        self.sent: list = []
-
-    def send(self, partition: int, message: bytes, records: int) -> bool:
-        self.sent.append((partition, message, records))
-        return True
-
-    def poll(self) -> None:
-        pass
-
-    def send_stats(self, message: bytes) -> None:
-        pass
-
-
 def pumped(items, decode_batch: int, monkeypatch) -> tuple:
     from types import SimpleNamespace
 
@@ -488,7 +472,7 @@ def pumped(items, decode_batch: int, monkeypatch) -> tuple:
 
     monkeypatch.setattr(capture_main, "DECODE_BATCH", decode_batch)
     settings = SimpleNamespace(batch_interval_ms=10**9, stats_interval_s=10**9)
-    producer, counters = KeepAll(), CaptureCounters()
+    producer, counters = RecordingProducer(), CaptureCounters()
     error = None
     try:
         capture_main.pump(items, RecordBatcher(12, 100, True, replay=True), producer, counters,
