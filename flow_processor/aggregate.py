@@ -318,11 +318,6 @@ class PartitionState:
         self.clear()
         self.base_offset = self.next_offset
 
-    @property
-    def write_cost(self) -> int:
-        """Rough size of the transaction this state's flush makes (flows and cells)."""
-        return 4 * len(self.dirty_flows) + len(self.flow_seconds)
-
 
 def held_cells(held) -> list[tuple[int, int, int]]:
     """(second, bytes, packets) of what a flow without series holds (Flow.held), by second.

@@ -301,6 +301,7 @@ class Processor:
         reset it to the topic's earliest offset."""
         self.settle()  # a flush in flight has moved our offsets on already
         self.sink.ensure_series()
+        self.sink.drain_journal()  # entries another member left when it stopped
         owned = sorted(self.states)
         if not owned:
             return
@@ -346,6 +347,7 @@ class Processor:
             if self.idle:  # a quiet spell: the newest minute joins the top-N windows
                 self.sink.advance_windows(close_newest=True)
             return
+        open_from = self._open_from()
         groups = self.sink.prepare(targets)
         for state in targets:
             # flows leaving the table keep their keys: those carry a TTL since their first write
@@ -358,7 +360,28 @@ class Processor:
         self.totals["flushes"] += 1
         # the top-N windows take the minutes this flush completed (all, when nothing is left
         # to read: a replay's last minute, or a quiet moment live)
-        self.writer.submit(groups, close_newest=self.idle)
+        self.writer.submit(groups, close_newest=self.idle, open_from=open_from)
+
+    def _open_from(self) -> int | None:
+        """The oldest minute of capture time a partition may still bring data for: one with
+        records not written yet, or messages not read yet (as far as the last fetch tells),
+        is in the minute of its newest record, or any (0) when nothing of it was read yet.
+        The top-N windows keep that minute open (top.lua 'advance'): replaying a backlog, the
+        partitions are read unevenly, and data for a minute already closed costs five
+        increments instead of one."""
+        oldest = None
+        for state in self.states.values():
+            if not state.records:
+                try:
+                    _low, high = self.consumer.get_watermark_offsets(
+                        TopicPartition(self.topic, state.partition), cached=True)
+                except KafkaException:
+                    continue
+                if high < 0 or high <= (state.next_offset or 0):
+                    continue  # caught up, or not known (an idle partition)
+            minute = state.clock_ns // (60 * NS)
+            oldest = minute if oldest is None else min(oldest, minute)
+        return oldest
 
     def settle(self) -> None:
         """Wait for the flush in flight, if any, and act on how it went: raise its Redis error

@@ -53,9 +53,9 @@ class ProcessorSettings(KafkaSecuritySettings):
     flow_series_max_held: int = Field(60, ge=1, le=86400,
                                       description="FLOW_SERIES=top: a flow holding more "
                                       "seconds than this in the processor gets its series")
-    flush_max_flows: int = Field(5000, ge=100, le=1_000_000,
+    flush_max_flows: int = Field(20_000, ge=100, le=1_000_000,
                                  description="Flush a partition early once it holds this many "
-                                 "flows to write: bounds how long one transaction holds Redis")
+                                 "flows to write (each flow is written once a flush)")
     top_flows_kept: int = Field(10000, ge=10, le=10_000_000,
                                 description="Members kept in each top-N set (flows, hosts, ...)")
     live_time_window_s: int = Field(300, ge=1, le=86400,

@@ -2,10 +2,17 @@
 
 Each partition's offset lives in Redis next to the data (key pipeline:offsets:<group>:<topic>:
 <partition>). A flush WATCHes the offset keys of the partitions it writes, checks that each still
-holds the offset this process started its aggregates from, and writes every sum, flow update and
-the new offsets in one MULTI/EXEC. So a write lands whole or not at all, a replay after a crash
-starts exactly after what was written, and a process that lost a partition to another (a fence)
-finds a different offset there and drops what it had instead of counting it twice.
+holds the offset this process started its aggregates from, and writes the per-second sums, the
+new offsets and its flow updates in one MULTI/EXEC. So a write lands whole or not at all, a
+replay after a crash starts exactly after what was written, and a process that lost a partition
+to another (a fence) finds a different offset there and drops what it had instead of counting
+it twice.
+
+The flow updates (flow hashes, top-N sets, TTLs) are the bulk of a flush: the transaction only
+pushes them to a journal list (pipeline:journal:<group>:<topic>), as entries of at most
+JOURNAL_FLOWS flows, and each entry is then applied and removed by one short script call
+(journal.lua). So no single command holds Redis for long whatever a flush holds, and an entry
+is applied exactly once: its push landed with the offsets, its application with its removal.
 """
 
 from __future__ import annotations
@@ -34,17 +41,18 @@ from packet_records.security import redact_url
 log = logging.getLogger(__name__)
 
 MADD_CHUNK = 2000  # samples per TS.MADD
-FLOWS_PER_CALL = 500  # flows per call of flows.lua (a call blocks Redis while it runs)
+# Flows per journal entry: applying one (about 10 Redis calls a flow) holds Redis for about
+# 10-20 ms; other clients get in between entries
+JOURNAL_FLOWS = 1000
+JOURNAL_INCREMENTS = 2000  # top-N increments of hosts, applications, domains per entry
 PREPARE_CHUNK = 2000  # commands per pipeline that creates flow series before a transaction
 TRIM_CHUNK = 10000  # members removed from a top-N set per command
-# A flush is cut into transactions of about this PartitionState.write_cost (4 a flow + 1 a
-# flow-second), whole partitions each: bench_writepath measured the longest EXEC at 150-390 ms
-# on a loaded 2-core machine with 6000 (2.3-2.8 s before the cut); a partition alone is
-# bounded by FLUSH_MAX_FLOWS
-TRANSACTION_COST = 6000
-FLOWS_LUA = Path(__file__).with_name("flows.lua")
+# A flush is cut into transactions of about this cost, whole partitions each: the samples of
+# its TS.MADD (about 1 us each in Redis) and JOURNAL_ENTRY_COST a journal entry pushed
+TRANSACTION_COST = 20000
+JOURNAL_ENTRY_COST = 50
 TOP_LUA = Path(__file__).with_name("top.lua")
-TOP_PER_CALL = 2000  # top-N increments (or keys to expire) per call of top.lua
+JOURNAL_LUA = Path(__file__).with_name("journal.lua")
 APP_SERIES = tuple(f"ts:app:{app}" for app in APPS)  # by app id
 METRICS = (("bps", 0), ("pps", 1))  # series suffix, index in the [bytes, packets] cells
 TOP_FLOWS = "flows:top:bytes"
@@ -75,6 +83,11 @@ def redis_refusing(exc: BaseException) -> bool:
 CAPTURE_COUNTERS = "pipeline:capture"  # totals of the capture stats messages
 
 
+def _increments(members: dict) -> list:
+    """{member: increment} as top.lua takes it: [increment, member, ...], zeros left out."""
+    return [x for member, value in members.items() if value for x in (value, member)]
+
+
 def ns_text(ns: int) -> str:
     """Epoch seconds with nanosecond digits, as tshark prints frame.time_epoch."""
     return f"{ns // 1_000_000_000}.{ns % 1_000_000_000:09d}"
@@ -101,7 +114,7 @@ class PartitionWrite:
     before: list[tuple]  # series creation and TTLs, outside the transaction (idempotent)
     commands: list[tuple]  # its part of the MULTI/EXEC
     madd: int  # how many TS.MADD end `commands`
-    cost: int  # PartitionState.write_cost when it was built
+    cost: int  # what its part of the transaction costs Redis (TRANSACTION_COST)
 
 
 @dataclass
@@ -126,16 +139,16 @@ class RedisSink:
                                 f"{settings.kafka_topic}:")
         self.created: set[str] = set()
         self.created_counters = False
-        # inside transactions the scripts go by EVAL with their text: Redis caches them by
-        # digest, and an EVALSHA that found them gone (Redis restarted) would fail one command
-        # of an EXEC whose others landed
-        self.flows_lua = FLOWS_LUA.read_text()
-        self.top_lua = TOP_LUA.read_text()
-        self.top_script = self.redis.register_script(self.top_lua)
+        self.journal = f"pipeline:journal:{settings.kafka_group_id}:{settings.kafka_topic}"
+        # top.lua's functions, and the journal's 'drain' (journal.lua), in one script; it is
+        # only called outside transactions (where redis-py loads it again after a restart)
+        self.script = self.redis.register_script(TOP_LUA.read_text() + "\n"
+                                                 + JOURNAL_LUA.read_text())
 
     def check(self) -> None:
         """Fail at start with one clear line when Redis or RedisTimeSeries is missing, or the
-        address answers with something that is not Redis; then create the aggregate series."""
+        address answers with something that is not Redis; then create the aggregate series
+        and apply what is left in the journal."""
         where = redact_url(self.settings.redis_url)
         probe = redis.Redis.from_url(self.settings.redis_url, socket_timeout=5,
                                      socket_connect_timeout=5)
@@ -161,6 +174,7 @@ class RedisSink:
         while True:  # a Redis that refuses writes for now (full, failed save): wait for it
             try:
                 self.ensure_series()
+                self.drain_journal()  # what a processor that stopped left to apply
                 return
             except redis.RedisError as exc:
                 if not redis_refusing(exc):
@@ -265,9 +279,9 @@ class RedisSink:
                               s.flow_series_max_held)
             before, commands = Recorder(), Recorder()
             self._prepare_flows(state.dirty_flows, before)
-            madd = self._queue_writes(commands, state)
+            madd, cost = self._queue_writes(commands, state)
             write = PartitionWrite(state, state.partition, state.base_offset, state.next_offset,
-                                   before.commands, commands.commands, madd, state.write_cost)
+                                   before.commands, commands.commands, madd, cost)
             state.written()
             if group and cost + write.cost > TRANSACTION_COST:
                 groups.append(group)
@@ -278,17 +292,19 @@ class RedisSink:
             groups.append(group)
         return groups
 
-    def execute(self, groups: list[list[PartitionWrite]], close_newest: bool) -> WriteResult:
-        """Send built writes, group after group, then move the top-N windows on and trim the
-        top-N sets to TOP_FLOWS_KEPT (after every flush: under a scan, sets left to grow for
-        seconds made every increment dearer, 3.3 against 1.7 us a ZINCRBY). Safe to call
-        again with the same writes after an error."""
+    def execute(self, groups: list[list[PartitionWrite]], close_newest: bool,
+                open_from: int | None = None) -> WriteResult:
+        """Send built writes, group after group, apply the journal they filled, then move the
+        top-N windows on and trim the top-N sets to TOP_FLOWS_KEPT (after every flush: under
+        a scan, sets left to grow for seconds made every increment dearer, 3.3 against 1.7 us
+        a ZINCRBY). Safe to call again with the same writes after an error."""
         result = WriteResult()
         for group in groups:
             for write in group:
                 self._send_before(write.before)
             self._write_group(group, result)
-        self.advance_windows(close_newest)
+        self.drain_journal()
+        self.advance_windows(close_newest, open_from=open_from)
         self.trim_top()
         return result
 
@@ -361,57 +377,54 @@ class RedisSink:
             result.written.extend(writable)
             return
 
-    def _queue_writes(self, pipe: Recorder, state: PartitionState) -> int:
-        """Record one partition's flush; return how many TS.MADD commands end it."""
+    def _queue_writes(self, pipe: Recorder, state: PartitionState) -> tuple[int, int]:
+        """Record one partition's flush; return how many TS.MADD commands end it, and what it
+        costs (TRANSACTION_COST)."""
         for (name, sec), value in state.health.items():
             pipe.execute_command("TS.ADD", f"ts:health:{name}:count", sec * 1000, value,
                                  "ON_DUPLICATE", "SUM", "LABELS", "dimension", "health",
                                  "metric", name)
         for name, value in state.capture_totals.items():
             pipe.execute_command("HINCRBY", CAPTURE_COUNTERS, name, value)
-        self._queue_flows(pipe, state.dirty_flows)
-        self._queue_top(pipe, state)
-        for name, value in (("records", state.records),
-                            ("malformed_frames", state.malformed_frames),
-                            ("malformed_messages", state.malformed_messages)):
-            if value:
-                pipe.execute_command("HINCRBY", COUNTERS, name, value)
+        entries = self._journal_entries(state)
+        if entries:
+            pipe.execute_command("RPUSH", self.journal, *entries)
         pipe.execute_command("SET", self.offset_prefix + str(state.partition), state.next_offset)
         if state.topic_id:
             pipe.execute_command("SET", self.topic_id_prefix + str(state.partition),
                                  state.topic_id)
-        return self._queue_samples(pipe, state)
+        madd, samples = self._queue_samples(pipe, state)
+        return madd, samples + JOURNAL_ENTRY_COST * len(entries)
 
-    def _queue_top(self, pipe: Recorder, state: PartitionState) -> None:
-        """The top-N sets of hosts, applications, domains and flows, with their time windows
-        (top.lua): summed here per member and minute of capture time, one increment per member
-        the flush touches in a minute (not one per flow or second), in a few calls of top.lua;
-        and the TTLs of flow hashes written for the first time, or not renewed for a quarter
-        of FLOW_TTL_S."""
+    def _journal_entries(self, state: PartitionState) -> list[bytes]:
+        """The flush's flow updates, top-N sums and TTLs as journal entries (journal.lua): the
+        flows in entries of at most JOURNAL_FLOWS, with their flows:top:endpoints sums and
+        TTLs; then the sums of hosts, applications and domains in entries of at most
+        JOURNAL_INCREMENTS; the last entry also carries the counters.
+
+        The top-N sets, with their time windows, are summed here per member and minute of
+        capture time: one increment per member the flush touches in a minute (not one per flow
+        or second). A flow hash's TTL is set on its first write and renewed when it was not
+        for a quarter of FLOW_TTL_S."""
         ttl = self.settings.flow_ttl_s
         now = time.monotonic()
         refresh_before = now - ttl / 4
-        expire: list[str] = []
+        newest = max(state.global_, default=0) // 60
+        flows = state.dirty_flows
         flow_minutes: dict[tuple[Flow, int], int] = {}
-        no_flow: dict[int, int] = {}
-        for f in state.dirty_flows:
-            if f.new or f.ttl_at < refresh_before:
-                expire.append(f"flow:{f.id}:meta")  # the meta hash exists from here on
-                f.ttl_at = now
         for (flow, sec), cell in state.flow_seconds.items():
             key = (flow, sec // 60)
             flow_minutes[key] = flow_minutes.get(key, 0) + cell[0]
-        for sec, cell in state.no_flow.items():
-            no_flow[sec // 60] = no_flow.get(sec // 60, 0) + cell[0]
-        newest = max(state.global_, default=0) // 60
-        # minute -> one {member: bytes} per set of top.lua's SETS (hosts, apps, domains, flows)
-        sums: dict[int, tuple[dict, dict, dict, dict]] = {}
+        # minute -> {member: bytes} for hosts, apps, domains (top.lua's SETS 1-3)
+        shared: dict[int, tuple[dict, dict, dict]] = {}
+        by_flow: list[dict[int, dict]] = [{} for _ in range(0, len(flows), JOURNAL_FLOWS)]
+        entry_of = {f: i // JOURNAL_FLOWS for i, f in enumerate(flows)}
         apps = APPS
         for (f, minute), b in flow_minutes.items():
-            sets = sums.get(minute)
+            sets = shared.get(minute)
             if sets is None:
-                sums[minute] = sets = ({}, {}, {}, {})
-            hosts, by_app, domains, flows = sets
+                shared[minute] = sets = ({}, {}, {})
+            hosts, by_app, domains = sets
             hosts[f.src] = hosts.get(f.src, 0) + b
             if f.dst != f.src:
                 hosts[f.dst] = hosts.get(f.dst, 0) + b
@@ -419,41 +432,50 @@ class RedisSink:
             by_app[app] = by_app.get(app, 0) + b
             if f.server_name:
                 domains[f.server_name] = domains.get(f.server_name, 0) + b
-            flows[f.label] = flows.get(f.label, 0) + b
-        for minute, value in no_flow.items():
-            sets = sums.get(minute)
+            endpoints = by_flow[entry_of[f]].setdefault(minute, {})
+            endpoints[f.label] = endpoints.get(f.label, 0) + b
+        for sec, cell in state.no_flow.items():
+            sets = shared.get(sec // 60)
             if sets is None:
-                sums[minute] = sets = ({}, {}, {}, {})
-            sets[1]["UNKNOWN"] = sets[1].get("UNKNOWN", 0) + value
-        if not sums and not expire:
-            return
-        # calls of at most about TOP_PER_CALL increments (each call holds Redis while it runs)
-        groups: list = []
-        count = 0
-        for minute in sorted(sums):
-            for index, members in enumerate(sums[minute], start=1):
-                items = [x for member, value in members.items() if value
-                         for x in (value, member)]
-                for at in range(0, len(items), 2 * TOP_PER_CALL):
-                    chunk = items[at:at + 2 * TOP_PER_CALL]
-                    groups.append((minute, index, chunk))
-                    count += len(chunk) // 2
-                    if count >= TOP_PER_CALL:
-                        pipe.execute_command("EVAL", self.top_lua, 0, "add", newest,
-                                             orjson.dumps(groups), ttl, b"[]")
+                shared[sec // 60] = sets = ({}, {}, {})
+            sets[1]["UNKNOWN"] = sets[1].get("UNKNOWN", 0) + cell[0]
+        # [newest minute, top-N groups, TTL, keys to EXPIRE, flows, counters] (journal.lua)
+        entries = []
+        for i, sums in enumerate(by_flow):
+            chunk = flows[i * JOURNAL_FLOWS:(i + 1) * JOURNAL_FLOWS]
+            groups = [(minute, 4, _increments(members)) for minute, members in sorted(sums.items())]
+            expire = []
+            for f in chunk:
+                if f.new or f.ttl_at < refresh_before:
+                    expire.append(f"flow:{f.id}:meta")  # the meta hash exists from here on
+                    f.ttl_at = now
+            entries.append([newest, groups, ttl, expire, self._flow_entries(chunk), []])
+        groups, count = [], 0
+        for minute, sets in sorted(shared.items()):
+            for index, members in enumerate(sets, start=1):
+                items = _increments(members)
+                for at in range(0, len(items), 2 * JOURNAL_INCREMENTS):
+                    groups.append((minute, index, items[at:at + 2 * JOURNAL_INCREMENTS]))
+                    count += min(len(items) - at, 2 * JOURNAL_INCREMENTS) // 2
+                    if count >= JOURNAL_INCREMENTS:
+                        entries.append([newest, groups, ttl, [], [], []])
                         groups, count = [], 0
-        for at in range(0, len(expire), TOP_PER_CALL):
-            pipe.execute_command("EVAL", self.top_lua, 0, "add", newest, orjson.dumps(groups),
-                                 ttl, orjson.dumps(expire[at:at + TOP_PER_CALL]))
-            groups = []
         if groups:
-            pipe.execute_command("EVAL", self.top_lua, 0, "add", newest, orjson.dumps(groups),
-                                 ttl, b"[]")
+            entries.append([newest, groups, ttl, [], [], []])
+        counters = [[name, value] for name, value in (
+            ("records", state.records), ("malformed_frames", state.malformed_frames),
+            ("malformed_messages", state.malformed_messages)) if value]
+        if counters:
+            if not entries:
+                entries.append([newest, [], ttl, [], [], []])
+            entries[-1][5] = counters
+        return [orjson.dumps(entry) for entry in entries]
 
-    def _queue_samples(self, pipe: Recorder, state: PartitionState) -> int:
+    def _queue_samples(self, pipe: Recorder, state: PartitionState) -> tuple[int, int]:
         """TS.MADD every sample of the flush: aggregate series oldest first (a retention
         window never refuses an older sample written after a newer one), then the flows'.
-        A flow lives on one partition: its (flow, second) cells are already unique."""
+        A flow lives on one partition: its (flow, second) cells are already unique. Returns
+        the number of TS.MADD commands and of samples."""
         totals: dict[tuple[int, str], list[int]] = {}
 
         def add(sec: int, series: str, cell: list[int]) -> None:
@@ -492,25 +514,24 @@ class RedisSink:
         for start in range(0, len(args), step):
             pipe.execute_command("TS.MADD", *args[start:start + step])
             commands += 1
-        return commands
+        return commands, len(args) // 3
 
-    def _queue_flows(self, pipe: Recorder, flows: list[Flow]) -> None:
-        """flows.lua's updates of these flows' hashes and of flows:top:bytes, packed as JSON
-        (one argument per call: orjson packs it in C, where RESP would go field by field)."""
+    @staticmethod
+    def _flow_entries(flows: list[Flow]) -> list[tuple]:
+        """journal.lua's updates of these flows' hashes and of flows:top:bytes."""
         apps = APPS
-        for start in range(0, len(flows), FLOWS_PER_CALL):
-            entries = []
-            for f in flows[start:start + FLOWS_PER_CALL]:
-                labels = ([apps[f.app], int(f.app_guess), f.server_name or "",
-                           f.fingerprint or ""] if f.labels_changed else 0)
-                if f.new:
-                    entries.append((f.id, f.delta_bytes, f.delta_packets, ns_text(f.last_ns),
-                                    labels, (f.src, f.dst, f.sport, f.dport, f.proto,
-                                             ns_text(f.first_ns))))
-                else:
-                    entries.append((f.id, f.delta_bytes, f.delta_packets, ns_text(f.last_ns),
-                                    labels))
-            pipe.execute_command("EVAL", self.flows_lua, 0, orjson.dumps(entries))
+        entries = []
+        for f in flows:
+            labels = ([apps[f.app], int(f.app_guess), f.server_name or "",
+                       f.fingerprint or ""] if f.labels_changed else 0)
+            if f.new:
+                entries.append((f.id, f.delta_bytes, f.delta_packets, ns_text(f.last_ns),
+                                labels, (f.src, f.dst, f.sport, f.dport, f.proto,
+                                         ns_text(f.first_ns))))
+            else:
+                entries.append((f.id, f.delta_bytes, f.delta_packets, ns_text(f.last_ns),
+                                labels))
+        return entries
 
     @staticmethod
     def _count_rejected(madd_replies: list) -> int:
@@ -527,16 +548,24 @@ class RedisSink:
 
     # -- after a write ---------------------------------------------------------------------
 
-    def advance_windows(self, close_newest: bool, max_steps: int = 2000) -> bool:
+    def advance_windows(self, close_newest: bool, max_steps: int = 2000,
+                        open_from: int | None = None) -> bool:
         """Move the top-N windows on after a flush (top.lua 'advance'): close the minutes
         before the newest one (the newest too when close_newest: nothing more to read), and
         subtract what left each window. One short script call per step, so other clients get
         in between; at most max_steps now, the rest after the next flush. True when done."""
-        args = ["advance", "1" if close_newest else "0", self.settings.top_flows_kept, TRIM_CHUNK]
+        args = ["advance", "1" if close_newest else "0", self.settings.top_flows_kept, TRIM_CHUNK,
+                "" if open_from is None else open_from]
         for _ in range(max_steps):
-            if not self.top_script(args=args):
+            if not self.script(args=args):
                 return True
         return False
+
+    def drain_journal(self) -> None:
+        """Apply the journal's entries, oldest first, one script call each (journal.lua): what
+        this process's flushes pushed, or what a processor that stopped left behind."""
+        while self.script(keys=[self.journal], args=["drain", self.settings.top_flows_kept]):
+            pass
 
     def trim_top(self) -> None:
         """Keep the top-N sets bounded (hosts and domains grow with every new name): remove
@@ -607,13 +636,14 @@ class BackgroundWriter:
 
     def __init__(self, sink: RedisSink):
         self.sink = sink
-        self.pending: tuple | None = None  # (groups, close_newest) not yet landed
+        self.pending: tuple | None = None  # execute()'s arguments, not landed yet
         self.thread: threading.Thread | None = None
         self.outcome: WriteResult | BaseException | None = None
 
-    def submit(self, groups: list[list[PartitionWrite]], close_newest: bool) -> None:
+    def submit(self, groups: list[list[PartitionWrite]], close_newest: bool,
+               open_from: int | None = None) -> None:
         assert self.pending is None, "settle() the write in flight first"
-        self.pending = (groups, close_newest)
+        self.pending = (groups, close_newest, open_from)
         self.outcome = None
         self.thread = threading.Thread(target=self._run, name="redis-writer", daemon=True)
         self.thread.start()

@@ -8,7 +8,9 @@
 -- transaction: each step is one or a few set operations, so Redis is never held for long).
 -- ARGV[2]: '1' to close the newest minute too (the processor has nothing more to read), else
 -- '0'; ARGV[3]: members a minute's bucket keeps when it closes (TOP_FLOWS_KEPT: the smallest
--- are dropped first, at most ARGV[4] a step). Returns 1 when it did something (call again),
+-- are dropped first, at most ARGV[4] a step); ARGV[5] (optional, when not closing the newest):
+-- a minute that stays open with those after it (one a partition that was just written is
+-- still in: its next data for that minute then costs one increment, not five). Returns 1 when it did something (call again),
 -- 0 when the windows are up to date.
 --
 -- Each top-N set <a>:top:<b> (hosts:top:bytes, apps:top:bytes, domains:top:bytes,
@@ -66,15 +68,15 @@ local function first_at_most(zkey, limit)
   return tonumber(found[1])
 end
 
-local mode = ARGV[1]
-
-if mode == 'add' then
+-- the sums of one flush: see 'add' above; returns the sets it incremented, as keys of a table
+local function add_top(newest_minute, groups, ttl, expire)
+  local touched = {}
   local clock = number('top:window:clock')
-  local newest = tonumber(ARGV[2])
+  local newest = tonumber(newest_minute)
   if clock == nil or newest > clock then
     redis.call('SET', 'top:window:clock', newest)
   end
-  for _, group in ipairs(cjson.decode(ARGV[3])) do
+  for _, group in ipairs(groups) do
     local minute, set, items = group[1], SETS[group[2]], group[3]
     local closed = number(state(set, 'closed'))
     local targets = {}
@@ -97,74 +99,89 @@ if mode == 'add' then
       end
     end
     local alltime = set[1] .. ':top:' .. set[2]
+    touched[alltime] = true
+    for _, target in ipairs(targets) do touched[target] = true end
     for j = 1, #items, 2 do
       local by, member = items[j], items[j + 1]
       redis.call('ZINCRBY', alltime, by, member)
       for _, target in ipairs(targets) do redis.call('ZINCRBY', target, by, member) end
     end
   end
-  local ttl = ARGV[4]
-  for _, k in ipairs(cjson.decode(ARGV[5])) do
+  for _, k in ipairs(expire) do
     redis.call('EXPIRE', k, ttl)
+  end
+  return touched
+end
+
+-- one step of 'advance': the first thing left to do, for the first set that has something
+local function advance(close_newest, kept_members, step_members, open_from)
+  local clock = number('top:window:clock')
+  if clock == nil then return 0 end
+  local limit = clock - 1
+  if close_newest == '1' then
+    limit = clock
+  elseif open_from and open_from ~= '' then
+    limit = math.min(limit, tonumber(open_from) - 1)
+  end
+  for _, set in ipairs(SETS) do
+    local closed = number(state(set, 'closed'))
+    if closed ~= nil then
+      -- windows leave behind what is older than the last closed minute allows
+      local kept, hours, gone5 = state(set, 'kept'), state(set, 'hours'), state(set, '5m')
+      local done5 = number(gone5)
+      if done5 < closed - 5 then
+        local found = redis.call('ZRANGEBYSCORE', kept, '(' .. done5, closed - 5, 'LIMIT', 0, 1)
+        if #found == 0 then
+          redis.call('SET', gone5, closed - 5)
+        else
+          subtract(key(set, '5m'), key(set, 'min:' .. found[1]))
+          redis.call('SET', gone5, found[1])
+        end
+        return 1
+      end
+      local old = first_at_most(kept, closed - 60)
+      if old ~= nil then
+        drop(key(set, '1h'), key(set, 'min:' .. old), kept, old)
+        return 1
+      end
+      old = first_at_most(hours, math.floor(closed / 60) - 24)
+      if old ~= nil then
+        drop(key(set, '24h'), key(set, 'hour:' .. old), hours, old)
+        return 1
+      end
+    end
+    -- close the oldest open minute up to the limit; or move past minutes without data
+    local minute = first_at_most(state(set, 'open'), limit)
+    if minute ~= nil then
+      local bucket = key(set, 'min:' .. minute)
+      local excess = redis.call('ZCARD', bucket) - tonumber(kept_members)
+      if excess > 0 then  -- a bounded bucket keeps each union short
+        redis.call('ZREMRANGEBYRANK', bucket, 0, math.min(excess, tonumber(step_members)) - 1)
+        return 1
+      end
+      if closed == nil then redis.call('SET', state(set, '5m'), minute - 5) end
+      add(key(set, '5m'), bucket)
+      add(key(set, '1h'), bucket)
+      add(key(set, '24h'), bucket)
+      add(key(set, 'hour:' .. math.floor(minute / 60)), bucket)
+      redis.call('ZREM', state(set, 'open'), minute)
+      redis.call('ZADD', state(set, 'kept'), minute, minute)
+      redis.call('ZADD', state(set, 'hours'), math.floor(minute / 60), math.floor(minute / 60))
+      redis.call('SET', state(set, 'closed'), minute)
+      return 1
+    end
+    if closed ~= nil and closed < limit then
+      redis.call('SET', state(set, 'closed'), limit)
+      return 1
+    end
   end
   return 0
 end
 
--- 'advance': the first thing left to do, for the first set that has something
-local clock = number('top:window:clock')
-if clock == nil then return 0 end
-local limit = clock - 1
-if ARGV[2] == '1' then limit = clock end
-for _, set in ipairs(SETS) do
-  local closed = number(state(set, 'closed'))
-  if closed ~= nil then
-    -- windows leave behind what is older than the last closed minute allows
-    local kept, hours, gone5 = state(set, 'kept'), state(set, 'hours'), state(set, '5m')
-    local done5 = number(gone5)
-    if done5 < closed - 5 then
-      local found = redis.call('ZRANGEBYSCORE', kept, '(' .. done5, closed - 5, 'LIMIT', 0, 1)
-      if #found == 0 then
-        redis.call('SET', gone5, closed - 5)
-      else
-        subtract(key(set, '5m'), key(set, 'min:' .. found[1]))
-        redis.call('SET', gone5, found[1])
-      end
-      return 1
-    end
-    local old = first_at_most(kept, closed - 60)
-    if old ~= nil then
-      drop(key(set, '1h'), key(set, 'min:' .. old), kept, old)
-      return 1
-    end
-    old = first_at_most(hours, math.floor(closed / 60) - 24)
-    if old ~= nil then
-      drop(key(set, '24h'), key(set, 'hour:' .. old), hours, old)
-      return 1
-    end
-  end
-  -- close the oldest open minute up to the limit; or move past minutes without data
-  local minute = first_at_most(state(set, 'open'), limit)
-  if minute ~= nil then
-    local bucket = key(set, 'min:' .. minute)
-    local excess = redis.call('ZCARD', bucket) - tonumber(ARGV[3])
-    if excess > 0 then  -- a bounded bucket keeps each union short
-      redis.call('ZREMRANGEBYRANK', bucket, 0, math.min(excess, tonumber(ARGV[4])) - 1)
-      return 1
-    end
-    if closed == nil then redis.call('SET', state(set, '5m'), minute - 5) end
-    add(key(set, '5m'), bucket)
-    add(key(set, '1h'), bucket)
-    add(key(set, '24h'), bucket)
-    add(key(set, 'hour:' .. math.floor(minute / 60)), bucket)
-    redis.call('ZREM', state(set, 'open'), minute)
-    redis.call('ZADD', state(set, 'kept'), minute, minute)
-    redis.call('ZADD', state(set, 'hours'), math.floor(minute / 60), math.floor(minute / 60))
-    redis.call('SET', state(set, 'closed'), minute)
-    return 1
-  end
-  if closed ~= nil and closed < limit then
-    redis.call('SET', state(set, 'closed'), limit)
-    return 1
-  end
+local mode = ARGV[1]
+if mode == 'add' then
+  add_top(ARGV[2], cjson.decode(ARGV[3]), ARGV[4], cjson.decode(ARGV[5]))
+  return 0
+elseif mode == 'advance' then
+  return advance(ARGV[2], ARGV[3], ARGV[4], ARGV[5])
 end
-return 0

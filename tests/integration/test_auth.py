@@ -269,8 +269,8 @@ def test_processor_may_not_administer(acl_redis):
 
 
 def test_processor_runs_every_command_of_its_writes(acl_redis):
-    """The commands of flow_processor/sink.py and flows.lua, one by one (the replay below may
-    not reach all of them: expiry, trimming, a lost EXEC reply)."""
+    """The commands of flow_processor/sink.py, top.lua and journal.lua, one by one (the
+    replay below may not reach all of them: expiry, trimming, a lost EXEC reply)."""
     p = acl_redis.client(REDIS_PROCESSOR, db=3, decode_responses=True)
     assert p.ping() and p.client_setname("flow-processor") and p.info("memory")
     with pytest.raises(redis.ResponseError, match="TSDB"):  # the start-up probe
@@ -293,17 +293,20 @@ def test_processor_runs_every_command_of_its_writes(acl_redis):
         pipe.zincrby("apps:top:bytes", 5, "UNKNOWN")
         pipe.set(key, 42)
         assert pipe.execute() == [5, 5.0, True]
-    script = p.register_script((REPO / "flow_processor" / "flows.lua").read_text())
     fid = "0123456789abcdef"
     flow = [fid, 100, 2, "1.000000000", ["DNS", 0, "example.org", ""],
             ["10.0.0.1", "10.0.0.2", 1234, 53, 17, "0.500000000"]]
     top = p.register_script((REPO / "flow_processor" / "top.lua").read_text())
     with p.pipeline(transaction=True) as pipe:  # EVALSHA, after SCRIPT EXISTS / SCRIPT LOAD
-        script(args=[json.dumps([flow])], client=pipe)
-        top(args=["add", 100, json.dumps([[100, 1, [5, "10.0.0.1"]]]), 3600,
-                  json.dumps([f"flow:{fid}:meta"])], client=pipe)
         top(args=["add", 200, json.dumps([[200, 1, [5, "10.0.0.1"]]]), 3600, "[]"], client=pipe)
+        pipe.rpush("pipeline:journal:g:t", json.dumps(
+            [100, [[100, 1, [5, "10.0.0.1"]]], 3600, [f"flow:{fid}:meta"], [flow],
+             [["records", 2]]]))
         pipe.execute()
+    script = p.register_script((REPO / "flow_processor" / "top.lua").read_text() + "\n"
+                               + (REPO / "flow_processor" / "journal.lua").read_text())
+    assert script(keys=["pipeline:journal:g:t"], args=["drain", 10]) == 0  # LPOP, HSETNX, ...
+    assert p.hget("pipeline:processor", "records") == "7"
     for k in (f"ts:flow:{fid}:bps", f"ts:flow:{fid}:pps"):  # the processor creates them
         p.execute_command("TS.CREATE", k, "RETENTION", 1000, "CHUNK_SIZE", 512,
                           "DUPLICATE_POLICY", "SUM", "LABELS", "dimension", "flow",

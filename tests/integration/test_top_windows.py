@@ -191,3 +191,21 @@ def test_replayed_windows_equal_tshark_sums(stack, databases, tmp_path):
             assert all(f.src for f in snap.flows), "every ranked flow is joined to its hash"
     finally:
         databases.give(number)
+
+
+def test_a_minute_a_partition_is_still_in_stays_open(db):
+    """'advance' with an open_from minute (the oldest minute a partition may still bring data
+    for) closes only the minutes before it; without one, every minute before the newest."""
+    script = db.register_script(sink.TOP_LUA.read_text())
+    groups = [[100, 1, [5, "a"]], [101, 1, [7, "b"]], [102, 1, [9, "c"]]]
+    script(args=["add", 102, orjson.dumps(groups), 60, "[]"])
+    while script(args=["advance", "0", 1000, 100, 101]):
+        pass
+    assert [int(m) for m in db.zrange("top:window:open:hosts", 0, -1)] == [101, 102]
+    assert zset(db, "hosts:top:5m:bytes") == {"a": 5}
+    script(args=["add", 102, orjson.dumps([[101, 1, [1, "b"]]]), 60, "[]"])  # one increment
+    assert zset(db, "hosts:top:min:101:bytes") == {"b": 8}
+    while script(args=["advance", "0", 1000, 100, ""]):
+        pass
+    assert [int(m) for m in db.zrange("top:window:open:hosts", 0, -1)] == [102]
+    assert zset(db, "hosts:top:5m:bytes") == {"a": 5, "b": 8}

@@ -305,11 +305,6 @@ def test_a_flow_holding_too_many_seconds_gets_its_series():
     assert flow.qualifies
 
 
-def test_write_cost_counts_flows_and_cells():
-    state = state_with(rec(T), rec(T + S), rec(T, sport=1))
-    assert state.write_cost == 4 * 2 + 3
-
-
 # ----------------------------------------------------------------------------- differential
 # add_records works column-wise; this is the per-record loop it replaced, kept as the reference
 # it must agree with field by field (dict contents and insertion order, flows and their labels).

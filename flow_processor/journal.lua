@@ -1,0 +1,76 @@
+-- Appended to top.lua: the processor's script (see sink.py). Mode 'drain': apply the oldest
+-- entry of the write journal KEYS[1] and remove it, in one call; returns how many entries are
+-- left. ARGV[2]: members a top-N set keeps (TOP_FLOWS_KEPT); a set the entry grew past twice
+-- that is cut back to it here (a scan makes sets grow by a flush's flows, and every increment
+-- on a big set costs more), the others after the flush. A flush's transaction stores its offsets and pushes its flow updates here as entries
+-- of a bounded size (JOURNAL_FLOWS flows): the transaction stays short whatever the flush
+-- holds, each entry holds Redis for a few milliseconds, and an entry is applied exactly once
+-- whoever drains it (a crash between two entries leaves the rest for the next call).
+--
+-- An entry is a JSON array [newest minute, top-N groups, TTL, keys to EXPIRE, flows,
+-- counters]: the first four are top.lua's 'add' arguments; counters are [[name, increment],
+-- ...] of the pipeline:processor hash (a flush's last entry carries them, so a counter that
+-- reached a figure means the flow updates before it landed too); flows has one entry per flow:
+-- [id, bytes, packets, last_seen, labels, fixed], labels 0 when the application, server name
+-- and fingerprint did not change, else [app, app_guess, server_name, fingerprint] ('' for a
+-- name not known), fixed present on the first write of the processor's table entry for the
+-- flow: [src, dst, sport, dport, proto, first_seen].
+local function labelled(fields, last_seen, labels)
+  fields[#fields + 1] = 'last_seen'
+  fields[#fields + 1] = last_seen
+  if labels ~= 0 then
+    fields[#fields + 1] = 'app'
+    fields[#fields + 1] = labels[1]
+    fields[#fields + 1] = 'app_guess'
+    fields[#fields + 1] = labels[2]
+    if labels[3] ~= '' then
+      fields[#fields + 1] = 'server_name'
+      fields[#fields + 1] = labels[3]
+    end
+    if labels[4] ~= '' then
+      fields[#fields + 1] = 'fingerprint'
+      fields[#fields + 1] = labels[4]
+    end
+  end
+  return fields
+end
+
+local function apply_flows(flows)
+  for _, flow in ipairs(flows) do
+    local id, bytes, labels, fixed = flow[1], flow[2], flow[5], flow[6]
+    local meta = 'flow:' .. id .. ':meta'
+    -- src stays the sender of the flow's very first frame: the fixed fields are written
+    -- together, only when the hash has none yet; a new hash takes every field in one command
+    if fixed and redis.call('HSETNX', meta, 'src', fixed[1]) == 1 then
+      redis.call('HSET', meta, unpack(labelled({'dst', fixed[2], 'sport', fixed[3],
+        'dport', fixed[4], 'proto', fixed[5], 'first_seen', fixed[6], 'bytes', bytes,
+        'packets', flow[3]}, flow[4], labels)))
+    else
+      redis.call('HINCRBY', meta, 'bytes', bytes)
+      redis.call('HINCRBY', meta, 'packets', flow[3])
+      redis.call('HSET', meta, unpack(labelled({}, flow[4], labels)))
+    end
+    redis.call('ZINCRBY', 'flows:top:bytes', bytes, id)
+  end
+end
+
+-- keep the `kept` highest of a sorted set once it holds more than twice that
+local function bound(zkey, kept)
+  local excess = redis.call('ZCARD', zkey) - kept
+  if excess > kept then redis.call('ZREMRANGEBYRANK', zkey, 0, excess - 1) end
+end
+
+if mode == 'drain' then
+  local text = redis.call('LPOP', KEYS[1])
+  if not text then return 0 end
+  local entry = cjson.decode(text)
+  local kept = tonumber(ARGV[2])
+  apply_flows(entry[5])
+  bound('flows:top:bytes', kept)
+  for zkey in pairs(add_top(entry[1], entry[2], entry[3], entry[4])) do bound(zkey, kept) end
+  for _, counter in ipairs(entry[6]) do
+    redis.call('HINCRBY', 'pipeline:processor', counter[1], counter[2])
+  end
+  return redis.call('LLEN', KEYS[1])
+end
+return redis.error_reply('unknown mode')

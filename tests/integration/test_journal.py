@@ -1,0 +1,117 @@
+"""The write journal (flow_processor/journal.lua) against a real Redis.
+
+A flush's transaction stores its offsets and pushes its flow updates to the journal as
+entries; each entry is then applied and removed by one script call. The updates must land
+exactly once whether the writer applies every entry, stops between two of them and another
+process finishes, or sends the same flush again after an error.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import redis
+
+from flow_processor import sink
+from flow_processor.aggregate import PartitionState
+from flow_processor.flows import FlowTable
+from flow_processor.settings import ProcessorSettings
+from packet_records import Record
+
+S = 10**9
+T = 1_700_000_000 * S
+A4 = socket.inet_aton("192.0.2.10") + bytes(12)
+B4 = socket.inet_aton("198.51.100.20") + bytes(12)
+FLOWS = 25
+
+
+@pytest.fixture
+def settings(stack, databases):
+    number = databases.take()
+    yield ProcessorSettings(redis_url=f"{stack.redis_url}/{number}", kafka_topic="t",
+                            kafka_group_id="g")
+    databases.give(number)
+
+
+def flush_of_flows(count: int) -> PartitionState:
+    """A partition holding `count` flows of 3 frames each over two seconds (flow i: frames of
+    100 + i bytes), read up to offset 10."""
+    state = PartitionState(0, None, FlowTable(60 * S, 600 * S, 10_000))
+    records = [Record(T + second * S + i, 100 + i, 4, 6, 0, 0, 1000 + i, 80, A4, B4, 0, 0, 0)
+               for i in range(count) for second in (0, 0, 1)]
+    state.add_records(iter(records))
+    state.next_offset = 10
+    return state
+
+
+def test_entries_land_once_across_a_stop_and_a_resend(settings, monkeypatch):
+    monkeypatch.setattr(sink, "JOURNAL_FLOWS", 7)
+    first = sink.RedisSink(settings)
+    first.ensure_series()
+    r = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    state = flush_of_flows(FLOWS)
+    ids = {flow.id: flow.sport for flow in state.dirty_flows}
+    groups = first.prepare([state])
+    # the transaction lands with its offset; the writer applies two of the four entries and stops
+    result = sink.WriteResult()
+    for group in groups:
+        for write in group:
+            first._send_before(write.before)
+        first._write_group(group, result)
+    assert int(r.get("pipeline:offsets:g:t:0")) == 10
+    assert r.llen(first.journal) == 5  # 25 flows, 7 an entry; then the hosts and apps
+    assert r.exists(*(f"flow:{fid}:meta" for fid in ids)) == 0
+    first.script(keys=[first.journal], args=["drain", 10])
+    first.script(keys=[first.journal], args=["drain", 10])
+    assert r.llen(first.journal) == 3
+    assert r.hget("pipeline:processor", "records") == "0"  # the last entry carries it
+    # the next processor to start applies the rest; the same flush sent again (an error made
+    # the writer retry it) is seen as landed by the offset fence and changes nothing
+    sink.RedisSink(settings).check()
+    again = first.execute(groups, close_newest=True)
+    assert [w.partition for w in again.written] == [0] and not again.fenced
+    assert r.llen(first.journal) == 0
+    assert int(r.hget("pipeline:processor", "records")) == 3 * FLOWS
+    for fid, sport in ids.items():
+        size = 100 + sport - 1000
+        meta = r.hgetall(f"flow:{fid}:meta")
+        assert (int(meta["bytes"]), int(meta["packets"])) == (3 * size, 3)
+        assert meta["src"] == "192.0.2.10" and meta["sport"] == str(sport)
+        assert r.ttl(f"flow:{fid}:meta") > 0
+        assert float(r.zscore("flows:top:bytes", fid)) == 3 * size
+    total = sum(3 * (100 + i) for i in range(FLOWS))
+    assert float(r.zscore("hosts:top:bytes", "192.0.2.10")) == total
+    assert float(r.zscore("hosts:top:bytes", "198.51.100.20")) == total
+    assert float(r.zscore("hosts:top:5m:bytes", "192.0.2.10")) == total  # closed at the end
+    pps = r.execute_command("TS.RANGE", "ts:global:pps", "-", "+")
+    assert [(int(t), int(v)) for t, v in pps] == [(T // 10**6, 2 * FLOWS),
+                                                  (T // 10**6 + 1000, FLOWS)]
+
+
+def test_a_set_an_entry_grows_past_twice_its_bound_is_cut_back_while_draining(
+        stack, databases, monkeypatch):
+    """Under a scan every flow of a flush is a new member: the drain keeps the top-N sets
+    near TOP_FLOWS_KEPT entry by entry (the highest members stay), not only after the flush."""
+    monkeypatch.setattr(sink, "JOURNAL_FLOWS", 7)
+    number = databases.take()
+    try:
+        settings = ProcessorSettings(redis_url=f"{stack.redis_url}/{number}", kafka_topic="t",
+                                     kafka_group_id="g", top_flows_kept=10)
+        writer = sink.RedisSink(settings)
+        writer.ensure_series()
+        r = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+        state = flush_of_flows(70)
+        sizes = {flow.id: 3 * (100 + flow.sport - 1000) for flow in state.dirty_flows}
+        result = sink.WriteResult()
+        for group in writer.prepare([state]):
+            writer._write_group(group, result)
+        largest = 0
+        while writer.script(keys=[writer.journal], args=["drain", 10]):
+            largest = max(largest, r.zcard("flows:top:bytes"), r.zcard("flows:top:endpoints"))
+        assert 10 <= largest <= 20
+        kept = r.zrange("flows:top:bytes", 0, -1, withscores=True)
+        assert sorted(score for _m, score in kept)[-5:] == sorted(sizes.values())[-5:]
+        assert all(sizes[member] == score for member, score in kept)
+    finally:
+        databases.give(number)
