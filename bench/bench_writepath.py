@@ -490,6 +490,8 @@ def main() -> None:
     parser.add_argument("--variants", default="after",
                         help="comma-separated processors: after (the working tree), before (git "
                         "HEAD's flow_processor), with settings after ':' (NAME=VALUE;...)")
+    parser.add_argument("--before-rev", default="HEAD",
+                        help="the git revision whose flow_processor 'before' runs (default HEAD)")
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)
     frames = args.frames or (100_000 if args.quick else 1_000_000)
@@ -508,7 +510,7 @@ def main() -> None:
                 before = work / "before"
                 if not before.exists():
                     before.mkdir()
-                    archive = subprocess.run(["git", "archive", "HEAD", "flow_processor"],
+                    archive = subprocess.run(["git", "archive", args.before_rev, "flow_processor"],
                                              cwd=ROOT, check=True, capture_output=True).stdout
                     subprocess.run(["tar", "-x", "-C", str(before)], input=archive, check=True)
                 variant_env[variant] = (f"{before}{os.pathsep}{ROOT}", extra)

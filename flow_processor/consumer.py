@@ -48,6 +48,9 @@ QUIET_S = 3.0
 # Messages set aside are cut to this size: the dead-letter topic takes at most about 1 MB, and
 # the first bytes are what tells what the message was.
 MAX_SET_ASIDE_BYTES = 512 * 1024
+# Past MAX_FLOWS (a flush is then due), the flow tables give up their oldest clean flows down to
+# this share of it: room for the flows of the next reads before the next flush
+EVICT_TO = 0.8
 MALFORMED_LOG_LINES = 10  # then one line per MALFORMED_LOG_EVERY
 MALFORMED_LOG_EVERY = 1000
 
@@ -337,6 +340,9 @@ class Processor:
     def pending_records(self) -> int:
         return sum(s.records for s in self.states.values())
 
+    def flows_in_memory(self) -> int:
+        return sum(len(s.table) for s in self.states.values())
+
     def flush(self, states: list[PartitionState] | None = None) -> None:
         """Write what these partitions (default: all) hold: wait for the previous flush to land
         (raising its Redis error, if any, to be retried), then build this one and send it on
@@ -352,8 +358,10 @@ class Processor:
         for state in targets:
             # flows leaving the table keep their keys: those carry a TTL since their first write
             state.table.expire(state.clock_ns)
-        evicted = len(evict_over_bound([st.table for st in self.states.values()],
-                                       self.settings.max_flows))
+        tables = [st.table for st in self.states.values()]
+        evicted = 0
+        if sum(len(t) for t in tables) > self.settings.max_flows:
+            evicted = len(evict_over_bound(tables, int(self.settings.max_flows * EVICT_TO)))
         if evicted:
             self.totals["flows_evicted"] += evicted
             self.unwritten["flows_evicted"] += evicted
@@ -490,7 +498,8 @@ class Processor:
                 behind = len(messages) >= batch
                 due = ((now >= next_flush and not behind)
                        or now >= next_flush + (BACKLOG_FLUSH_FACTOR - 1) * flush_every
-                       or self.pending_records() >= s.max_pending_records)
+                       or self.pending_records() >= s.max_pending_records
+                       or self.flows_in_memory() > s.max_flows)
                 big = [st for st in self.states.values()
                        if len(st.dirty_flows) >= s.flush_max_flows]
                 if (due or big) and now >= retry_at:
@@ -549,7 +558,7 @@ class Processor:
         return 0
 
     def log_stats(self, prefix: str = "stats") -> None:
-        flows = sum(len(st.table) for st in self.states.values())
+        flows = self.flows_in_memory()
         log.info("%s %s flows_in_memory=%d partitions=%s", prefix,
                  " ".join(f"{k}={v}" for k, v in self.totals.items()), flows, sorted(self.states))
 
