@@ -6,6 +6,7 @@ import logging
 import random
 import time
 
+import numpy as np
 import redis
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -174,9 +175,44 @@ class Processor:
 
     # -- messages --------------------------------------------------------------------------
 
-    def handle(self, msg) -> None:
-        """Aggregate one message; one that is not valid is counted and set aside. Nothing a
-        message holds can raise out of here."""
+    def handle_all(self, messages: list) -> None:
+        """Aggregate a poll's messages. The record batches of a partition are validated one by
+        one and aggregated together, in offset order: a flow that several of them touch is
+        updated once (with many flows, each message of 1000 records touches 900 of them)."""
+        queued: dict[int, list] = {}
+        for msg in messages:
+            self.handle(msg, queued)
+        for partition, items in queued.items():
+            state = self.states.get(partition)
+            if state is not None:
+                self._add_queued(state, items)
+
+    def _add_queued(self, state: PartitionState, items: list) -> None:
+        if len(items) == 1:
+            records, meta = items[0][2], items[0][3]
+        else:
+            records = np.concatenate([item[2].array for item in items])
+            meta, base = [], 0
+            for item in items:
+                meta += [(index + base, kind, text) for index, kind, text in item[3]]
+                base += len(item[2])
+        try:
+            state.add_records(records, meta)
+        except Exception as exc:  # noqa: BLE001 - a bug must not let one message stop us all
+            log.exception("messages at %s/%d@%d-%d could not be processed", self.topic,
+                          state.partition, items[0][0].offset(), items[-1][0].offset())
+            for msg, value, _records, _meta in items:
+                self._reject(state, msg, value, f"processing failed: {exc!r}"[:200])
+            return
+        for _msg, _value, message_records, _meta in items:
+            count = len(message_records)
+            self.records_per_message += (count - self.records_per_message) * 0.05
+            self.totals["records"] += count
+
+    def handle(self, msg, queue: dict[int, list] | None = None) -> None:
+        """Aggregate one message, or validate it and add it to queue[partition] (handle_all);
+        one that is not valid is counted and set aside. Nothing a message holds can raise out
+        of here."""
         err = msg.error()
         if err is not None:
             if err.fatal():
@@ -196,7 +232,7 @@ class Processor:
             return  # already aggregated
         value = msg.value() or b""
         try:
-            self._aggregate(state, msg, value)
+            self._aggregate(state, msg, value, queue)
         except MalformedMessage as exc:
             self._reject(state, msg, value, str(exc))
         except Exception as exc:  # noqa: BLE001 - a bug must not let one message stop us all
@@ -206,7 +242,8 @@ class Processor:
         self.totals["messages"] += 1
         state.next_offset = offset + 1
 
-    def _aggregate(self, state: PartitionState, msg, value: bytes) -> None:
+    def _aggregate(self, state: PartitionState, msg, value: bytes,
+                   queue: dict[int, list] | None = None) -> None:
         ts_type, ts_ms = msg.timestamp()
         message_ns = ts_ms * 1_000_000 if ts_type != TIMESTAMP_NOT_AVAILABLE else None
         now_ns = time.time_ns()
@@ -215,6 +252,9 @@ class Processor:
             state.add_stats(ts_ns, counters)
             return
         records, meta = decode_batch(value, message_ns, now_ns, self.limits)
+        if queue is not None:
+            queue.setdefault(state.partition, []).append((msg, value, records, meta))
+            return
         before = state.records
         state.add_records(records, meta)
         count = state.records - before
@@ -486,8 +526,7 @@ class Processor:
                 per_message = max(1.0, self.records_per_message)
                 batch = max(1, min(10000, int(s.max_poll_records / per_message)))
                 messages = self.consumer.consume(num_messages=batch, timeout=0.2)
-                for msg in messages:
-                    self.handle(msg)
+                self.handle_all(messages)
                 now = time.monotonic()
                 if messages:
                     last_message = now
