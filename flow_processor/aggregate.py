@@ -6,12 +6,13 @@ with the offset range it covers, so that a flush writes the sums and the offsets
 
 from __future__ import annotations
 
+import struct
 from itertools import compress, repeat
 from operator import is_, not_
 
 import numpy as np
 
-from flow_processor.flows import Flow, FlowTable
+from flow_processor.flows import KEY_FORMAT, Flow, FlowTable
 from packet_records import (
     APP_GUESS,
     FLAG_HAS_META,
@@ -36,6 +37,11 @@ _ADDRESS_HALVES = np.dtype({
     "offsets": [RECORD_DTYPE.fields["src"][1], RECORD_DTYPE.fields["src"][1] + 8,
                 RECORD_DTYPE.fields["dst"][1], RECORD_DTYPE.fields["dst"][1] + 8],
     "itemsize": RECORD_DTYPE.itemsize})
+# A flow table key: the canonical 5-tuple packed as flows.KEY_FORMAT (what its id digests)
+_KEY = np.dtype([("ipver", "u1"), ("proto", "u1"), ("a", "V16"), ("aport", ">u2"),
+                 ("b", "V16"), ("bport", ">u2")])
+_KEY_BYTES = np.dtype(f"V{_KEY.itemsize}")
+assert _KEY.itemsize == struct.calcsize(KEY_FORMAT)
 
 
 class PartitionState:
@@ -172,17 +178,20 @@ class PartitionState:
         oldest = np.minimum.reduceat(s_ts, flow_starts)[rank]
         newest = np.maximum.reduceat(s_ts, flow_starts)[rank]
         first = first[rank]
-        # look the flows up (C loops: zip, map), then create the new ones
+        # look the flows up by their packed keys (one bytes object each), then create the
+        # new ones
         fwd = forward[first]
         src, dst = batch["src"][first], batch["dst"][first]
         sp, dp = sport[first], dport[first]
-        key_columns = (ipver[first].tolist(), proto[first].tolist(),
-                       np.where(fwd, src, dst).tolist(), np.where(fwd, sp, dp).tolist(),
-                       np.where(fwd, dst, src).tolist(), np.where(fwd, dp, sp).tolist())
+        packed = np.empty(len(first), _KEY)
+        packed["ipver"], packed["proto"] = ipver[first], proto[first]
+        packed["a"], packed["aport"] = np.where(fwd, src, dst), np.where(fwd, sp, dp)
+        packed["b"], packed["bport"] = np.where(fwd, dst, src), np.where(fwd, dp, sp)
+        keys = packed.view(_KEY_BYTES).tolist()
         table = self.table.flows
-        flows: list[Flow] = list(map(table.get, zip(*key_columns)))
+        flows: list[Flow] = list(map(table.get, keys))
         if None in flows:
-            self._create_flows(flows, key_columns, batch[first], ts[first])
+            self._create_flows(flows, keys, batch[first], ts[first])
         # one pass over the flows: dirty, sums, capture times
         dirty = self.dirty_flows
         for flow, b, p, lo, hi in zip(flows, nbytes.tolist(), packets.tolist(), oldest.tolist(),
@@ -217,19 +226,19 @@ class PartitionState:
         self._label_flows(flows, record_flow, batch["app"], batch["app_flags"])
         return flows, record_flow
 
-    def _create_flows(self, flows: list, key_columns: tuple, first: np.ndarray,
+    def _create_flows(self, flows: list, keys: list[bytes], first: np.ndarray,
                       first_ts: np.ndarray) -> None:
         """Create the flows not in the table (None in flows), in the order of their first
         records: first (the records) and first_ts (their times) give the sender and time."""
         table = self.table.flows
         missing = [i for i, flow in enumerate(flows) if flow is None]
-        keys = list(zip(*key_columns))
-        for i, src, sport, dst, dport, ts in zip(
-                missing, first["src"][missing].tolist(), first["sport"][missing].tolist(),
-                first["dst"][missing].tolist(), first["dport"][missing].tolist(),
-                first_ts[missing].tolist()):
+        for i, ipver, proto, src, sport, dst, dport, ts in zip(
+                missing, first["ip_version"][missing].tolist(),
+                first["ip_proto"][missing].tolist(), first["src"][missing].tolist(),
+                first["sport"][missing].tolist(), first["dst"][missing].tolist(),
+                first["dport"][missing].tolist(), first_ts[missing].tolist()):
             key = keys[i]
-            table[key] = flows[i] = Flow(key, key[0], key[1], src, sport, dst, dport, ts)
+            table[key] = flows[i] = Flow(key, ipver, proto, src, sport, dst, dport, ts)
 
     @staticmethod
     def _label_flows(flows: list[Flow], record_flow: np.ndarray, app: np.ndarray,

@@ -9,11 +9,15 @@ import struct
 from packet_records import PROTO_NAMES
 
 
-def flow_id(key: tuple) -> str:
-    """Deterministic digest of a canonical flow key: the same in every process and run."""
-    ipver, proto, a, aport, b, bport = key
-    raw = struct.pack("!BB16sH16sH", ipver, proto, a, aport, b, bport)
-    return hashlib.blake2b(raw, digest_size=8).hexdigest()
+def flow_id(key: tuple | bytes) -> str:
+    """Deterministic digest of a canonical flow key: the same in every process and run. The
+    key is (ipver, proto, a, aport, b, bport), or those packed as KEY_FORMAT (a table key)."""
+    if not isinstance(key, bytes):
+        key = struct.pack(KEY_FORMAT, *key)
+    return hashlib.blake2b(key, digest_size=8).hexdigest()
+
+
+KEY_FORMAT = "!BB16sH16sH"  # a flow table key, and what a flow id digests
 
 
 def address_text(ipver: int, raw: bytes) -> str:
@@ -51,8 +55,8 @@ class Flow:
                  "app", "app_guess", "server_name", "fingerprint", "labels_changed",
                  "total_bytes", "series", "series_ready", "qualifies", "held", "ttl_at")
 
-    def __init__(self, key: tuple, ipver: int, proto: int, src: bytes, sport: int, dst: bytes,
-                 dport: int, ts_ns: int):
+    def __init__(self, key: tuple | bytes, ipver: int, proto: int, src: bytes, sport: int,
+                 dst: bytes, dport: int, ts_ns: int):
         self.id = flow_id(key)
         self.key = key
         # src is the sender of the first frame seen of the flow (kept in Redis with HSETNX)
@@ -100,7 +104,7 @@ class FlowTable:
     (the process's bound is shared between its partitions' tables: see evict_oldest)."""
 
     def __init__(self, idle_ns: int, active_ns: int, max_flows: int):
-        self.flows: dict[tuple, Flow] = {}
+        self.flows: dict[bytes, Flow] = {}  # by key (KEY_FORMAT)
         self.idle_ns, self.active_ns, self.max_flows = idle_ns, active_ns, max_flows
 
     def __len__(self) -> int:
@@ -126,7 +130,7 @@ class FlowTable:
         without series go first: under a scan the oldest entries are often the long-lived
         flows an operator follows, and one re-entering the table would start its per-flow
         decision again."""
-        chosen: dict[tuple, Flow] = {}
+        chosen: dict[bytes, Flow] = {}
         for spare_series in (True, False):
             if len(chosen) >= count:
                 break

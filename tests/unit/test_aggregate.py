@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import socket
+import struct
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from capture.batching import RecordBatcher
 from capture.decode import decode_frame
 from capture.pcapfile import read_frames
 from flow_processor.aggregate import PartitionState
-from flow_processor.flows import Flow, FlowTable, flow_id
+from flow_processor.flows import KEY_FORMAT, Flow, FlowTable, flow_id
 from packet_records import (
     APP_GUESS,
     FLAG_HAS_META,
@@ -340,9 +341,9 @@ def reference_add_records(state: PartitionState, records, meta=()) -> None:
             cell[1] += 1
             continue
         if (src, sport) <= (dst, dport):
-            key = (ipver, proto, src, sport, dst, dport)
+            key = struct.pack(KEY_FORMAT, ipver, proto, src, sport, dst, dport)
         else:
-            key = (ipver, proto, dst, dport, src, sport)
+            key = struct.pack(KEY_FORMAT, ipver, proto, dst, dport, src, sport)
         flow = flows.get(key)
         if flow is None:
             flows[key] = flow = Flow(key, ipver, proto, src, sport, dst, dport, ts)
@@ -409,7 +410,7 @@ def assert_plain_ints(state: PartitionState) -> None:
             "first_ns", "last_ns", "opened_ns", "delta_bytes", "delta_packets", "app", "sport",
             "dport", "proto")), flow.key
         assert type(flow.app_guess) is bool
-        assert all(type(part) in (int, bytes) for part in flow.key)
+        assert type(flow.key) is bytes and len(flow.key) == struct.calcsize(KEY_FORMAT)
     for (flow, _sec) in state.flow_seconds:
         assert state.table.flows[flow.key] is flow
 
