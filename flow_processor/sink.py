@@ -279,9 +279,9 @@ class RedisSink:
                               s.flow_series_max_held)
             before, commands = Recorder(), Recorder()
             self._prepare_flows(state.dirty_flows, before)
-            madd, cost = self._queue_writes(commands, state)
+            madd, write_cost = self._queue_writes(commands, state)
             write = PartitionWrite(state, state.partition, state.base_offset, state.next_offset,
-                                   before.commands, commands.commands, madd, cost)
+                                   before.commands, commands.commands, madd, write_cost)
             state.written()
             if group and cost + write.cost > TRANSACTION_COST:
                 groups.append(group)
