@@ -232,10 +232,13 @@ class Bench:
             if pps == frames or time.monotonic() > end:
                 break
             time.sleep(0.1)
-        events = [e[3] for e in self.r.execute_command("LATENCY", "LATEST")]
+        latest = self.r.execute_command("LATENCY", "LATEST")  # [event, time, latest, max]
+        events = [e[3] for e in latest]
+        worst = max(latest, key=lambda e: e[3], default=None)
         return {"exact": pps == frames, "pps_sum": pps,
                 "used_mb": self.r.info("memory")["used_memory"] / 2**20, "keys": self.r.dbsize(),
-                "latency_ms": max(events, default=0)}
+                "latency_ms": max(events, default=0),
+                "latency_event": worst[0].decode() if worst else "-"}
 
     @staticmethod
     def stop(proc: subprocess.Popen) -> None:
@@ -581,7 +584,8 @@ def main() -> None:
                                       f"{x['broker_cpu']:.1f} redis {x['redis_cpu']:.1f} s, "
                                       f"ratio {x['ratio']:.2f}; PING max {x['ping_ms']:.0f} ms "
                                       f"({x['pings_over_100ms']} > 100 ms), LATENCY max "
-                                      f"{x['latency_ms']} ms; RSS {x['rss_mb']:.0f} MB; "
+                                      f"{x['latency_ms']} ms ({x['latency_event']}); "
+                                      f"RSS {x['rss_mb']:.0f} MB; "
                                       f"{x['used_mb']:.0f} MB, {x['keys']:,} keys"
                                       + cut_note(x))
                 print(f"  {key} done at {time.perf_counter() - started:.0f} s")

@@ -17,7 +17,7 @@ class ProcessorSettings(KafkaSecuritySettings):
                                          description="Kafka bootstrap servers (host:port,...)")
     kafka_topic: str = Field("raw.packets", min_length=1, description="Topic of packet records")
     kafka_group_id: str = Field("flow-processor", min_length=1, description="Consumer group")
-    max_poll_records: int = Field(100_000, ge=1, le=1_000_000,
+    max_poll_records: int = Field(50_000, ge=1, le=1_000_000,
                                   description="Records fetched per poll (rounded to messages)")
     redis_url: str = Field("redis://localhost:6379/0", pattern=r"^rediss?://",
                            description="Redis Stack URL (RedisTimeSeries needed)")

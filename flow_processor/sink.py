@@ -41,10 +41,10 @@ from packet_records.security import redact_url
 log = logging.getLogger(__name__)
 
 MADD_CHUNK = 2000  # samples per TS.MADD
-# Flows per journal entry: applying one (about 10 Redis calls a flow) holds Redis for about
-# 10-20 ms; other clients get in between entries
-JOURNAL_FLOWS = 1000
-JOURNAL_INCREMENTS = 2000  # top-N increments of hosts, applications, domains per entry
+# Flows per journal entry: applying one (about 10 Redis calls a flow) holds Redis for 5-10 ms
+# (more on a machine short of CPU); other clients get in between entries
+JOURNAL_FLOWS = 500
+JOURNAL_INCREMENTS = 1000  # top-N increments of hosts, applications, domains per entry
 PREPARE_CHUNK = 2000  # commands per pipeline that creates flow series before a transaction
 TRIM_CHUNK = 10000  # members removed from a top-N set per command
 # A flush is cut into transactions of about this cost, whole partitions each: the samples of
