@@ -1,7 +1,10 @@
 """Per-second aggregation of packet records on capture time, per Kafka partition.
 
 Everything a partition contributes between two flushes lives in its PartitionState, together
-with the offset range it covers, so that a flush writes the sums and the offsets together.
+with the offset range it covers, so that a flush writes the sums and the offsets together. It
+has two parts with an offset each: the per-second sums (written by every flush), and the flow
+updates (flow hashes, top-N sums, counters), written by every flush or less often (see
+sink.py). The flow part's offset is never after the series part's.
 """
 
 from __future__ import annotations
@@ -45,17 +48,33 @@ assert _KEY.itemsize == struct.calcsize(KEY_FORMAT)
 
 
 class PartitionState:
-    def __init__(self, partition: int, base_offset: int | None, table: FlowTable):
+    def __init__(self, partition: int, base_offset: int | None, table: FlowTable,
+                 flow_base: int | None = None):
         self.partition = partition
-        self.base_offset = base_offset  # offset stored in Redis when this state began
-        self.next_offset = base_offset  # offset after the last message aggregated
+        # offsets stored in Redis when this state began: of the series part, of the flow part
+        self.base_offset = base_offset
+        self.flow_base = flow_base if flow_base is not None else base_offset
+        # after the last message aggregated: the flow part's offset when the parts differ
+        # (the messages between the two count for the flow part only: replay())
+        self.next_offset = self.flow_base
+        self.series_from = base_offset  # messages before this are in the series already
         self.table = table
         self.clock_ns = 0  # newest capture time seen on this partition
         self.topic_id: str | None = None  # id of the topic the offsets belong to, once known
+        self.reset = False  # the partition restarts at the topic's earliest offset: store it
         self.clear()
+        self.clear_flows()
+
+    def clear_flows(self) -> None:
+        """Forget the flow part (after it was written)."""
+        self.flow_updates: list[Flow] = []  # flows with bytes, labels or a first write to write
+        self.flow_minutes: dict[tuple[Flow, int], int] = {}  # (flow, minute) -> bytes
+        self.no_flow_minutes: dict[int, int] = {}  # minute -> bytes without a 5-tuple
+        self.counted: dict[str, int] = {"records": 0, "malformed_frames": 0,
+                                        "malformed_messages": 0}
 
     def clear(self) -> None:
-        """Forget the aggregates (after they were written, or when they must be dropped)."""
+        """Forget the series part (after it was written, or when it must be dropped)."""
         self.global_: dict[int, list[int]] = {}  # second -> [bytes, packets]
         self.protocols: dict[tuple[str, int], list[int]] = {}  # (PROTO, second) -> [b, p]
         self.flow_seconds: dict[tuple[Flow, int], list[int]] = {}  # (flow, second) -> [b, p]
@@ -63,7 +82,7 @@ class PartitionState:
         self.dirty_flows: list[Flow] = []
         self.health: dict[tuple[str, int], int] = {}  # (ts:health name, second) -> increment
         self.capture_totals: dict[str, int] = {}  # health name -> increment
-        self.reset = False  # the partition restarts at the topic's earliest offset: store it
+        self.folded = False  # its flow sums and counts were added to the flow part
         self.records = 0
         self.malformed_frames = 0
         self.malformed_messages = 0
@@ -76,8 +95,51 @@ class PartitionState:
             self.capture_totals[name] = self.capture_totals.get(name, 0) + value
 
     @property
+    def series_pending(self) -> bool:
+        """Has the series part something to write (its offset to move on)?"""
+        return self.reset or (self.next_offset is not None and self.next_offset != self.base_offset
+                              and (self.series_from is None or self.next_offset > self.series_from))
+
+    @property
+    def flows_pending(self) -> bool:
+        return self.reset or (self.next_offset is not None and self.next_offset != self.flow_base)
+
+    @property
     def pending(self) -> bool:
-        return self.next_offset != self.base_offset or self.reset
+        return self.series_pending or self.flows_pending
+
+    def restart_at_earliest(self, offset: int) -> None:
+        """The topic was recreated or its log reset: count everything from `offset` on, and
+        store both offsets at the next flush."""
+        self.next_offset = self.series_from = offset
+        self.reset = True
+
+    def fold(self) -> None:
+        """Add the series part's flow bytes per minute and its counts to the flow part (once;
+        the series part keeps them for its own write)."""
+        if self.folded:
+            return
+        self.folded = True
+        minutes = self.flow_minutes
+        for (flow, sec), cell in self.flow_seconds.items():
+            key = (flow, sec // 60)
+            minutes[key] = minutes.get(key, 0) + cell[0]
+        no_flow = self.no_flow_minutes
+        for sec, cell in self.no_flow.items():
+            no_flow[sec // 60] = no_flow.get(sec // 60, 0) + cell[0]
+        counted = self.counted
+        counted["records"] += self.records
+        counted["malformed_frames"] += self.malformed_frames
+        counted["malformed_messages"] += self.malformed_messages
+
+    def replayed(self) -> None:
+        """What was aggregated so far came from messages before series_from, read again for
+        the flow part only (their per-second sums are in Redis already): keep the flow part,
+        drop the rest."""
+        self.fold()
+        for flow in self.dirty_flows:
+            flow.dirty = False
+        self.clear()
 
     def add_records(self, records, meta: list[tuple[int, int, str]] = ()) -> None:
         """Aggregate the records of one message and its meta entries.
@@ -193,12 +255,15 @@ class PartitionState:
         if None in flows:
             self._create_flows(flows, keys, batch[first], ts[first])
         # one pass over the flows: dirty, sums, capture times
-        dirty = self.dirty_flows
+        dirty, updates = self.dirty_flows, self.flow_updates
         for flow, b, p, lo, hi in zip(flows, nbytes.tolist(), packets.tolist(), oldest.tolist(),
                                       newest.tolist()):
             if not flow.dirty:
                 flow.dirty = True
                 dirty.append(flow)
+                if not flow.updated:  # cleared with dirty or before (a flow write is a flush)
+                    flow.updated = True
+                    updates.append(flow)
             flow.delta_bytes += b
             flow.delta_packets += p
             if hi > flow.last_ns:
@@ -298,9 +363,12 @@ class PartitionState:
                            or (max_held and len(held_cells(f.held)) + held_seconds.get(f, 0)
                                > max_held))
 
-    def written(self) -> None:
-        """The flush landed in Redis: move deltas into the flows' totals, hold the cells of
-        flows without series, then clear the aggregates."""
+    def written(self, flows: bool = True) -> None:
+        """The flush landed in Redis: hold the cells of flows without series and clear the
+        series part; with flows (the flow part was written too), move the deltas into the
+        flows' totals and clear the flow part."""
+        series = self.series_pending  # (not while messages are read again for flows only)
+        self.fold()
         for (flow, sec), cell in self.flow_seconds.items():
             if not flow.series and not flow.qualifies:
                 held = flow.held
@@ -321,11 +389,18 @@ class PartitionState:
         for flow in self.dirty_flows:
             if flow.qualifies:
                 flow.series, flow.qualifies, flow.held = True, False, None
-            flow.total_bytes += flow.delta_bytes
-            flow.dirty = flow.new = flow.labels_changed = False
-            flow.delta_bytes = flow.delta_packets = 0
+            flow.dirty = False
         self.clear()
-        self.base_offset = self.next_offset
+        if series:
+            self.base_offset = self.series_from = self.next_offset
+        if flows:
+            for flow in self.flow_updates:
+                flow.total_bytes += flow.delta_bytes
+                flow.updated = flow.new = flow.labels_changed = False
+                flow.delta_bytes = flow.delta_packets = 0
+            self.clear_flows()
+            self.flow_base = self.next_offset
+        self.reset = False
 
 
 def held_cells(held) -> list[tuple[int, int, int]]:

@@ -115,13 +115,15 @@ class Processor:
 
     # -- rebalance callbacks ---------------------------------------------------------------
 
-    def _new_state(self, partition: int, stored: int | None) -> PartitionState:
+    def _new_state(self, partition: int, stored: tuple[int | None, int | None],
+                   ) -> PartitionState:
+        """A partition's state from its stored (series part, flow part) offsets."""
         s = self.settings
         table = FlowTable(s.flow_idle_timeout_s * NS, s.flow_active_timeout_s * NS, s.max_flows)
-        return PartitionState(partition, stored, table)
+        return PartitionState(partition, stored[0], table, stored[1])
 
-    def _stored_offset(self, partition: int) -> int | None:
-        return self._wait_for_redis(self.sink.stored_offset, partition)
+    def _stored_offsets(self, partition: int) -> tuple[int | None, int | None]:
+        return self._wait_for_redis(lambda p: self.sink.stored_offset_pairs([p])[0], partition)
 
     def _stored_topic_id(self, partition: int) -> str | None:
         return self._wait_for_redis(lambda p: self.sink.stored_topic_ids([p])[0], partition)
@@ -140,11 +142,13 @@ class Processor:
     def on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         current_id = self._current_topic_id()
         for tp in partitions:
-            stored = self._stored_offset(tp.partition)
+            stored = self._stored_offsets(tp.partition)
             state = self._new_state(tp.partition, stored)
             self.states[tp.partition] = state
-            tp.offset = stored if stored is not None else OFFSET_BEGINNING
-            if stored is not None and current_id is not None:
+            # from the flow part's offset: the messages up to the series part's count for the
+            # flow part only (PartitionState.replayed)
+            tp.offset = state.next_offset if state.next_offset is not None else OFFSET_BEGINNING
+            if stored[0] is not None and current_id is not None:
                 stored_id = self._stored_topic_id(tp.partition)
                 if stored_id is not None and stored_id != current_id:
                     tp.offset = self._reset_to_earliest(
@@ -231,14 +235,18 @@ class Processor:
         if state.next_offset is not None and offset < state.next_offset:
             return  # already aggregated
         value = msg.value() or b""
+        # before the series part's stored offset: read again for the flow part only
+        replay = state.series_from is not None and offset < state.series_from
         try:
-            self._aggregate(state, msg, value, queue)
+            self._aggregate(state, msg, value, None if replay else queue)
         except MalformedMessage as exc:
             self._reject(state, msg, value, str(exc))
         except Exception as exc:  # noqa: BLE001 - a bug must not let one message stop us all
             log.exception("message at %s/%d@%d could not be processed", self.topic,
                           msg.partition(), offset)
             self._reject(state, msg, value, f"processing failed: {exc!r}"[:200])
+        if replay:
+            state.replayed()
         self.totals["messages"] += 1
         state.next_offset = offset + 1
 
@@ -327,8 +335,7 @@ class Processor:
                   state.partition, why, low)
         self.totals["offset_resets"] += 1
         self.unwritten["offset_resets"] += 1
-        state.next_offset = low
-        state.reset = True
+        state.restart_at_earliest(low)
         return low
 
     def _seek(self, partition: int, offset: int) -> None:
@@ -348,16 +355,16 @@ class Processor:
         owned = sorted(self.states)
         if not owned:
             return
-        stored = self.sink.stored_offsets(owned)
+        stored = self.sink.stored_offset_pairs(owned)
         topic_ids = self.sink.stored_topic_ids(owned)
         current_id = self._current_topic_id()
-        for partition, offset, topic_id in zip(owned, stored, topic_ids):
+        for partition, offsets, topic_id in zip(owned, stored, topic_ids):
             state = self.states[partition]
-            if offset != state.base_offset and not state.reset:
-                log.warning("partition %d: Redis holds offset %s, not %s (another member wrote, "
-                            "or Redis was emptied or restored): resuming from it", partition,
-                            offset, state.base_offset)
-                self._restart(state, offset)
+            if offsets != (state.base_offset, state.flow_base) and not state.reset:
+                log.warning("partition %d: Redis holds offsets %s, not %s (another member wrote, "
+                            "or Redis was emptied or restored): resuming from them", partition,
+                            offsets, (state.base_offset, state.flow_base))
+                self._restart(state, offsets)
                 continue
             if current_id and topic_id and topic_id != current_id and not state.reset:
                 self._seek(partition, self._reset_to_earliest(
@@ -368,12 +375,13 @@ class Processor:
                         and state.next_offset is not None):
                     state.reset = True  # store the id with the offset at the next flush
 
-    def _restart(self, state: PartitionState, stored: int | None) -> None:
-        """Drop what we hold of a partition and consume it again from the stored offset."""
+    def _restart(self, state: PartitionState, stored: tuple[int | None, int | None]) -> None:
+        """Drop what we hold of a partition and consume it again from the stored offsets."""
         if self.states.get(state.partition) is not state:
             return
-        self.states[state.partition] = self._new_state(state.partition, stored)
-        self._seek(state.partition, stored if stored is not None else OFFSET_BEGINNING)
+        new = self.states[state.partition] = self._new_state(state.partition, stored)
+        self._seek(state.partition,
+                   new.next_offset if new.next_offset is not None else OFFSET_BEGINNING)
 
     # -- flushing --------------------------------------------------------------------------
 
@@ -383,18 +391,19 @@ class Processor:
     def flows_in_memory(self) -> int:
         return sum(len(s.table) for s in self.states.values())
 
-    def flush(self, states: list[PartitionState] | None = None) -> None:
-        """Write what these partitions (default: all) hold: wait for the previous flush to land
-        (raising its Redis error, if any, to be retried), then build this one and send it on
-        the writer thread while the loop reads on."""
+    def flush(self, states: list[PartitionState] | None = None, flows: bool = True) -> None:
+        """Write what these partitions (default: all) hold, the flow part too with flows: wait
+        for the previous flush to land (raising its Redis error, if any, to be retried), then
+        build this one and send it on the writer thread while the loop reads on."""
         self.settle()
-        targets = [s for s in (states if states is not None else self.states.values()) if s.pending]
+        targets = [s for s in (states if states is not None else self.states.values())
+                   if s.series_pending or (flows and s.flows_pending)]
         if not targets:
             if self.idle:  # a quiet spell: the newest minute joins the top-N windows
                 self.sink.advance_windows(close_newest=True)
             return
         open_from = self._open_from()
-        groups = self.sink.prepare(targets)
+        groups = self.sink.prepare(targets, flows)
         for state in targets:
             # flows leaving the table keep their keys: those carry a TTL since their first write
             state.table.expire(state.clock_ns)
@@ -517,8 +526,10 @@ class Processor:
         self.consumer.subscribe([self.topic], on_assign=self.on_assign,
                                 on_revoke=self.on_revoke, on_lost=self.on_lost)
         flush_every = s.flush_interval_ms / 1000
+        flows_every = s.flow_write_interval_ms / 1000
         now = time.monotonic()
         next_flush, next_stats, last_message = now + flush_every, now + s.stats_interval_s, now
+        next_flows = now + flows_every
         backoff = 0.0
         retry_at = 0.0
         try:
@@ -535,18 +546,25 @@ class Processor:
                 # flushes (every flow touched is written once per flush), up to
                 # BACKLOG_FLUSH_FACTOR intervals apart; caught up, every FLUSH_INTERVAL_MS
                 behind = len(messages) >= batch
+                over = self.flows_in_memory() > s.max_flows  # only written flows can leave
                 due = ((now >= next_flush and not behind)
                        or now >= next_flush + (BACKLOG_FLUSH_FACTOR - 1) * flush_every
-                       or self.pending_records() >= s.max_pending_records
-                       or self.flows_in_memory() > s.max_flows)
+                       or self.pending_records() >= s.max_pending_records or over)
+                # the flow part: every FLOW_WRITE_INTERVAL_MS, and whenever there is nothing
+                # to read (so a replay's or a quiet network's flows are complete right away)
+                flows_due = now >= next_flows or not messages or over
+                if flows_due and not due:
+                    flows_due = due = any(st.flows_pending for st in self.states.values())
                 big = [st for st in self.states.values()
-                       if len(st.dirty_flows) >= s.flush_max_flows]
+                       if len(st.flow_updates) >= s.flush_max_flows]
                 if (due or big) and now >= retry_at:
                     try:
                         if due:
-                            self.flush()
+                            self.flush(flows=flows_due)
                             next_flush = now + flush_every
-                        else:  # only the partitions whose transaction would grow big
+                            if flows_due:
+                                next_flows = now + flows_every
+                        else:  # only the partitions with many flows to write
                             self.flush(big)
                         resumed = self.paused
                         if self.paused:

@@ -52,6 +52,7 @@ class Flow:
 
     __slots__ = ("id", "key", "src", "dst", "sport", "dport", "proto",
                  "first_ns", "last_ns", "opened_ns", "delta_bytes", "delta_packets", "new", "dirty",
+                 "updated",
                  "app", "app_guess", "server_name", "fingerprint", "labels_changed",
                  "total_bytes", "series", "series_ready", "qualifies", "held", "ttl_at")
 
@@ -65,13 +66,15 @@ class Flow:
         self.first_ns = self.last_ns = self.opened_ns = ts_ns
         self.delta_bytes = self.delta_packets = 0
         self.new = True  # meta not yet initialised in Redis by this table entry
-        self.dirty = False
+        # dirty: in the per-second sums not yet written; updated: has bytes, labels or a first
+        # write not yet in its hash (written on a slower cadence, see sink.py)
+        self.dirty = self.updated = False
         self.app = 0  # packet_records.apps id; 0 = UNKNOWN
         self.app_guess = False
         self.server_name: str | None = None
         self.fingerprint: str | None = None
         self.labels_changed = False  # app, server_name or fingerprint to write
-        self.total_bytes = 0  # bytes of this table entry written to Redis
+        self.total_bytes = 0  # bytes of this table entry written to its hash
         # Per-flow series (FLOW_SERIES): series is True once this entry's series are written
         # (FLOW_SERIES=all: from the start); series_ready once they were created in Redis;
         # qualifies: chosen by the flush being written; held: per-second cells written before
@@ -114,13 +117,14 @@ class FlowTable:
         """Remove and return flows idle or open too long at capture time now_ns, then the
         oldest entries when the table is over its bound (dicts keep insertion order)."""
         gone = [f for f in self.flows.values()
-                if not f.dirty and (now_ns - f.last_ns > self.idle_ns
+                if not (f.dirty or f.updated) and (now_ns - f.last_ns > self.idle_ns
                                     or now_ns - f.opened_ns > self.active_ns)]
         for f in gone:
             del self.flows[f.key]
         if len(self.flows) > self.max_flows:
             for key in list(self.flows)[: len(self.flows) - self.max_flows]:
-                if not self.flows[key].dirty:
+                flow = self.flows[key]
+                if not (flow.dirty or flow.updated):
                     gone.append(self.flows.pop(key))
         return gone
 
@@ -135,7 +139,8 @@ class FlowTable:
             if len(chosen) >= count:
                 break
             for key, flow in self.flows.items():  # oldest first (insertion order)
-                if not flow.dirty and not (spare_series and flow.series) and key not in chosen:
+                if (not (flow.dirty or flow.updated) and not (spare_series and flow.series)
+                        and key not in chosen):
                     chosen[key] = flow
                     if len(chosen) >= count:
                         break

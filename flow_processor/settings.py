@@ -23,6 +23,10 @@ class ProcessorSettings(KafkaSecuritySettings):
                            description="Redis Stack URL (RedisTimeSeries needed)")
     flush_interval_ms: int = Field(1000, ge=10, le=60000,
                                    description="How often aggregates and offsets go to Redis")
+    flow_write_interval_ms: int = Field(
+        5000, ge=10, le=600000, description="How often flow hashes, top-N sets and counters go "
+        "to Redis (also whenever there is nothing to read); the per-second series go every "
+        "FLUSH_INTERVAL_MS")
     max_pending_records: int = Field(500_000, ge=1000, le=50_000_000,
                                      description="Flush early once this many records are pending")
     flow_idle_timeout_s: int = Field(120, ge=1, le=86400,
@@ -54,8 +58,8 @@ class ProcessorSettings(KafkaSecuritySettings):
                                       description="FLOW_SERIES=top: a flow holding more "
                                       "seconds than this in the processor gets its series")
     flush_max_flows: int = Field(20_000, ge=100, le=1_000_000,
-                                 description="Flush a partition early once it holds this many "
-                                 "flows to write (each flow is written once a flush)")
+                                 description="Write a partition's flow part early once this "
+                                 "many of its flows wait for it")
     top_flows_kept: int = Field(10000, ge=10, le=10_000_000,
                                 description="Members kept in each top-N set (flows, hosts, ...)")
     live_time_window_s: int = Field(300, ge=1, le=86400,

@@ -83,6 +83,13 @@ def redis_refusing(exc: BaseException) -> bool:
 CAPTURE_COUNTERS = "pipeline:capture"  # totals of the capture stats messages
 
 
+def both_offsets(values: list) -> list[tuple[int | None, int | None]]:
+    """Pairs (series offset, flow offset) from the series offsets followed by the flow offsets
+    of the same partitions. Offsets stored before the flow part had its own are both."""
+    half = len(values) // 2
+    return [(s, s if f is None else f) for s, f in zip(values[:half], values[half:])]
+
+
 def _increments(members: dict) -> list:
     """{member: increment} as top.lua takes it: [increment, member, ...], zeros left out."""
     return [x for member, value in members.items() if value for x in (value, member)]
@@ -115,6 +122,8 @@ class PartitionWrite:
     commands: list[tuple]  # its part of the MULTI/EXEC
     madd: int  # how many TS.MADD end `commands`
     cost: int  # what its part of the transaction costs Redis (TRANSACTION_COST)
+    flow_base: int | None = None  # the same two for the flow part's offset
+    flow_next: int | None = None
 
 
 @dataclass
@@ -134,6 +143,10 @@ class RedisSink:
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         )
         self.offset_prefix = f"pipeline:offsets:{settings.kafka_group_id}:{settings.kafka_topic}:"
+        # the flow part's offsets (flow hashes, top-N sets, counters; see journal.lua): never
+        # after the series part's; a replay reads from them, for the flow part only up to those
+        self.flow_offset_prefix = (f"pipeline:flow_offsets:{settings.kafka_group_id}:"
+                                   f"{settings.kafka_topic}:")
         # the topic's id (it changes when the topic is recreated) each partition's offset is of
         self.topic_id_prefix = (f"pipeline:topic_id:{settings.kafka_group_id}:"
                                 f"{settings.kafka_topic}:")
@@ -199,12 +212,16 @@ class RedisSink:
             pipe.execute()
             self.created_counters = True
 
-    def stored_offset(self, partition: int) -> int | None:
-        return self.stored_offsets([partition])[0]
-
     def stored_offsets(self, partitions: list[int]) -> list[int | None]:
+        """The series part's stored offsets."""
         values = self.redis.mget([self.offset_prefix + str(p) for p in partitions])
         return [int(v) if v is not None else None for v in values]
+
+    def stored_offset_pairs(self, partitions: list[int]) -> list[tuple[int | None, int | None]]:
+        """(series part, flow part) stored offsets of each partition (both_offsets)."""
+        values = self.redis.mget([self.offset_prefix + str(p) for p in partitions]
+                                 + [self.flow_offset_prefix + str(p) for p in partitions])
+        return both_offsets([int(v) if v is not None else None for v in values])
 
     def stored_topic_ids(self, partitions: list[int]) -> list[str | None]:
         values = self.redis.mget([self.topic_id_prefix + str(p) for p in partitions])
@@ -261,13 +278,14 @@ class RedisSink:
         return [score for _m, score in self.redis.zrevrange(TOP_FLOWS, 0, s.flow_series_top - 1,
                                                             withscores=True)]
 
-    def prepare(self, states: list[PartitionState]) -> list[list[PartitionWrite]]:
+    def prepare(self, states: list[PartitionState], flows: bool = True,
+                ) -> list[list[PartitionWrite]]:
         """Build the writes of these partitions' aggregates with their offsets, and clear the
-        aggregates (they live on in the writes until these land). A flush that would hold
-        Redis for long is cut into several MULTI/EXEC (the groups returned), each holding
-        whole partitions (at least one) and fenced by WATCH on their offset keys; a small
-        flush is one MULTI/EXEC. The processor also flushes a partition early once its own
-        transaction would grow big (FLUSH_MAX_FLOWS)."""
+        aggregates (they live on in the writes until these land): the series part, and with
+        flows the flow part too (a partition's first write and one restarting at the topic's
+        earliest offset always have it: both offsets are stored from there on). A flush
+        with many samples is cut into several MULTI/EXEC (the groups returned), each holding
+        whole partitions (at least one) and fenced by WATCH on their offset keys."""
         self._create_series(self._series_to_create())
         s = self.settings
         scores = self.top_scores()
@@ -279,10 +297,15 @@ class RedisSink:
                               s.flow_series_max_held)
             before, commands = Recorder(), Recorder()
             self._prepare_flows(state.dirty_flows, before)
-            madd, write_cost = self._queue_writes(commands, state)
-            write = PartitionWrite(state, state.partition, state.base_offset, state.next_offset,
-                                   before.commands, commands.commands, madd, write_cost)
-            state.written()
+            with_flows = flows or state.flow_base is None or state.reset
+            series = state.series_pending
+            madd, write_cost = self._queue_writes(commands, state, series, with_flows)
+            write = PartitionWrite(
+                state, state.partition, state.base_offset,
+                state.next_offset if series else state.base_offset, before.commands,
+                commands.commands, madd, write_cost, state.flow_base,
+                state.next_offset if with_flows else state.flow_base)
+            state.written(with_flows)
             if group and cost + write.cost > TRANSACTION_COST:
                 groups.append(group)
                 group, cost = [], 0
@@ -341,19 +364,20 @@ class RedisSink:
     def _write_group(self, writes: list[PartitionWrite], result: WriteResult) -> None:
         """One MULTI/EXEC for these partitions, fenced by WATCH on their offset keys."""
         keys = [self.offset_prefix + str(w.partition) for w in writes]
+        keys += [self.flow_offset_prefix + str(w.partition) for w in writes]
         while True:
             with self.redis.pipeline(transaction=True) as pipe:
                 try:
                     pipe.watch(*keys)
-                    stored = [int(v) if v is not None else None for v in pipe.mget(keys)]
+                    values = [int(v) if v is not None else None for v in pipe.mget(keys)]
                     writable = []
-                    for write, offset in zip(writes, stored):
-                        if offset == write.base_offset:
+                    for write, stored in zip(writes, both_offsets(values)):
+                        if stored == (write.base_offset, write.flow_base):
                             writable.append(write)
-                        elif offset == write.next_offset:
+                        elif stored == (write.next_offset, write.flow_next):
                             result.written.append(write)  # our earlier EXEC landed, reply lost
                         else:
-                            result.fenced.append((write, offset))
+                            result.fenced.append((write, stored))
                     if not writable:
                         pipe.unwatch()
                         return
@@ -377,8 +401,10 @@ class RedisSink:
             result.written.extend(writable)
             return
 
-    def _queue_writes(self, pipe: Recorder, state: PartitionState) -> tuple[int, int]:
-        """Record one partition's flush; return how many TS.MADD commands end it, and what it
+    def _queue_writes(self, pipe: Recorder, state: PartitionState, series: bool,
+                      flows: bool) -> tuple[int, int]:
+        """Record one partition's flush (its series part's offset when series, its flow part
+        with its offset when flows); return how many TS.MADD commands end it, and what it
         costs (TRANSACTION_COST)."""
         for (name, sec), value in state.health.items():
             pipe.execute_command("TS.ADD", f"ts:health:{name}:count", sec * 1000, value,
@@ -386,10 +412,15 @@ class RedisSink:
                                  "metric", name)
         for name, value in state.capture_totals.items():
             pipe.execute_command("HINCRBY", CAPTURE_COUNTERS, name, value)
-        entries = self._journal_entries(state)
+        entries = self._journal_entries(state) if flows else []
         if entries:
             pipe.execute_command("RPUSH", self.journal, *entries)
-        pipe.execute_command("SET", self.offset_prefix + str(state.partition), state.next_offset)
+        if flows:
+            pipe.execute_command("SET", self.flow_offset_prefix + str(state.partition),
+                                 state.next_offset)
+        if series:
+            pipe.execute_command("SET", self.offset_prefix + str(state.partition),
+                                 state.next_offset)
         if state.topic_id:
             pipe.execute_command("SET", self.topic_id_prefix + str(state.partition),
                                  state.topic_id)
@@ -409,18 +440,16 @@ class RedisSink:
         ttl = self.settings.flow_ttl_s
         now = time.monotonic()
         refresh_before = now - ttl / 4
-        newest = max(state.global_, default=0) // 60
-        flows = state.dirty_flows
-        flow_minutes: dict[tuple[Flow, int], int] = {}
-        for (flow, sec), cell in state.flow_seconds.items():
-            key = (flow, sec // 60)
-            flow_minutes[key] = flow_minutes.get(key, 0) + cell[0]
+        state.fold()  # the series part's flow bytes and counts join the flow part
+        newest = max(max((minute for _flow, minute in state.flow_minutes), default=0),
+                     max(state.no_flow_minutes, default=0))
+        flows = state.flow_updates
         # minute -> {member: bytes} for hosts, apps, domains (top.lua's SETS 1-3)
         shared: dict[int, tuple[dict, dict, dict]] = {}
         by_flow: list[dict[int, dict]] = [{} for _ in range(0, len(flows), JOURNAL_FLOWS)]
         entry_of = {f: i // JOURNAL_FLOWS for i, f in enumerate(flows)}
         apps = APPS
-        for (f, minute), b in flow_minutes.items():
+        for (f, minute), b in state.flow_minutes.items():
             sets = shared.get(minute)
             if sets is None:
                 shared[minute] = sets = ({}, {}, {})
@@ -434,11 +463,11 @@ class RedisSink:
                 domains[f.server_name] = domains.get(f.server_name, 0) + b
             endpoints = by_flow[entry_of[f]].setdefault(minute, {})
             endpoints[f.label] = endpoints.get(f.label, 0) + b
-        for sec, cell in state.no_flow.items():
-            sets = shared.get(sec // 60)
+        for minute, b in state.no_flow_minutes.items():
+            sets = shared.get(minute)
             if sets is None:
-                shared[sec // 60] = sets = ({}, {}, {})
-            sets[1]["UNKNOWN"] = sets[1].get("UNKNOWN", 0) + cell[0]
+                shared[minute] = sets = ({}, {}, {})
+            sets[1]["UNKNOWN"] = sets[1].get("UNKNOWN", 0) + b
         # [newest minute, top-N groups, TTL, keys to EXPIRE, flows, counters] (journal.lua)
         entries = []
         for i, sums in enumerate(by_flow):
@@ -462,9 +491,7 @@ class RedisSink:
                         groups, count = [], 0
         if groups:
             entries.append([newest, groups, ttl, [], [], []])
-        counters = [[name, value] for name, value in (
-            ("records", state.records), ("malformed_frames", state.malformed_frames),
-            ("malformed_messages", state.malformed_messages)) if value]
+        counters = [[name, value] for name, value in state.counted.items() if value]
         if counters:
             if not entries:
                 entries.append([newest, [], ttl, [], [], []])

@@ -350,6 +350,9 @@ def reference_add_records(state: PartitionState, records, meta=()) -> None:
         if not flow.dirty:
             flow.dirty = True
             dirty.append(flow)
+        if not flow.updated:
+            flow.updated = True
+            state.flow_updates.append(flow)
         flow.delta_bytes += wire
         flow.delta_packets += 1
         if app and (app != flow.app or flow.app_guess != bool(app_flags & APP_GUESS)):
@@ -392,6 +395,7 @@ def snapshot(state: PartitionState) -> dict:
         "flow_seconds": [((flow.key, sec), cell)
                          for (flow, sec), cell in state.flow_seconds.items()],
         "dirty": [flow.key for flow in state.dirty_flows],
+        "updates": [flow.key for flow in state.flow_updates],
         "table": [(key, fields(flow)) for key, flow in state.table.flows.items()],
         "counts": (state.records, state.malformed_frames, state.malformed_messages,
                    state.clock_ns),
