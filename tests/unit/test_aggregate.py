@@ -306,6 +306,45 @@ def test_a_flow_holding_too_many_seconds_gets_its_series():
     assert flow.qualifies
 
 
+# ----------------------------------------------------------------------------- the two parts
+def test_a_series_only_write_keeps_the_flow_part_for_a_later_one():
+    state = PartitionState(0, 10, FlowTable(60 * S, 600 * S, 1000))
+    state.add_records(iter([rec(T, 100), rec(T + S, 50)]))
+    state.next_offset = 12
+    (flow,) = state.dirty_flows
+    state.written(flows=False)
+    assert (state.base_offset, state.flow_base) == (12, 10)
+    assert not state.series_pending and state.flows_pending
+    assert not flow.dirty and flow.updated and flow.new and flow.delta_bytes == 150
+    assert state.flow_minutes == {(flow, SEC0 // 60): 150} and state.counted["records"] == 2
+    state.add_records(iter([rec(T + 2 * S, 25)]))
+    state.next_offset = 13
+    state.written(flows=True)
+    assert (state.base_offset, state.flow_base) == (13, 13) and not state.pending
+    assert not flow.updated and not flow.new and flow.total_bytes == 175
+    assert state.flow_updates == [] and state.flow_minutes == {}
+
+
+def test_messages_before_the_series_offset_count_for_the_flow_part_only():
+    """Restarted with the flow part at 10 and the series part at 12: messages 10 and 11 are
+    read again, for the flow part only; from 12 on, for both."""
+    state = PartitionState(0, 12, FlowTable(60 * S, 600 * S, 1000), flow_base=10)
+    assert state.next_offset == 10 and not state.pending
+    for offset, record in ((10, rec(T, 100)), (11, rec(T + S, 50))):
+        state.add_records(iter([record]))
+        state.replayed()
+        state.next_offset = offset + 1
+    assert state.global_ == {} and state.dirty_flows == [] and state.records == 0
+    assert not state.series_pending and state.flows_pending
+    state.add_records(iter([rec(T + 2 * S, 25)]))
+    state.next_offset = 13
+    assert state.series_pending and state.global_ == {SEC0 + 2: [25, 1]}
+    (flow,) = state.flow_updates
+    assert flow.delta_bytes == 175 and flow.delta_packets == 3
+    state.fold()
+    assert state.counted["records"] == 3 and state.flow_minutes == {(flow, SEC0 // 60): 175}
+
+
 # ----------------------------------------------------------------------------- differential
 # add_records works column-wise; this is the per-record loop it replaced, kept as the reference
 # it must agree with field by field (dict contents and insertion order, flows and their labels).
