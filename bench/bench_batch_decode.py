@@ -8,12 +8,14 @@ mode once per round, R rounds), the frames per second of:
   * capture.batch_decode.decode_batch() in batches of 256/1024/4096 frames (columnar result:
     what RecordBatcher.add_batch packs records from);
   * the same followed by .tuples() (a drop-in list of decode_frame() tuples);
+  * capture.batch_decode.decode_chunk() of every read of the file (1 MiB, as pump() decodes a
+    classic pcap: in place, no bytes object per frame);
   * the slice of pump() that follows reading, on a sample: decode_frame + RecordBatcher.add
     per frame (the reference) against decode_batch(1024) + RecordBatcher.add_batch (what
     pump() runs) and decode_batch(1024).tuples() + add (the drop-in wiring), add and
     add_batch alone, the record packing per frame (RECORD.pack) against
     DecodedBatch.records(), and the flow cache look-up of a batch (flow_keys +
-    FlowCache.labels).
+    FlowCache.labels, the dict, against FlowCache.find_labels, numpy).
 
 Times are CPU times of this process (time.process_time). It prints the median and the range
 of the runs and the ratio to decode_frame(); it asserts nothing but a sample of equal results
@@ -38,10 +40,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from capture.batch_decode import decode_batch, flow_keys  # noqa: E402
+from capture.batch_decode import decode_batch, decode_chunk, flow_keys  # noqa: E402
 from capture.batching import RecordBatcher  # noqa: E402
 from capture.decode import decode_frame  # noqa: E402
-from capture.pcapfile import read_frames  # noqa: E402
+from capture.pcapfile import read_chunks, read_frames  # noqa: E402
 from packet_records import RECORD  # noqa: E402
 from tests.synthetic import write_synthetic_pcap  # noqa: E402
 
@@ -88,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         write_synthetic_pcap(path, args.packets, flows=args.flows)
         items = list(read_frames(path))
+        chunks = list(read_chunks(path))
     frames = [frame for _, _, frame, _ in items]
     linktypes = {lt for *_, lt in items}
     assert linktypes == {1}, linktypes
@@ -99,9 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     fast_share = decode_batch(frames[:100_000], 1).fast.mean()
     print(f"decoded by the batch path itself (not handed to decode_frame): {fast_share:.1%}")
 
+    def in_place(_frames: list[bytes], _linktype: int) -> None:
+        for chunk in chunks:
+            decode_chunk(chunk.buf, chunk.starts, chunk.lengths, chunk.linktype)
+
     modes = [("decode_frame loop (reference)", loop_reference)]
     for size in BATCHES:
         modes.append((f"decode_batch columns, batch {size}", batched(size, False)))
+    modes.append(("decode_chunk columns, reads of 1 MiB", in_place))
     for size in BATCHES:
         modes.append((f"decode_batch + tuples(), batch {size}", batched(size, True)))
     times: dict[str, list[float]] = {name: [] for name, _ in modes}
@@ -172,6 +180,11 @@ def main(argv: list[str] | None = None) -> int:
                 keys = flow_keys(cols)
                 flows.labels(keys.view(f"V{keys.dtype.itemsize}").tolist())
 
+        def find_labels_of_batches(flows=warm.flows):
+            for cols in columns:
+                keys = flow_keys(cols)
+                flows.find_labels(keys.view(np.uint8).reshape(len(keys), keys.dtype.itemsize))
+
         def add_batch_only(items=sample_items):
             batcher = RecordBatcher(12, 1000, inspect=True, replay=True)
             for i, cols in zip(range(0, len(items), 1024), columns):
@@ -215,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("  RECORD.pack per frame (inside add)", pack_per_frame),
                 ("  DecodedBatch.records(), batch 1024", pack_columns),
                 ("  flow_keys() + FlowCache.labels(), 1024", labels_of_batches),
+                ("  flow_keys() + FlowCache.find_labels(), 1024", find_labels_of_batches),
                 ("slice, inspect off: decode_frame + add", partial(per_frame, inspect=False)),
                 ("slice, inspect off: batch 1024 + add_batch", partial(batch_path, inspect=False))]
         runs: dict[str, list[float]] = {name: [] for name, _ in rows}

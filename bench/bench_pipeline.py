@@ -42,7 +42,7 @@ from capture.batching import RecordBatcher  # noqa: E402
 from capture.counters import CaptureCounters  # noqa: E402
 from capture.decode import decode_frame  # noqa: E402
 from capture.inspect.tls import clear_fingerprint_cache  # noqa: E402
-from capture.pcapfile import read_batches, read_frames  # noqa: E402
+from capture.pcapfile import read_chunks, read_frames  # noqa: E402
 from capture.settings import CaptureSettings  # noqa: E402
 from flow_processor.aggregate import NS, PartitionState  # noqa: E402
 from flow_processor.flows import FlowTable  # noqa: E402
@@ -119,8 +119,8 @@ class NullProducer:
 def read_only(path: Path) -> int:
     """The file read as the service reads it (batches of frames, one a chunk)."""
     n = 0
-    for batch in read_batches(path):
-        n += len(batch.frames)
+    for batch in read_chunks(path):
+        n += len(batch.ts_ns)
     return n
 
 
@@ -135,7 +135,7 @@ def read_decode(path: Path) -> int:
 def full_capture_path(path: Path, inspect: bool | None = None,
                       frames=None) -> tuple[int, NullProducer]:
     """pump() as `python -m capture --pcap` runs it; inspect=False turns L7 inspection off.
-    frames: the file's frames as read_batches(path) (or read_frames) yields them (default:
+    frames: the file's frames as read_chunks(path) (or read_frames) yields them (default:
     read here, in batches, as the service does)."""
     settings = CaptureSettings()
     producer = NullProducer()
@@ -144,7 +144,7 @@ def full_capture_path(path: Path, inspect: bool | None = None,
         inspect = settings.inspect_payloads  # as capture.__main__.main() does
     clear_fingerprint_cache()  # every run starts as a fresh capture process does
     batcher = RecordBatcher(PARTITIONS, settings.records_per_message, inspect)
-    pump(read_batches(path) if frames is None else frames, batcher, producer, counters,
+    pump(read_chunks(path) if frames is None else frames, batcher, producer, counters,
          settings)  # type: ignore[arg-type]
     return counters.frames, producer
 
@@ -169,9 +169,9 @@ class _Turns:
     def __iter__(self):
         self._start()
         since = 0  # frames handed out in this turn
-        for batch in read_batches(self.path):  # as the service reads the file
+        for batch in read_chunks(self.path):  # as the service reads the file
             yield batch
-            since += len(batch.frames)
+            since += len(batch.ts_ns)
             if since >= PAIRED_SLICE:
                 since = 0
                 self._stop()

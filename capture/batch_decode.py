@@ -65,6 +65,8 @@ _LINKS = {
     LINKTYPE_LINUX_SLL2: (20, 0, 12, -1),
 }
 FAST_LINKTYPES = frozenset(_LINKS) | frozenset(_RAW_LINKTYPES)
+# decode_chunk() of at most this many frames: decode_frame() for each
+FEW_FRAMES = 8
 
 # lookup tables (one gather instead of several comparisons)
 ET_OTHER, ET_IPV4, ET_IPV6, ET_VLAN, ET_SLOW = 0, 1, 2, 3, 4
@@ -202,16 +204,16 @@ def decode_batch(frames: Sequence[bytes], linktype: int | Sequence[int]) -> Deco
     if isinstance(linktype, (list, tuple)) and linktype.count(linktype[0]) == n:
         linktype = linktype[0]  # one link type after all (the common case, checked in C)
     if isinstance(linktype, (int, np.integer)):
-        _decode_group(frames, int(linktype), result, None)
+        _decode_frames(frames, int(linktype), result, None)
         return result
     types = np.fromiter(linktype, dtype=np.int64, count=n)
     first = int(types[0])
     if (types == first).all():
-        _decode_group(frames, first, result, None)
+        _decode_frames(frames, first, result, None)
         return result
     for value in np.unique(types).tolist():
         rows = np.flatnonzero(types == value)
-        _decode_group([frames[i] for i in rows.tolist()], value, result, rows)
+        _decode_frames([frames[i] for i in rows.tolist()], value, result, rows)
     result.fallback.sort(key=lambda item: item[0])
     return result
 
@@ -221,37 +223,80 @@ def _u16(window: np.ndarray, at: int) -> np.ndarray:
     return (window[:, at].astype(np.int64) << 8) | window[:, at + 1]
 
 
-def _decode_group(frames: Sequence[bytes], linktype: int, result: DecodedBatch,
-                  rows: np.ndarray | None) -> None:
+def decode_chunk(buf: bytes, starts: np.ndarray, lengths: np.ndarray,
+                 linktype: int) -> DecodedBatch:
+    """decode_batch() of the frames buf[starts[i]:starts[i] + lengths[i]] (in that order, one
+    link type), read where they lie in buf (a read of a capture file): no bytes object is made
+    per frame, only for the frames decode_frame() takes."""
+    n = len(starts)
+    result = DecodedBatch(n)
+    if n > FEW_FRAMES:
+        _decode_group(buf, np.asarray(starts, dtype=np.int64),
+                      np.asarray(lengths, dtype=np.int64), None, int(linktype), result, None)
+        return result
+    # a few frames (the record a read cut, completed by the next one): one by one costs less
+    # than numpy's fixed costs
+    for k, (start, length) in enumerate(zip(np.asarray(starts).tolist(),
+                                            np.asarray(lengths).tolist())):
+        result.caplen[k] = length
+        result._set(k, decode_frame(buf[start:start + length], linktype))
+    return result
+
+
+def _decode_frames(frames: Sequence[bytes], linktype: int, result: DecodedBatch,
+                   rows: np.ndarray | None) -> None:
     """Decode frames of one link type into result (at `rows`, or at 0..n-1 when None)."""
-    n = len(frames)
-    raw = linktype in _RAW_LINKTYPES
-    link = _LINKS.get(linktype)
-    if link is None and not raw:
+    if linktype not in FAST_LINKTYPES:
         for k, frame in enumerate(frames):
             i = k if rows is None else int(rows[k])
             result.caplen[i] = len(frame)
             result._set(i, decode_frame(frame, linktype))
         return
+    n = len(frames)
     lengths = np.fromiter(map(len, frames), dtype=np.int64, count=n)
     starts = np.zeros(n, dtype=np.int64)
     np.cumsum(lengths[:-1], out=starts[1:])
+    # The frames back to back, then zeros (the `+` of a `join` would copy the whole buffer
+    # once more, and a copy of more than glibc's mmap threshold costs page faults on every
+    # call: 30x the join at 4096 frames).
+    joined = b"".join(chain(frames, (_ZEROS,)))
+    _decode_group(joined, starts, lengths, frames, linktype, result, rows)
+
+
+def _decode_group(buf: bytes, starts: np.ndarray, lengths: np.ndarray,
+                  frames: Sequence[bytes] | None, linktype: int, result: DecodedBatch,
+                  rows: np.ndarray | None) -> None:
+    """Decode the frames buf[starts[k]:starts[k] + lengths[k]] of one link type into result
+    (at `rows`, or at 0..n-1 when None); `frames`, when given, holds the same frames as bytes
+    (for decode_frame(); else they are sliced from buf)."""
+    n = len(starts)
+    raw = linktype in _RAW_LINKTYPES
+    link = _LINKS.get(linktype)
     if rows is None:
         result.caplen[:] = lengths
     else:
         result.caplen[rows] = lengths
-    # The frames back to back, then zeros, seen as overlapping windows: windows(w)[p] is the w
-    # bytes from p, and windows(w)[starts + off] gathers one row per frame. Bytes read past a
-    # frame's length (the next frame's) are never used: every use is guarded by a length
-    # check. (The zeros join in: a `+` would copy the whole buffer once more, and a copy of
-    # more than glibc's mmap threshold costs page faults on every call: 30x the join at 4096
-    # frames.)
-    joined = b"".join(chain(frames, (_ZEROS,)))
+    if link is None and not raw:
+        for k in range(n):
+            frame = frames[k] if frames is not None else buf[starts[k]:starts[k] + lengths[k]]
+            result._set(k if rows is None else int(rows[k]), decode_frame(frame, linktype))
+        return
+    # buf seen as overlapping windows: windows(w)[p] is the w bytes from p, and
+    # windows(w)[starts + off] gathers one row per frame. Bytes read past a frame's length
+    # (the next record's) are never used: every use is guarded by a length check. Every
+    # field lies within _PAD bytes of its frame's start; a frame closer than that to the end
+    # of buf (a read's last frames; the zeros after joined frames are there to avoid it) goes
+    # to decode_frame(), and its windows are read from the end of buf instead.
+    if len(buf) < 4 * _PAD:
+        buf = bytes(buf) + _ZEROS  # a short read: its copy costs nothing
+    edge = starts > len(buf) - _PAD
+    at_edge = bool(edge.any())
 
-    def windows(width: int) -> np.ndarray:
-        """Overlapping windows: row p holds the `width` bytes from p (sliding_window_view,
-        without the cost of its checks)."""
-        return np.ndarray((len(joined) - width + 1, width), np.uint8, joined, strides=(1, 1))
+    def gather(width: int, pos: np.ndarray) -> np.ndarray:
+        """The `width` bytes from every position `pos` of buf, one row each (as
+        sliding_window_view would give them, without the cost of its checks)."""
+        windows = np.ndarray((len(buf) - width + 1, width), np.uint8, buf, strides=(1, 1))
+        return windows[np.minimum(pos, len(buf) - width) if at_edge else pos]
 
     if raw:
         off = np.zeros(n, dtype=np.int64)
@@ -259,7 +304,7 @@ def _decode_group(frames: Sequence[bytes], linktype: int, result: DecodedBatch,
         head = None
     else:
         hdr, et_pos, src_mac, dst_mac = link
-        head = windows(_LINK_WINDOW)[starts]
+        head = gather(_LINK_WINDOW, starts)
         fast = lengths >= hdr
         et_class = _ET_CLASS[_u16(head, et_pos)]
         off = np.full(n, hdr, dtype=np.int64)
@@ -273,8 +318,10 @@ def _decode_group(frames: Sequence[bytes], linktype: int, result: DecodedBatch,
             off += tagged * 4
         # a third tag, PPPoE and MPLS: decode_frame
         fast &= (et_class != ET_VLAN) & (et_class != ET_SLOW)
+    if at_edge:
+        fast &= ~edge
 
-    ip = windows(_IP_WINDOW)[starts + off]
+    ip = gather(_IP_WINDOW, starts + off)
     version = ip[:, 0] >> 4
     if raw:
         et_class = np.where(version == 4, ET_IPV4, np.where(version == 6, ET_IPV6, ET_SLOW))
@@ -301,7 +348,7 @@ def _decode_group(frames: Sequence[bytes], linktype: int, result: DecodedBatch,
     fast &= ~(ported & (room < l4_rel + 4))  # ports cut: decode_frame
 
     pos = off + l4_rel
-    l4 = windows(_L4_WINDOW)[starts + pos]
+    l4 = gather(_L4_WINDOW, starts + pos)
     sport = _u16(l4, 0)
     dport = _u16(l4, 2)
     # UDP on a VXLAN/GTP-U/Teredo port: decode_frame
@@ -322,10 +369,9 @@ def _decode_group(frames: Sequence[bytes], linktype: int, result: DecodedBatch,
         src_at = np.where(ip_ok, off + np.where(is4, 12, 8), src_mac)
         dst_at = np.where(ip_ok, off + np.where(is4, 16, 24), max(dst_mac, 0))
         dst_kind = kind if dst_mac >= 0 else np.where(ip_ok, kind, _ADDR_NONE)
-    addresses = windows(_ADDR_WINDOW)
-    src = addresses[starts + src_at]
+    src = gather(_ADDR_WINDOW, starts + src_at)
     src &= _ADDR_MASK[kind]
-    dst = addresses[starts + dst_at]
+    dst = gather(_ADDR_WINDOW, starts + dst_at)
     dst &= _ADDR_MASK[dst_kind]
 
     end = np.where(is4, np.minimum(off + total, lengths), lengths)
@@ -344,7 +390,8 @@ def _decode_group(frames: Sequence[bytes], linktype: int, result: DecodedBatch,
     result.ip_end[at] = np.where(ip_ok, end, -1)
     result.fast[at] = fast
     for k in np.flatnonzero(~fast).tolist():
-        result._set(k if rows is None else int(rows[k]), decode_frame(frames[k], linktype))
+        frame = frames[k] if frames is not None else buf[starts[k]:starts[k] + lengths[k]]
+        result._set(k if rows is None else int(rows[k]), decode_frame(frame, linktype))
 
 
 # -- for RecordBatcher.add_batch: the batch's frames in the flow cache -----------------------

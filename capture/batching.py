@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from capture.batch_decode import FLOW_KEY_DTYPE, DecodedBatch, flow_keys
+from capture.batch_decode import FEW_FRAMES, FLOW_KEY_DTYPE, DecodedBatch, flow_keys
 from capture.flowcache import INSPECTED, FlowCache, payload_of
 from capture.inspect.names import safe_name
 from packet_records import (
@@ -147,15 +147,24 @@ class RecordBatcher:
         of their flow found in the flow cache by the batch's flow_keys(); a frame whose flow
         was not cached then, or inspected, looks again when its turn comes, and add() takes
         it if it has something to do there: a flow to enter in the cache, a payload to feed
-        to the flow's inspector. add() takes the IP fragments too."""
+        to the flow's inspector. add() takes the IP fragments too, and every frame of a batch
+        of at most FEW_FRAMES. `frames` may be a capture.pcapfile.FrameSlices (frames still
+        in the read of a file), `ts_ns` and `wire_lens` int64 arrays."""
         n = len(frames)
         if n == 0:
             return
         flows, add = self.flows, self.add
-        ts = np.fromiter(ts_ns, np.int64, n)
-        wire = np.fromiter(wire_lens, np.int64, n)
-        keys = flow_keys(batch).view(_FLOW_KEY_VOID).tolist()
-        labels = np.array(flows.labels(keys), dtype=np.int64)
+        # (columns of a FrameChunk are arrays already)
+        ts = ts_ns if isinstance(ts_ns, np.ndarray) else np.fromiter(ts_ns, np.int64, n)
+        wire = wire_lens if isinstance(wire_lens, np.ndarray) else np.fromiter(wire_lens,
+                                                                                np.int64, n)
+        if n <= FEW_FRAMES:  # add() one by one costs less than numpy's fixed costs
+            for item in zip(ts.tolist(), wire.tolist(), frames, batch.tuples()):
+                add(*item)
+            return
+        keys = flow_keys(batch)
+        labels = flows.find_labels(keys.view(np.uint8).reshape(n, keys.dtype.itemsize))
+        keys = keys.view(_FLOW_KEY_VOID)  # each row: the bytes of its FlowCache key
         # the turn of each frame: its partition (the record is packed), _LOOK (look again),
         # _ADD (an IP fragment: add(); its own ports are 0, not its flow's)
         turns = np.where(labels & INSPECTED, _LOOK, labels & _PARTITION)
@@ -165,19 +174,24 @@ class RecordBatcher:
         # releases or pushes out (held before this batch, or in it by another add()). Near
         # the cache's bound, a flow packed here could be evicted by an earlier frame's and
         # come back afresh in add() frame by frame: then the whole batch takes that path.
-        if len(deferred) and not flows.survive(keys, 2 * len(deferred)
-                                                + self.fragments.held_count):
+        # (Far from the bound, survive() is True at once: no need for every key as bytes.)
+        inserts = 2 * len(deferred) + self.fragments.held_count
+        if (len(deferred) and inserts > flows.max_flows - len(flows.flows)
+                and not flows.survive(keys.tolist(), inserts)):
             for item in zip(ts.tolist(), wire.tolist(), frames, batch.tuples()):
                 add(*item)
             return
         app = ((labels >> 32) & 0xFF).astype(np.uint8)
         app_flags = ((labels >> 40) & 0xFF).astype(np.uint8)
         records = batch.records(ts, wire, app, app_flags).view(_RECORD_VOID).tolist()
-        for i, t, w, decoded, turn in zip(deferred.tolist(), ts[deferred].tolist(),
-                                          wire[deferred].tolist(), batch.tuples(deferred),
-                                          turns[deferred].tolist()):
-            item = (t, w, frames[i], decoded)
-            records[i] = item if turn == _ADD else (keys[i], records[i], item)
+        # (frames in a read of the file, capture.pcapfile.FrameSlices, are sliced at once)
+        pick = getattr(frames, "pick", None)
+        picked = pick(deferred) if pick else [frames[i] for i in deferred.tolist()]
+        for i, key, t, w, frame, decoded, turn in zip(
+                deferred.tolist(), keys[deferred].tolist(), ts[deferred].tolist(),
+                wire[deferred].tolist(), picked, batch.tuples(deferred), turns[deferred].tolist()):
+            item = (t, w, frame, decoded)
+            records[i] = item if turn == _ADD else (key, records[i], item)
         pending, limit, close = self.pending, self.records_per_message, self._close
         find = flows.flows.get
         for p, record in zip(turns.tolist(), records):

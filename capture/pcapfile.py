@@ -2,7 +2,9 @@
 
 read_frames() yields (ts_ns, wire_len, frame bytes, linktype) for every packet of the file, in
 file order; read_batches() yields the same packets as FrameBatch columns, one batch for the
-complete packets of each read (what `python -m capture --pcap` decodes: no per-packet tuple).
+complete packets of each read; read_chunks() yields those of a classic pcap as FrameChunk
+instead (what `python -m capture --pcap` decodes): the read itself and where each frame lies
+in it, no bytes object or tuple per packet.
 Both classic pcap (micro- and nanosecond, either byte order) and pcapng (any number
 of sections and interfaces, each with its own link type and timestamp resolution) are read.
 A file that is empty, not a capture, or cut short raises CaptureFileError after yielding every
@@ -16,7 +18,7 @@ are also as fast here, and they work on pipes (`zcat f.pcap.gz | ... --pcap /dev
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from itertools import repeat
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
@@ -57,6 +59,55 @@ class FrameBatch(NamedTuple):
     linktypes: int | list[int]  # one link type for every frame (classic pcap), or one each
 
 
+class FrameChunk(NamedTuple):
+    """Consecutive packets of a classic pcap, in the read of the file that holds them: frame i
+    is buf[starts[i]:starts[i] + lengths[i]], captured at ts_ns[i] with wire length
+    wire_lens[i] (int64 arrays); one link type for all."""
+
+    buf: bytes
+    starts: np.ndarray
+    lengths: np.ndarray
+    ts_ns: np.ndarray
+    wire_lens: np.ndarray
+    linktype: int
+
+    def frames(self, i: int = 0, j: int | None = None) -> FrameSlices:
+        """Frames i..j-1 (all by default), sliced from buf only when asked for."""
+        return FrameSlices(self.buf, self.starts[i:j], self.lengths[i:j])
+
+    def as_batch(self) -> FrameBatch:
+        return FrameBatch(self.ts_ns.tolist(), self.wire_lens.tolist(), self.frames().pick(),
+                          self.linktype)
+
+
+class FrameSlices(Sequence):
+    """Frames that lie in one buffer, as a sequence of bytes: each is sliced when indexed."""
+
+    __slots__ = ("buf", "starts", "lengths")
+
+    def __init__(self, buf: bytes, starts: np.ndarray, lengths: np.ndarray):
+        self.buf, self.starts, self.lengths = buf, starts, lengths
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return FrameSlices(self.buf, self.starts[i], self.lengths[i])
+        start = int(self.starts[i])
+        return self.buf[start:start + int(self.lengths[i])]
+
+    def __iter__(self):
+        return iter(self.pick())
+
+    def pick(self, rows: np.ndarray | None = None) -> list[bytes]:
+        """The frames at `rows` (all by default), in that order."""
+        starts, lengths = (self.starts, self.lengths) if rows is None else (
+            self.starts[rows], self.lengths[rows])
+        buf = self.buf
+        return [buf[a:b] for a, b in zip(starts.tolist(), (starts + lengths).tolist())]
+
+
 class CaptureFileError(Exception):
     """The capture file cannot be read (empty, not a capture, corrupt or cut short)."""
 
@@ -71,6 +122,13 @@ def read_batches(path: str | Path) -> Iterator[FrameBatch]:
     """The packets of read_frames(path), a batch (never empty) for each read of the file: a
     batch is yielded before the file is read further, and one that ends at damage before the
     CaptureFileError."""
+    for batch in read_chunks(path):
+        yield batch.as_batch() if type(batch) is FrameChunk else batch
+
+
+def read_chunks(path: str | Path) -> Iterator[FrameChunk | FrameBatch]:
+    """read_batches(path), with the batches of a classic pcap as FrameChunk (pcapng: FrameBatch
+    still)."""
     path = Path(path)
     if path.is_dir():
         raise CaptureFileError(f"{path} is a directory: give one pcap or pcapng file")
@@ -119,7 +177,7 @@ def _read(fh: BinaryIO, buf: bytes, pos: int, want: int) -> bytes:
     return b"".join(parts)
 
 
-def _read_pcap(fh: BinaryIO, buf: bytes, path: Path) -> Iterator[FrameBatch]:
+def _read_pcap(fh: BinaryIO, buf: bytes, path: Path) -> Iterator[FrameChunk]:
     if len(buf) < 24:
         raise CaptureFileError(f"{path}: pcap header cut short")
     endian = "<" if struct.unpack_from("<I", buf, 0)[0] in (PCAP_MAGIC_US, PCAP_MAGIC_NS) else ">"
@@ -146,7 +204,7 @@ def _read_pcap(fh: BinaryIO, buf: bytes, path: Path) -> Iterator[FrameBatch]:
         if stop > end:
             stop = starts.pop()
         if starts:
-            yield _pcap_batch(buf, starts, stop, scale, fields, linktype)
+            yield _pcap_chunk(buf, starts, scale, fields, linktype)
         pos = stop
         # the next record goes past what was read: read on
         want = 16
@@ -166,19 +224,18 @@ def _read_pcap(fh: BinaryIO, buf: bytes, path: Path) -> Iterator[FrameBatch]:
                 f"{path}: packet record at byte {base} is cut short or corrupt")
 
 
-def _pcap_batch(buf: bytes, starts: list[int], stop: int, scale: int, fields: np.dtype,
-                linktype: int) -> FrameBatch:
-    """The records at `starts` (consecutive, the last one ending at `stop`) of a classic pcap."""
+def _pcap_chunk(buf: bytes, starts: list[int], scale: int, fields: np.dtype,
+                linktype: int) -> FrameChunk:
+    """The records at `starts` (consecutive, all complete) of a classic pcap."""
     at = np.array(starts, dtype=np.intp)
     # the 4 fields (seconds, fraction, captured and original length) from every byte of buf,
     # as overlapping rows: row p is the header of a record at p; one gather takes them all
     headers = np.ndarray((len(buf) - 15, 4), fields, buf, strides=(1, 4))
     head = headers[at]
     ts_ns = head[:, 0].astype(np.int64) * 1_000_000_000 + head[:, 1].astype(np.int64) * scale
-    wire_lens = np.maximum(head[:, 2], head[:, 3])
-    # a record's frame ends where the next record starts
-    frames = [buf[a:b] for a, b in zip((at + 16).tolist(), starts[1:] + [stop])]
-    return FrameBatch(ts_ns.tolist(), wire_lens.tolist(), frames, linktype)
+    lengths = head[:, 2].astype(np.int64)
+    wire_lens = np.maximum(lengths, head[:, 3])
+    return FrameChunk(buf, at + 16, lengths, ts_ns, wire_lens, linktype)
 
 
 class _Interface:

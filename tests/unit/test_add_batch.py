@@ -17,6 +17,7 @@ import random
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from capture import __main__ as capture_main
@@ -277,6 +278,44 @@ def test_flow_keys_are_the_flow_cache_keys(synthetic, crafted):
         assert cache.flows[key] is flow
     assert cache.labels(rows) == [cache.flows[key].label for key in rows]
     assert cache.labels([b"not a key"]) == [NOT_CACHED]
+
+
+@pytest.mark.parametrize("max_flows, index_min, lower", [
+    (5, 8, None), (300, 8, None), (300, 1024, None), (100_000, 16, None),
+    (300, 1024, (1, 5)), (300, 8, (20, 100))])
+def test_find_labels_gives_the_labels_of_the_dict(monkeypatch, max_flows, index_min, lower):
+    """FlowCache.find_labels (numpy, FlowIndex) against labels() (the dict), as flows enter,
+    are evicted, come back and change labels; the index grows (from index_min flows) and its
+    table is small enough for many keys to share a place (found in the dict then). `lower`:
+    (round, bound) the cache's bound is lowered to, below the index's capacity."""
+    monkeypatch.setattr("capture.flowcache.INDEX_MIN", index_min)
+    rnd = random.Random(max_flows)
+    cache = FlowCache(12, True, max_flows=max_flows)
+    pool = [(rnd.choice((6, 17)), rnd.randbytes(16), rnd.randrange(65536), rnd.randbytes(16),
+             rnd.randrange(65536)) for _ in range(3 * min(max_flows, 2000))]
+
+    def key_of(proto, src, sport, dst, dport) -> bytes:
+        """The key the cache gives the flow (it orders the ends)."""
+        flow = cache.get(proto, src, sport, dst, dport)
+        return next(k for k, f in reversed(cache.flows.items()) if f is flow)
+
+    keys = {}
+    for round_ in range(30):
+        if lower and round_ == lower[0]:
+            cache.max_flows = lower[1]
+        for _ in range(rnd.choice((1, 5, 50, 400)) if round_ else 2):
+            flow_args = rnd.choice(pool)
+            if flow_args not in keys:
+                keys[flow_args] = key_of(*flow_args)
+            flow = cache.get(*flow_args)
+            if rnd.random() < 0.3:  # the label changes (as inspection changes it), or settles
+                flow.app, flow.app_flags = rnd.randrange(256), rnd.randrange(2)
+                flow.settle() if rnd.random() < 0.5 else flow.relabel()
+        asked = [keys[a] for a in rnd.sample(sorted(keys), min(len(keys), 500))]
+        asked += [rnd.randbytes(37) for _ in range(20)]  # never cached
+        rows = np.frombuffer(b"".join(asked), dtype=np.uint8).reshape(len(asked), 37)
+        assert cache.find_labels(rows).tolist() == cache.labels(asked), round_
+    assert len(cache.flows) <= max_flows
 
 
 def test_survive_names_the_flows_at_risk():

@@ -15,10 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from capture import batch_decode
 from capture.batch_decode import (
     FAST_LINKTYPES,
     decode_batch,
     decode_batch_frames,
+    decode_chunk,
     flow_keys,
 )
 from capture.decode import decode_frame
@@ -256,6 +258,59 @@ def test_random_and_mutated_frames(batch):
 def test_empty_batch():
     assert decode_batch_frames([], ETH) == []
     assert len(decode_batch([], [])) == 0
+    assert len(decode_chunk(b"", np.zeros(0, np.int64), np.zeros(0, np.int64), ETH)) == 0
+
+
+def in_a_read(frames: list[bytes], rnd: random.Random, tail: int) -> tuple:
+    """The frames as a read of a capture file holds them: each after 16 bytes of record
+    header (random bytes here), the last one followed by `tail` bytes of the next record."""
+    parts, starts, pos = [], [], 0
+    for frame in frames:
+        parts += [rnd.randbytes(16), frame]
+        starts.append(pos + 16)
+        pos += 16 + len(frame)
+    parts.append(rnd.randbytes(tail))
+    return (b"".join(parts), np.array(starts, dtype=np.int64),
+            np.array([len(f) for f in frames], dtype=np.int64))
+
+
+def check_chunk(frames: list[bytes], linktype: int, rnd: random.Random, tail: int) -> None:
+    """decode_chunk() of frames in a read gives decode_batch() of the same frames, every
+    column (whatever lies between and after the frames)."""
+    buf, starts, lengths = in_a_read(frames, rnd, tail)
+    got, ref = decode_chunk(buf, starts, lengths, linktype), decode_batch(frames, linktype)
+    assert got.tuples() == ref.tuples()
+    for name in FIELDS + ("caplen",):
+        assert (getattr(got, name) == getattr(ref, name)).all(), name
+    # a frame within reach of the end of a read goes to decode_frame (nothing is read past
+    # it; a short read is copied with zeros after it instead)
+    reach = batch_decode._PAD  # how far from its start a frame's fields may be read
+    if len(buf) >= 4 * reach:
+        assert not (got.fast & (starts > len(buf) - reach)).any()
+    assert [i for i, _ in got.fallback] == np.flatnonzero(~got.fast).tolist()
+
+
+@pytest.mark.parametrize("tail", [0, 5, 200])
+def test_frames_decoded_in_place_in_a_read(tail):
+    rnd = random.Random(tail)
+    frames: list[tuple[bytes, int]] = []
+    while len(frames) < 4000:
+        for frame, lt in valid_frames(rnd):
+            frames.append((frame, lt))
+            frames.append((mutate(rnd, frame), lt))
+    by_type: dict[int, list[bytes]] = {}
+    for frame, lt in frames:
+        by_type.setdefault(lt, []).append(frame)
+    by_type[PPP] = [f for f, _ in frames[:50]]  # a link type decode_frame alone knows
+    for lt, group in by_type.items():
+        for size in (1, 2, 7, 300, len(group)):
+            for i in range(0, min(len(group), 3 * size), size):
+                check_chunk(group[i:i + size], lt, rnd, tail)
+        # short frames at the very end of the read, and reads shorter than the windows
+        short = [f[:rnd.randrange(1, 60)] for f in group[:40] if f]
+        check_chunk(group[:20] + short, lt, rnd, tail)
+        for frame in short[:10]:
+            check_chunk([frame], lt, rnd, tail)
 
 
 def test_records_match_the_batchers_packing(tmp_path):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import random
 import struct
 
+import numpy as np
 import pytest
 
-from capture.pcapfile import CaptureFileError, read_batches, read_frames
+from capture.pcapfile import CaptureFileError, FrameChunk, read_batches, read_chunks, read_frames
 from tests.captures import write_pcap
 from tests.fakes import RecordingProducer
 
@@ -422,6 +423,27 @@ def test_frames_and_batches_equal_a_record_by_record_reading(sound_captures, mon
         assert flattened(path) == expected, path
 
 
+@pytest.mark.parametrize("chunk", [1, 61, 4096, 1 << 20])
+def test_chunks_hold_the_frames_of_the_batches(sound_captures, monkeypatch, chunk):
+    monkeypatch.setattr("capture.pcapfile.CHUNK", chunk)
+    for path in sound_captures:
+        batches = list(read_batches(path))
+        chunks = list(read_chunks(path))
+        assert len(chunks) == len(batches), path
+        for got, batch in zip(chunks, batches):
+            if type(got) is not FrameChunk:  # pcapng
+                assert got == batch
+                continue
+            assert got.as_batch() == batch
+            assert got.ts_ns.dtype == got.wire_lens.dtype == np.int64
+            frames = got.frames()
+            assert len(frames) == len(batch.frames) and list(frames) == batch.frames
+            assert [frames[i] for i in range(len(frames))] == batch.frames
+            rows = np.arange(len(frames))[::-2]
+            assert frames.pick(rows) == [batch.frames[i] for i in rows]
+            assert list(got.frames(1, 3)) == batch.frames[1:3] == list(frames[1:3])
+
+
 def test_batches_of_a_pcap_have_one_link_type_and_end_at_each_read(tmp_path, monkeypatch):
     monkeypatch.setattr("capture.pcapfile.CHUNK", SMALL_CHUNK)
     path, frames = big_capture(tmp_path)
@@ -471,6 +493,7 @@ def pumped(items, decode_batch: int, monkeypatch) -> tuple:
     from capture.counters import CaptureCounters
 
     monkeypatch.setattr(capture_main, "DECODE_BATCH", decode_batch)
+    monkeypatch.setattr(capture_main, "CHUNK_DECODE_BATCH", decode_batch)
     settings = SimpleNamespace(batch_interval_ms=10**9, stats_interval_s=10**9)
     producer, counters = RecordingProducer(), CaptureCounters()
     error = None
@@ -495,6 +518,9 @@ def test_pump_of_batches_equals_pump_of_frames(sound_captures, tmp_path, monkeyp
     batches = pumped(chain.from_iterable(map(read_batches, paths)), size, monkeypatch)
     assert frames[1][0] > 1000 and frames[1][2] > 0 and frames[1][3] > 0
     assert batches == frames
+    # read in place (classic pcap, among pcapng batches), as `python -m capture --pcap` does
+    chunks = pumped(chain.from_iterable(map(read_chunks, paths)), size, monkeypatch)
+    assert chunks == frames
 
 
 def test_pump_of_a_cut_file_delivers_the_frames_before_the_damage(tmp_path, monkeypatch):
@@ -504,4 +530,5 @@ def test_pump_of_a_cut_file_delivers_the_frames_before_the_damage(tmp_path, monk
     by_frames = pumped(read_frames(path), 64, monkeypatch)
     by_batches = pumped(read_batches(path), 64, monkeypatch)
     assert by_batches == by_frames
+    assert pumped(read_chunks(path), 64, monkeypatch) == by_frames
     assert by_batches[1][0] == len(frames) - 1 and "cut short" in by_batches[2]
