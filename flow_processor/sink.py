@@ -630,8 +630,10 @@ class RedisSink:
             "consumer_lag")
 
     def reset_data(self) -> int:
-        """Delete every key of this database but the stored offsets and topic ids: the figures
-        start from zero and nothing already in the topic is read again."""
+        """Delete every key of this database but the series part's stored offsets and the
+        topic ids: the figures start from zero and nothing already in the topic is read again
+        (the flow part's offsets and journal go too: the flow part starts where the series
+        part is)."""
         keep = (b"pipeline:offsets:", b"pipeline:topic_id:")
         removed = 0
         batch: list[bytes] = []
