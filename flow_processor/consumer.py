@@ -351,7 +351,10 @@ class Processor:
         reset it to the topic's earliest offset."""
         self.settle()  # a flush in flight has moved our offsets on already
         self.sink.ensure_series()
-        self.sink.drain_journal()  # entries another member left when it stopped
+        failed = self.sink.drain_journal()  # entries another member left when it stopped
+        if failed:
+            self.totals["write_errors"] += failed
+            self.unwritten["write_errors"] = self.unwritten.get("write_errors", 0) + failed
         owned = sorted(self.states)
         if not owned:
             return

@@ -1,6 +1,6 @@
 -- Appended to top.lua: the processor's script (see sink.py). Mode 'drain': apply the oldest
 -- entry of the write journal KEYS[1] and remove it, in one call; returns how many entries are
--- left. ARGV[2]: members a top-N set keeps (TOP_FLOWS_KEPT); a set the entry grew past twice
+-- left (with the error, as {left, error}, when the entry could not be applied). ARGV[2]: members a top-N set keeps (TOP_FLOWS_KEPT); a set the entry grew past twice
 -- that is cut back to it here (a scan makes sets grow by a flush's flows, and every increment
 -- on a big set costs more), the others after the flush. A flush's transaction stores its offsets and pushes its flow updates here as entries
 -- of a bounded size (JOURNAL_FLOWS flows): the transaction stays short whatever the flush
@@ -60,17 +60,25 @@ local function bound(zkey, kept)
   if excess > kept then redis.call('ZREMRANGEBYRANK', zkey, 0, excess - 1) end
 end
 
-if mode == 'drain' then
-  local text = redis.call('LPOP', KEYS[1])
-  if not text then return 0 end
+local function apply(text, kept)
   local entry = cjson.decode(text)
-  local kept = tonumber(ARGV[2])
   apply_flows(entry[5])
   bound('flows:top:bytes', kept)
   for zkey in pairs(add_top(entry[1], entry[2], entry[3], entry[4])) do bound(zkey, kept) end
   for _, counter in ipairs(entry[6]) do
     redis.call('HINCRBY', 'pipeline:processor', counter[1], counter[2])
   end
-  return redis.call('LLEN', KEYS[1])
+end
+
+if mode == 'drain' then
+  local text = redis.call('LPOP', KEYS[1])
+  if not text then return 0 end
+  -- an entry that cannot be applied (a key of another type in the way, a damaged entry) is
+  -- removed all the same and its error returned: it must not stop every later write (like a
+  -- failed command inside EXEC, what it did before the error stays)
+  local ok, err = pcall(apply, text, tonumber(ARGV[2]))
+  local left = redis.call('LLEN', KEYS[1])
+  if not ok then return {left, tostring(err)} end
+  return left
 end
 return redis.error_reply('unknown mode')

@@ -157,6 +157,7 @@ class RedisSink:
         # only called outside transactions (where redis-py loads it again after a restart)
         self.script = self.redis.register_script(TOP_LUA.read_text() + "\n"
                                                  + JOURNAL_LUA.read_text())
+        self.errors_told: set[str] = set()  # _key_in_the_way()
 
     def check(self) -> None:
         """Fail at start with one clear line when Redis or RedisTimeSeries is missing, or the
@@ -187,7 +188,9 @@ class RedisSink:
         while True:  # a Redis that refuses writes for now (full, failed save): wait for it
             try:
                 self.ensure_series()
-                self.drain_journal()  # what a processor that stopped left to apply
+                failed = self.drain_journal()  # what a processor that stopped left to apply
+                if failed:
+                    self.add_counters({"write_errors": failed})
                 return
             except redis.RedisError as exc:
                 if not redis_refusing(exc):
@@ -326,7 +329,7 @@ class RedisSink:
             for write in group:
                 self._send_before(write.before)
             self._write_group(group, result)
-        self.drain_journal()
+        result.write_errors += self.drain_journal()
         self.advance_windows(close_newest, open_from=open_from)
         self.trim_top()
         return result
@@ -583,16 +586,40 @@ class RedisSink:
         in between; at most max_steps now, the rest after the next flush. True when done."""
         args = ["advance", "1" if close_newest else "0", self.settings.top_flows_kept, TRIM_CHUNK,
                 "" if open_from is None else open_from]
-        for _ in range(max_steps):
-            if not self.script(args=args):
-                return True
+        try:
+            for _ in range(max_steps):
+                if not self.script(args=args):
+                    return True
+        except ResponseError as exc:  # a key of another type in the way: the rest goes on
+            if redis_refusing(exc):
+                raise
+            self._key_in_the_way("the top-N windows cannot move on", exc)
         return False
 
-    def drain_journal(self) -> None:
+    def _key_in_the_way(self, what: str, exc: Exception) -> None:
+        """Say once (per distinct error) that a key the processor writes is not what it
+        should be; the write path goes on without that part."""
+        text = str(exc)
+        if text not in self.errors_told:
+            self.errors_told.add(text)
+            log.error("%s: %s (a key of another type in the way? the rest is written)", what,
+                      text)
+
+    def drain_journal(self) -> int:
         """Apply the journal's entries, oldest first, one script call each (journal.lua): what
-        this process's flushes pushed, or what a processor that stopped left behind."""
-        while self.script(keys=[self.journal], args=["drain", self.settings.top_flows_kept]):
-            pass
+        this process's flushes pushed, or what a processor that stopped left behind. Returns
+        how many could not be applied (each logged: a bug or a key of another type in the way,
+        not bad data; the entries after it are applied all the same)."""
+        failed = 0
+        while True:
+            left = self.script(keys=[self.journal], args=["drain", self.settings.top_flows_kept])
+            if isinstance(left, list):
+                left, error = left
+                failed += 1
+                log.error("a write journal entry could not be applied: %s",
+                          error.decode(errors="replace") if isinstance(error, bytes) else error)
+            if not left:
+                return failed
 
     def trim_top(self) -> None:
         """Keep the top-N sets bounded (hosts and domains grow with every new name): remove
@@ -614,8 +641,13 @@ class RedisSink:
         pipe = self.redis.pipeline(transaction=False)
         for key in keys:
             pipe.zcard(key)
-        sizes = pipe.execute()
+        sizes = pipe.execute(raise_on_error=False)
         for key, size in zip(keys, sizes):
+            if isinstance(size, Exception):
+                if redis_refusing(size):
+                    raise size
+                self._key_in_the_way(f"{key} cannot be trimmed", size)
+                continue
             excess = size - kept
             while excess > 0:
                 n = min(excess, TRIM_CHUNK)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 
+import orjson
 import pytest
 import redis
 
@@ -115,3 +116,27 @@ def test_a_set_an_entry_grows_past_twice_its_bound_is_cut_back_while_draining(
         assert all(sizes[member] == score for member, score in kept)
     finally:
         databases.give(number)
+
+
+def test_an_entry_that_cannot_be_applied_is_counted_and_does_not_stop_the_rest(settings,
+                                                                             caplog):
+    """A damaged entry, or a key of another type in the way (an operator's SET on a top-N
+    set): the entry is logged and counted as a write error, and the entries after it land."""
+    writer = sink.RedisSink(settings)
+    writer.ensure_series()
+    r = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    r.set("domains:top:bytes", "in the way")
+    good = flush_of_flows(3)
+    groups = writer.prepare([good])
+    r.rpush(writer.journal, b"{not json")  # before the flush's own entries
+    result = writer.execute(groups, close_newest=True)
+    assert result.write_errors == 1 and r.llen(writer.journal) == 0
+    assert "could not be applied" in caplog.text
+    assert int(r.hget("pipeline:processor", "records")) == 9
+    assert r.zcard("flows:top:bytes") == 3
+    r.delete("domains:top:bytes")
+    r.rpush(writer.journal, orjson.dumps(
+        [1, [[1, 3, [5, "example.org"]]], 60, [], [], [["records", 1]]]))
+    r.set("domains:top:bytes", "in the way")
+    assert writer.drain_journal() == 1  # the ZINCRBY met a string: counted, removed
+    assert r.llen(writer.journal) == 0 and int(r.hget("pipeline:processor", "records")) == 9
