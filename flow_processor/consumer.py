@@ -148,6 +148,10 @@ class Processor:
             # from the flow part's offset: the messages up to the series part's count for the
             # flow part only (PartitionState.replayed)
             tp.offset = state.next_offset if state.next_offset is not None else OFFSET_BEGINNING
+            if stored[0] is not None and stored[1] < stored[0]:
+                log.info("partition %d: messages %d-%d are read again for the flow hashes and "
+                         "top-N sets only (their series are written)", tp.partition, stored[1],
+                         stored[0] - 1)
             if stored[0] is not None and current_id is not None:
                 stored_id = self._stored_topic_id(tp.partition)
                 if stored_id is not None and stored_id != current_id:
