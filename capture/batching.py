@@ -3,7 +3,8 @@
 RecordBatcher.add() takes one decoded frame; add_batch() a batch decoded by
 capture.batch_decode (what the capture loop uses): it gives the same messages, byte for byte
 and in the same order, packing with numpy the records of the frames whose flow is known and no
-longer inspected (nearly all) and handing the others to add() in their turn.
+longer inspected (nearly all), labelling the others as add() would in their turn, and putting
+each partition's records in its messages as numpy rows, not one bytes object a record.
 
 Non-first IP fragments carry no L4 header. Like tshark's conversation table, they belong to the
 flow of the first fragment with the same (addresses, protocol, IP id): FragmentTracker remembers
@@ -34,15 +35,12 @@ from packet_records import (
     FLAG_LATER_FRAGMENT,
     FLAG_TRUNCATED,
     RECORD,
-    RECORD_DTYPE,
-    encode_batch,
+    encode_packed,
 )
 
 _pack = RECORD.pack
-_RECORD_VOID = np.dtype(f"V{RECORD.size}")  # one packed record, listed as bytes
+_ROW = np.dtype(f"V{RECORD.size}")  # a packed record as one value
 _FLOW_KEY_VOID = np.dtype(f"V{FLOW_KEY_DTYPE.itemsize}")  # a FlowCache key, listed as bytes
-_APP = RECORD_DTYPE.fields["app"][1]  # offset of app (then app_flags) in a packed record
-assert RECORD_DTYPE.fields["app_flags"][1] == _APP + 1
 _PARTITION = 0xFFFFFFFF  # a flow's partition in its label (capture.flowcache.label_of)
 _LOOK, _ADD = -1, -2  # add_batch(): turns of the frames it does not pack at once
 
@@ -110,7 +108,10 @@ class RecordBatcher:
         self.partitions = partitions
         self.replay = replay  # frames from a capture file: batches say so (their times are old)
         self.records_per_message = records_per_message
-        self.pending: list[list[bytes]] = [[] for _ in range(partitions)]
+        # per partition: the records of its next message, packed (one record in each bytes
+        # from add(), any number in each numpy slice from add_batch()), and how many they are
+        self.pending: list[list[bytes | np.ndarray]] = [[] for _ in range(partitions)]
+        self.counts = [0] * partitions
         self.pending_meta: list[list[tuple[int, int, str]]] = [[] for _ in range(partitions)]
         self.ready: list[tuple[int, bytes, int]] = []  # (partition, message, record count)
         self.fragments = FragmentTracker(max_held=fragments_held)
@@ -148,8 +149,11 @@ class RecordBatcher:
         was not cached then, or inspected, looks again when its turn comes, and add() takes
         it if it has something to do there: a flow to enter in the cache, a payload to feed
         to the flow's inspector. add() takes the IP fragments too, and every frame of a batch
-        of at most FEW_FRAMES. `frames` may be a capture.pcapfile.FrameSlices (frames still
-        in the read of a file), `ts_ns` and `wire_lens` int64 arrays."""
+        of at most FEW_FRAMES. The frames that looked again do what add() does but keep
+        their record in the batch's array (_flow_of()), so that every record between two
+        fragments goes to the partitions' messages at once, as numpy rows (_place()).
+        `frames` may be a capture.pcapfile.FrameSlices (frames still in the read of a file),
+        `ts_ns` and `wire_lens` int64 arrays."""
         n = len(frames)
         if n == 0:
             return
@@ -183,67 +187,131 @@ class RecordBatcher:
             return
         app = ((labels >> 32) & 0xFF).astype(np.uint8)
         app_flags = ((labels >> 40) & 0xFF).astype(np.uint8)
-        records = batch.records(ts, wire, app, app_flags).view(_RECORD_VOID).tolist()
+        records = batch.records(ts, wire, app, app_flags)
+        parts = turns  # the partition of every record, once the deferred frames have theirs
         # (frames in a read of the file, capture.pcapfile.FrameSlices, are sliced at once)
         pick = getattr(frames, "pick", None)
         picked = pick(deferred) if pick else [frames[i] for i in deferred.tolist()]
-        for i, key, t, w, frame, decoded, turn in zip(
-                deferred.tolist(), keys[deferred].tolist(), ts[deferred].tolist(),
-                wire[deferred].tolist(), picked, batch.tuples(deferred), turns[deferred].tolist()):
-            item = (t, w, frame, decoded)
-            records[i] = item if turn == _ADD else (key, records[i], item)
-        pending, limit, close = self.pending, self.records_per_message, self._close
         find = flows.flows.get
-        for p, record in zip(turns.tolist(), records):
-            if p < 0:
-                if p == _ADD:
-                    add(*record)
-                    continue
-                # as add() would: the flow cached now (or enter it), its inspector fed the
-                # payload (if it has one and is still there), its label on the record
-                key, record, item = record
-                flow = find(key)
-                if flow is None or (flow.inspector is not None
-                                    and payload_of(item[2], item[3]) is not None):
-                    add(*item)
-                    continue
-                p = flow.partition
-                if record[_APP] != flow.app or record[_APP + 1] != flow.app_flags:
-                    record = b"".join((record[:_APP], bytes((flow.app, flow.app_flags)),
-                                       record[_APP + 2:]))
-            batch_p = pending[p]
-            batch_p.append(record)
-            if len(batch_p) >= limit:
-                close(p)
+        start = 0  # the records from here on are not placed in their batches yet
+        meta: list[tuple[int, int, str]] = []  # (row, kind, text) of the records from start
+        rows: list[int] = []  # frames looked at again since start: their flows' labels
+        labelled: list[tuple[int, int, int, int]] = []  # (partition, app, app flags, flags)
+        for i, key, t, w, frame, decoded, turn, flag in zip(
+                deferred.tolist(), keys[deferred].tolist(), ts[deferred].tolist(),
+                wire[deferred].tolist(), picked, batch.tuples(deferred),
+                turns[deferred].tolist(), records["flags"][deferred].tolist()):
+            if turn == _ADD:  # the records before it go first, as add() may close batches
+                self._place(records, parts, meta, rows, labelled, start, i)
+                meta, rows, labelled = [], [], []
+                add(t, w, frame, decoded)
+                start = i + 1
+                continue
+            # as add() would: the flow cached now (or enter it), its inspector fed the
+            # payload (if it has one and is still there), its label on the record
+            flow = find(key)
+            if flow is None or (flow.inspector is not None
+                                and payload_of(frame, decoded) is not None):
+                flow, names = self._flow_of(t, decoded[1], decoded[2], decoded[3], decoded[4],
+                                            decoded[5], frame if decoded[9] >= 0 else None,
+                                            decoded)
+                if names:
+                    flag |= FLAG_HAS_META
+                    meta.extend((i, kind, safe_name(raw)) for kind, raw in names)
+            rows.append(i)
+            labelled.append((flow.partition, flow.app, flow.app_flags, flag))
+        self._place(records, parts, meta, rows, labelled, start, n)
         self.last_ts = int(ts[-1])
+
+    def _place(self, records: np.ndarray, parts: np.ndarray, meta: list, rows: list[int],
+               labelled: list, a: int, b: int) -> None:
+        """Put records[a:b] (of add_batch) in the batches of their partitions parts[a:b], as
+        add() would one by one: the same batches, closed in the same order. `rows` of them
+        take (partition, app, app flags, flags) from `labelled` first; `meta` holds the
+        (row, kind, text) entries of these records."""
+        if rows:
+            at = np.array(rows, dtype=np.intp)
+            got = np.array(labelled, dtype=np.int64)
+            parts[at] = got[:, 0]
+            records["app"][at] = got[:, 1]
+            records["app_flags"][at] = got[:, 2]
+            records["flags"][at] = got[:, 3]
+        if a >= b:
+            return
+        part = parts[a:b]
+        # each partition's records in frame order, one partition after the other
+        order = np.argsort(part, kind="stable")
+        sizes = np.bincount(part, minlength=self.partitions).tolist()
+        # (as rows of plain bytes: numpy takes them a whole row at a time; slices of them go
+        # into the messages as they are, no bytes object made for each partition's records)
+        data = records[a:b].view(_ROW).take(order)
+        limit = self.records_per_message
+        if meta:  # each entry at the place of its record in `order`
+            place = np.empty(b - a, dtype=np.intp)
+            place[order] = np.arange(b - a)
+            places = place[[row - a for row, _, _ in meta]].tolist()
+            meta = sorted(zip(places, ((kind, text) for _, kind, text in meta)),
+                          key=lambda entry: entry[0])
+        m_at = 0  # the next meta entry
+        closed = []  # (row of the record that filled the batch, partition, message)
+        j = 0
+        for p, k in enumerate(sizes):
+            if not k:
+                continue
+            end = j + k
+            batch_p, meta_p, have = self.pending[p], self.pending_meta[p], self.counts[p]
+            while j < end:
+                take = min(end - j, limit - have)
+                batch_p.append(data[j:j + take])
+                while m_at < len(meta) and meta[m_at][0] < j + take:
+                    q, (kind, text) = meta[m_at]
+                    meta_p.append((have + q - j, kind, text))
+                    m_at += 1
+                have += take
+                j += take
+                if have == limit:
+                    closed.append((int(order[j - 1]), p,
+                                   encode_packed(have, batch_p, meta_p, self.replay)))
+                    batch_p, meta_p, have = [], [], 0
+                    self.pending[p], self.pending_meta[p] = batch_p, meta_p
+            self.counts[p] = have
+        closed.sort(key=lambda c: c[0])
+        self.ready.extend((p, message, limit) for _, p, message in closed)
+
+    def _flow_of(self, ts_ns, proto, src, dst, sport, dport, frame, decoded):
+        """The flow of a record (entered in the cache if new) and the meta entries (kind, raw
+        bytes) its inspector found in `frame`, when given (a packet with an L4 header)."""
+        flow = self.flows.get(proto, src, sport, dst, dport)
+        if flow.inspector is not None and frame is not None:
+            return flow, self.flows.inspect(flow, frame, decoded, ts_ns)
+        return flow, None
 
     def _emit(self, ts_ns, wire_len, ipver, proto, src, dst, tcp_flags, flags, sport, dport,
               frame=None, decoded=None):
         """Pack one record into its flow's partition batch; `frame` (with `decoded`) is given
         when the packet has an L4 header the flow's inspector may want."""
-        flow = self.flows.get(proto, src, sport, dst, dport)
-        meta = None
-        if flow.inspector is not None and frame is not None:
-            meta = self.flows.inspect(flow, frame, decoded, ts_ns)
+        flow, meta = self._flow_of(ts_ns, proto, src, dst, sport, dport, frame, decoded)
         partition = flow.partition
-        batch = self.pending[partition]
         if meta:
             flags |= FLAG_HAS_META
-            index = len(batch)
+            index = self.counts[partition]
             # The one place where names enter a message: every entry's bytes (taken from the
             # packet) become text through safe_name(), so none leaves capture unescaped
             self.pending_meta[partition].extend((index, kind, safe_name(raw)) for kind, raw in meta)
-        batch.append(_pack(ts_ns, wire_len, ipver, proto, tcp_flags, flags, sport, dport, src, dst,
-                           flow.app, flow.app_flags, 0))
-        if len(batch) >= self.records_per_message:
+        self.pending[partition].append(_pack(ts_ns, wire_len, ipver, proto, tcp_flags, flags,
+                                             sport, dport, src, dst, flow.app, flow.app_flags, 0))
+        self.counts[partition] += 1
+        if self.counts[partition] >= self.records_per_message:
             self._close(partition)
 
     def _close(self, partition: int) -> None:
-        batch = self.pending[partition]
-        message = encode_batch(batch, self.pending_meta[partition], self.replay)
-        self.ready.append((partition, message, len(batch)))
+        count = self.counts[partition]
+        message = encode_packed(count, self.pending[partition], self.pending_meta[partition],
+                                self.replay)
+        self.ready.append((partition, message, count))
         self.pending[partition] = []
         self.pending_meta[partition] = []
+        self.counts[partition] = 0
 
     def flush(self, final: bool = False) -> None:
         """Close every partial batch (and, when final, release every held fragment); give up

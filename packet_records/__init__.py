@@ -118,14 +118,27 @@ def encode_batch(records: list[bytes], meta: list[tuple[int, int, str]] | None =
                  replay: bool = False) -> bytes:
     """Join records already packed with RECORD.pack, and their meta entries
     (record index, META_* kind, text), into one message."""
-    parts = [HEADER.pack(MAGIC, VERSION, BATCH_REPLAY if replay else 0, len(records)), *records]
-    meta = meta or []
-    parts.append(NAME_COUNT.pack(len(meta)))
-    for index, kind, text in meta:
+    return encode_packed(len(records), records, meta, replay)
+
+
+def encode_packed(count: int, parts: list, meta: list[tuple[int, int, str]] | None = None,
+                  replay: bool = False) -> bytes:
+    """encode_batch() of `count` records packed back to back in `parts` (bytes-like, each any
+    number of whole records: RECORD.pack results, or the bytes of RECORD_DTYPE rows)."""
+    head = [HEADER.pack(MAGIC, VERSION, BATCH_REPLAY if replay else 0, count)]
+    tail = [NAME_COUNT.pack(len(meta) if meta else 0)]
+    for index, kind, text in meta or ():
         raw = text.encode("utf-8")[:255].decode("utf-8", "ignore").encode("utf-8")  # whole chars
-        parts.append(META.pack(index, kind, len(raw)) + raw)
-    body = b"".join(parts)
-    return body + CHECKSUM.pack(zlib.crc32(body))
+        tail.append(META.pack(index, kind, len(raw)) + raw)
+    # the checksum runs over the parts where they are (the message is joined once), unless
+    # they are many small ones (add()'s records): one call per record would cost more
+    if len(parts) > 16:
+        parts = [b"".join(parts)]
+    crc = 0
+    for part in head, parts, tail:
+        for piece in part:
+            crc = zlib.crc32(piece, crc)
+    return b"".join([*head, *parts, *tail, CHECKSUM.pack(crc)])
 
 
 def _check_sum(message: bytes, what: str) -> None:

@@ -75,7 +75,9 @@ def state(batcher: RecordBatcher) -> dict:
     return {"flows": flows, "active": [key_of.get(id(f)) for f in cache.active],
             "held_bytes": cache.held_bytes, "ports": list(frag.ports.items()),
             "held": list(frag.held.items()), "held_count": frag.held_count,
-            "last_ts": batcher.last_ts, "pending": batcher.pending,
+            "last_ts": batcher.last_ts, "counts": batcher.counts,
+            # (add_batch() keeps several records in one bytes where add() has one each)
+            "pending": [b"".join(records) for records in batcher.pending],
             "pending_meta": batcher.pending_meta,
             "given_up": (FlowInspector.budget_evictions, FlowInspector.idle_expired)}
 

@@ -13,6 +13,7 @@ import zlib
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from packet_records import (
@@ -35,6 +36,7 @@ from packet_records import (
     decode_batch,
     decode_stats,
     encode_batch,
+    encode_packed,
     encode_stats,
     partition_for,
     protocol_name,
@@ -62,6 +64,51 @@ def test_round_trip_with_meta_entries():
     records, meta = decode_batch(encode_batch(packed(), META_ENTRIES))
     assert [Record(*r) for r in records] == RECORDS
     assert meta == META_ENTRIES
+
+
+def reference_encode_batch(records, meta=None, replay=False) -> bytes:
+    """encode_batch() as it was before encode_packed(): the format's reference."""
+    parts = [HEADER.pack(MAGIC, VERSION, BATCH_REPLAY if replay else 0, len(records)), *records]
+    meta = meta or []
+    parts.append(NAME_COUNT.pack(len(meta)))
+    for index, kind, text in meta:
+        raw = text.encode("utf-8")[:255].decode("utf-8", "ignore").encode("utf-8")
+        parts.append(META.pack(index, kind, len(raw)) + raw)
+    body = b"".join(parts)
+    return body + CHECKSUM.pack(zlib.crc32(body))
+
+
+def random_text(rng: random.Random) -> str:
+    # ASCII, 2-, 3- and 4-byte characters, past 255 bytes at times (cut at a character)
+    return "".join(chr(rng.choice((rng.randrange(32, 127), rng.randrange(0xA0, 0x800),
+                                   rng.randrange(0x800, 0xD800), rng.randrange(0x10000, 0x110000))))
+                   for _ in range(rng.choice((0, 1, 5, 60, 130, 300))))
+
+
+def test_encode_packed_gives_the_messages_of_the_reference_encoder():
+    """encode_packed() (records packed back to back in any number of parts: bytes or numpy
+    rows, as RecordBatcher.add_batch hands them) and encode_batch() against the reference,
+    byte for byte: crafted and random records, meta entries and splits."""
+    rng = random.Random(7)
+    crafted = packed()
+    cases = [(crafted, META_ENTRIES), (crafted, None), ([], None), ([], [])]
+    for _ in range(300):
+        records = [rng.randbytes(RECORD.size) for _ in range(rng.choice((0, 1, 2, 17, 1000)))]
+        meta = [(rng.randrange(max(len(records), 1)), rng.choice((META_SERVER_NAME,
+                                                                   META_FINGERPRINT)),
+                 random_text(rng)) for _ in range(rng.choice((0, 0, 1, 3)))]
+        cases.append((records, meta))
+    for records, meta in cases:
+        for replay in (False, True):
+            expected = reference_encode_batch(records, meta, replay)
+            assert encode_batch(records, meta, replay) == expected
+            joined = b"".join(records)
+            rows = np.frombuffer(joined, np.dtype(f"V{RECORD.size}"))
+            cuts = sorted(rng.randrange(len(records) + 1) for _ in range(3))
+            parts = [rows[a:b] for a, b in zip([0, *cuts], [*cuts, len(records)])]
+            assert encode_packed(len(records), parts, meta, replay) == expected
+            assert encode_packed(len(records), [joined], meta, replay) == expected
+            assert encode_packed(len(records), records, meta, replay) == expected
 
 
 def test_round_trip_without_meta_and_without_records():
