@@ -313,8 +313,7 @@ class Processor:
                                    int(headers.get("source.offset", b"-1")), str(err))
 
     def _set_aside_failed(self, partition: int, offset: int, why: str) -> None:
-        self.totals["set_aside_failed"] += 1
-        self.unwritten["set_aside_failed"] += 1
+        self._count("set_aside_failed", 1)
         log.error("could not set aside the malformed message at %s/%d@%d (%s): it is counted "
                   "and skipped", self.topic, partition, offset, why)
 
@@ -337,8 +336,7 @@ class Processor:
         log.error("partition %d: %s; the topic was recreated or its log reset: resuming from its "
                   "earliest offset %d (what was counted before stays in Redis)",
                   state.partition, why, low)
-        self.totals["offset_resets"] += 1
-        self.unwritten["offset_resets"] += 1
+        self._count("offset_resets", 1)
         state.restart_at_earliest(low)
         return low
 
@@ -356,9 +354,7 @@ class Processor:
         self.settle()  # a flush in flight has moved our offsets on already
         self.sink.ensure_series()
         failed = self.sink.drain_journal()  # entries another member left when it stopped
-        if failed:
-            self.totals["write_errors"] += failed
-            self.unwritten["write_errors"] = self.unwritten.get("write_errors", 0) + failed
+        self._count("write_errors", failed)
         owned = sorted(self.states)
         if not owned:
             return
@@ -418,9 +414,7 @@ class Processor:
         evicted = 0
         if sum(len(t) for t in tables) > self.settings.max_flows:
             evicted = len(evict_over_bound(tables, int(self.settings.max_flows * EVICT_TO)))
-        if evicted:
-            self.totals["flows_evicted"] += evicted
-            self.unwritten["flows_evicted"] += evicted
+        self._count("flows_evicted", evicted)
         self.totals["flushes"] += 1
         # the top-N windows take the minutes this flush completed (all, when nothing is left
         # to read: a replay's last minute, or a quiet moment live)
@@ -462,17 +456,20 @@ class Processor:
             log.warning("partition %d was written by another member; resuming at %s",
                         write.partition, stored)
             self._restart(write.state, stored)
-        self.totals["rejected_samples"] += result.rejected_samples
-        self.totals["write_errors"] += result.write_errors
-        self.unwritten["rejected_samples"] = (self.unwritten.get("rejected_samples", 0)
-                                              + result.rejected_samples)
-        self.unwritten["write_errors"] = self.unwritten.get("write_errors", 0) + result.write_errors
+        self._count("rejected_samples", result.rejected_samples)
+        self._count("write_errors", result.write_errors)
         self._write_counters()
         if commits:  # Kafka's committed offsets only feed lag monitoring; Redis holds the truth
             try:
                 self.consumer.commit(offsets=commits, asynchronous=True)
             except Exception as exc:  # noqa: BLE001 - a failed lag commit must not stop us
                 log.debug("offset commit for monitoring failed: %s", exc)
+
+    def _count(self, name: str, n: int) -> None:
+        """Count n in the totals of the log lines and in pipeline:processor (written by
+        _write_counters, outside the flush transactions)."""
+        self.totals[name] += n
+        self.unwritten[name] = self.unwritten.get(name, 0) + n
 
     def _write_counters(self) -> None:
         counts = {name: value for name, value in self.unwritten.items() if value}
