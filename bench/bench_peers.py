@@ -90,17 +90,20 @@ def child_capture(path: str) -> dict:
     from capture.__main__ import pump
     from capture.batching import RecordBatcher
     from capture.counters import CaptureCounters
-    from capture.pcapfile import read_frames
+    from capture.pcapfile import read_chunks
     from capture.settings import CaptureSettings
+    from packet_records.runtime import tune_gc
 
     settings = CaptureSettings()
+    tune_gc()  # as the service does at start
     producer, counters = NullProducer(), CaptureCounters()
     batcher = RecordBatcher(12, settings.records_per_message, settings.inspect_payloads,
                             replay=True, inspect_memory_mb=settings.inspect_memory_mb,
                             inspect_idle_timeout_s=settings.inspect_idle_timeout_s,
                             fragments_held=settings.fragments_held)
     t0, c0 = time.perf_counter(), cpu_self_children()
-    pump(read_frames(path), batcher, producer, counters, settings)  # type: ignore[arg-type]
+    # the file read as the service reads it: chunks decoded in place
+    pump(read_chunks(path), batcher, producer, counters, settings)  # type: ignore[arg-type]
     wall, cpu = time.perf_counter() - t0, cpu_self_children() - c0
     return {"wall": wall, "cpu": cpu, "frames": counters.frames, "records": producer.records}
 

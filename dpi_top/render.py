@@ -218,7 +218,8 @@ def health_panel(snap: Snapshot) -> Panel:
             _counter("rejected samples", proc.get("rejected_samples")),
             _counter("not set aside", proc.get("set_aside_failed")),
             _counter("offset resets", proc.get("offset_resets")),
-            _counter("flows evicted", proc.get("flows_evicted"), bad=False)]))
+            _counter("flows evicted", proc.get("flows_evicted"), bad=False),
+            _counter("flows not stored", proc.get("flows_not_stored"), bad=False)]))
     else:
         grid.add_row("processor", Text("no counters yet", style="dim"))
     if snap.lag is not None:

@@ -32,7 +32,8 @@ CAPTURE_FIELDS = ("capture_frames", "capture_kernel_drops", "capture_dropped_buf
                   "capture_malformed", "capture_delivery_failed", "capture_parser_errors",
                   "capture_inspect_budget_evictions")
 PROCESSOR_FIELDS = ("records", "malformed_frames", "malformed_messages", "write_errors",
-                    "rejected_samples", "set_aside_failed", "offset_resets", "flows_evicted")
+                    "rejected_samples", "set_aside_failed", "offset_resets", "flows_evicted",
+                    "flows_not_stored")
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,10 @@ class PartitionState:
         self.flow_updates: list[Flow] = []  # flows with bytes, labels or a first write to write
         self.flow_minutes: dict[tuple[Flow, int], int] = {}  # (flow, minute) -> bytes
         self.no_flow_minutes: dict[int, int] = {}  # minute -> bytes without a 5-tuple
+        # (flow, minute) -> bytes of flows held back before (hold_back_probes) that get their
+        # keys with this write: their first packet, counted in the host, app and domain sets
+        # already, goes to the flows:top windows now
+        self.promoted: dict[tuple[Flow, int], int] = {}
         self.counted: dict[str, int] = {"records": 0, "malformed_frames": 0,
                                         "malformed_messages": 0}
 
@@ -327,7 +331,32 @@ class PartitionState:
                     flow.app, flow.app_guess = new, guess
                     flow.labels_changed = True
 
-    # -- per-flow series policy and what a written flush leaves behind -----------------------
+    # -- which flows get keys, per-flow series policy, what a written flush leaves behind ----
+
+    def hold_back_probes(self, stored: int) -> int:
+        """Before a flow write: the flows of this write that are new and hold one packet (what
+        a scan makes) get keys of their own up to `stored` of them (0: all), in the order
+        they came; the others are marked unstored (Flow.unstored) and get none while they
+        hold that one packet. A flow held back earlier that has packets again gets its keys
+        now, with that first packet (its bytes, in the minute it came, go to the flows:top
+        windows through `promoted`). Flows with series keep their keys. Returns the change
+        in the flows without keys (held back now, less those that get keys now)."""
+        change = seen = 0
+        for f in self.flow_updates:
+            if f.unstored:
+                if f.delta_packets:  # a later packet: the flow is written from its first on
+                    f.unstored, f.new = False, True
+                    self.promoted[(f, f.opened_ns // (60 * NS))] = f.total_bytes
+                    f.delta_bytes += f.total_bytes
+                    f.delta_packets += 1
+                    f.total_bytes = 0
+                    change -= 1
+            elif stored and f.new and f.delta_packets == 1 and not (f.series or f.qualifies):
+                seen += 1
+                if seen > stored:
+                    f.unstored = True
+                    change += 1
+        return change
 
     def plan_series(self, policy: str, min_bytes: int, top_scores: list[float], top_n: int,
                     max_held: int) -> None:
@@ -340,7 +369,7 @@ class PartitionState:
         get series), or holds more than max_held seconds (the bound of what is held here).
         Deterministic for a given state: a flush retried after an error decides the same
         way."""
-        flows = [f for f in self.dirty_flows if not f.series]
+        flows = [f for f in self.dirty_flows if not (f.series or f.unstored)]
         if not flows:
             return
         if policy == "all":
@@ -355,7 +384,7 @@ class PartitionState:
         held_seconds: dict[Flow, int] = {}
         if max_held:
             for (flow, sec) in self.flow_seconds:
-                if not flow.series:
+                if not (flow.series or flow.unstored):
                     held_seconds[flow] = held_seconds.get(flow, 0) + (
                         0 if holds(flow.held, sec) else 1)
         for f, total in zip(flows, totals):
@@ -370,7 +399,7 @@ class PartitionState:
         series = self.series_pending  # (not while messages are read again for flows only)
         self.fold()
         for (flow, sec), cell in self.flow_seconds.items():
-            if not flow.series and not flow.qualifies:
+            if not (flow.series or flow.qualifies or flow.unstored):
                 held = flow.held
                 if held is None:  # most flows (a scan's, short ones) hold one second
                     flow.held = (sec, cell[0], cell[1])

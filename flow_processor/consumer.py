@@ -620,8 +620,9 @@ class Processor:
 
     def log_stats(self, prefix: str = "stats") -> None:
         flows = self.flows_in_memory()
-        log.info("%s %s flows_in_memory=%d partitions=%s", prefix,
-                 " ".join(f"{k}={v}" for k, v in self.totals.items()), flows, sorted(self.states))
+        log.info("%s %s flows_not_stored=%d flows_in_memory=%d partitions=%s", prefix,
+                 " ".join(f"{k}={v}" for k, v in self.totals.items()),
+                 self.sink.flows_not_stored, flows, sorted(self.states))
 
     def _on_kafka_error(self, err: KafkaError) -> None:
         now = time.monotonic()

@@ -50,15 +50,15 @@ def endpoints_label(proto: int, src: str, sport: int, dst: str, dport: int, fid:
 class Flow:
     """One flow as this process knows it since the flow entered its table."""
 
-    __slots__ = ("id", "key", "src", "dst", "sport", "dport", "proto",
+    __slots__ = ("_id", "key", "src", "dst", "sport", "dport", "proto",
                  "first_ns", "last_ns", "opened_ns", "delta_bytes", "delta_packets", "new", "dirty",
-                 "updated",
+                 "updated", "unstored",
                  "app", "app_guess", "server_name", "fingerprint", "labels_changed",
                  "total_bytes", "series", "series_ready", "qualifies", "held", "ttl_at")
 
     def __init__(self, key: tuple | bytes, ipver: int, proto: int, src: bytes, sport: int,
                  dst: bytes, dport: int, ts_ns: int):
-        self.id = flow_id(key)
+        self._id: str | None = None  # made when first needed: most of a scan's flows never are
         self.key = key
         # src is the sender of the first frame seen of the flow (kept in Redis with HSETNX)
         self.src, self.dst = address_text(ipver, src), address_text(ipver, dst)
@@ -69,6 +69,9 @@ class Flow:
         # dirty: in the per-second sums not yet written; updated: has bytes, labels or a first
         # write not yet in its hash (written on a slower cadence, see sink.py)
         self.dirty = self.updated = False
+        # unstored: a one-packet flow past PROBE_FLOWS_STORED at its first write: it gets no
+        # keys of its own until it has another packet (its bytes count everywhere else)
+        self.unstored = False
         self.app = 0  # packet_records.apps id; 0 = UNKNOWN
         self.app_guess = False
         self.server_name: str | None = None
@@ -86,6 +89,12 @@ class Flow:
         self.held: tuple[int, int, int] | dict[int, list[int]] | None = None
         self.ttl_at = 0.0  # monotonic time the TTL of the flow's keys was last set
 
+
+    @property
+    def id(self) -> str:
+        if self._id is None:
+            self._id = flow_id(self.key)
+        return self._id
 
     # made when needed, not held: a flow table holds up to MAX_FLOWS flows, most flows never
     # get series (FLOW_SERIES=top), and the label is needed once a flush that writes the flow

@@ -60,6 +60,11 @@ class ProcessorSettings(KafkaSecuritySettings):
     flush_max_flows: int = Field(20_000, ge=100, le=1_000_000,
                                  description="Write a partition's flow part early once this "
                                  "many of its flows wait for it")
+    probe_flows_stored: int = Field(
+        1000, ge=0, le=10_000_000, description="Flows of a single packet (what a scan makes) "
+        "given keys of their own (hash, flows:top entries) per flow write of a partition; the "
+        "others count in flows_not_stored, their packets in every series and in the host, "
+        "application and domain sets; 0 = no limit")
     top_flows_kept: int = Field(10000, ge=10, le=10_000_000,
                                 description="Members kept in each top-N set (flows, hosts, ...)")
     live_time_window_s: int = Field(300, ge=1, le=86400,

@@ -64,7 +64,8 @@ TOP_SETS = (TOP_FLOWS, *(f"{a}:top:{b}" for a, b in WINDOWED_SETS),
             *(f"{a}:top:{w}:{b}" for a, b in WINDOWED_SETS for w in WINDOWS))
 COUNTERS = "pipeline:processor"
 PROCESSOR_COUNTERS = ("records", "malformed_frames", "malformed_messages", "rejected_samples",
-                      "write_errors", "set_aside_failed", "offset_resets", "flows_evicted")
+                      "write_errors", "set_aside_failed", "offset_resets", "flows_evicted",
+                      "flows_not_stored")
 LAG_SERIES = "ts:health:consumer_lag:count"
 # Replies of a Redis that is up but refuses writes for now (out of memory, a failed save
 # with stop-writes-on-bgsave-error, a replica, loading a dataset): wait, as for an outage.
@@ -158,6 +159,7 @@ class RedisSink:
         self.script = self.redis.register_script(TOP_LUA.read_text() + "\n"
                                                  + JOURNAL_LUA.read_text())
         self.errors_told: set[str] = set()  # _key_in_the_way()
+        self.flows_not_stored = 0  # by this process (PROBE_FLOWS_STORED), for its log lines
 
     def check(self) -> None:
         """Fail at start with one clear line when Redis or RedisTimeSeries is missing, or the
@@ -296,11 +298,17 @@ class RedisSink:
         group: list[PartitionWrite] = []
         cost = 0
         for state in states:
+            with_flows = flows or state.flow_base is None or state.reset
+            if with_flows:
+                held_back = state.hold_back_probes(s.probe_flows_stored)
+                if held_back:
+                    state.counted["flows_not_stored"] = (
+                        state.counted.get("flows_not_stored", 0) + held_back)
+                    self.flows_not_stored += held_back
             state.plan_series(s.flow_series, s.flow_series_min_bytes, scores, s.flow_series_top,
                               s.flow_series_max_held)
             before, commands = Recorder(), Recorder()
             self._prepare_flows(state.dirty_flows, before)
-            with_flows = flows or state.flow_base is None or state.reset
             series = state.series_pending
             madd, write_cost = self._queue_writes(commands, state, series, with_flows)
             write = PartitionWrite(
@@ -446,7 +454,9 @@ class RedisSink:
         state.fold()  # the series part's flow bytes and counts join the flow part
         newest = max(max((minute for _flow, minute in state.flow_minutes), default=0),
                      max(state.no_flow_minutes, default=0))
-        flows = state.flow_updates
+        # the flows with keys of their own (hashes, flows:top sets); every flow's bytes count
+        # for its hosts, application and domain
+        flows = [f for f in state.flow_updates if not f.unstored]
         # minute -> {member: bytes} for hosts, apps, domains (top.lua's SETS 1-3)
         shared: dict[int, tuple[dict, dict, dict]] = {}
         by_flow: list[dict[int, dict]] = [{} for _ in range(0, len(flows), JOURNAL_FLOWS)]
@@ -464,6 +474,10 @@ class RedisSink:
             by_app[app] = by_app.get(app, 0) + b
             if f.server_name:
                 domains[f.server_name] = domains.get(f.server_name, 0) + b
+            if not f.unstored:
+                endpoints = by_flow[entry_of[f]].setdefault(minute, {})
+                endpoints[f.label] = endpoints.get(f.label, 0) + b
+        for (f, minute), b in state.promoted.items():  # a first packet held back before
             endpoints = by_flow[entry_of[f]].setdefault(minute, {})
             endpoints[f.label] = endpoints.get(f.label, 0) + b
         for minute, b in state.no_flow_minutes.items():

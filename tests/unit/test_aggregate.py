@@ -306,6 +306,34 @@ def test_a_flow_holding_too_many_seconds_gets_its_series():
     assert flow.qualifies
 
 
+def test_one_packet_flows_past_the_limit_are_held_back_in_the_order_they_came():
+    state = state_with(*(rec(T + port, 60, sport=port) for port in range(1, 6)),
+                       rec(T + 10, 70, sport=9), rec(T + 11, 70, sport=9))  # two packets
+    assert state.hold_back_probes(2) == 3
+    assert {f.sport: f.unstored for f in state.flow_updates} == {
+        1: False, 2: False, 3: True, 4: True, 5: True, 9: False}
+    # an unstored flow never gets series, and holds no seconds for them
+    state.plan_series("all", 0, [], 0, 60)
+    assert [f.sport for f in state.dirty_flows if f.qualifies] == [1, 2, 9]
+    state.written()
+    assert all(f.held is None for f in state.table.flows.values())
+    # one held back that has a packet again is written from its first packet on; one that
+    # has not stays held back
+    state.add_records(iter([rec(T + 90 * S, 50, sport=3), rec(T + 91 * S, 60, sport=7)]))
+    assert state.hold_back_probes(2) == -1
+    assert {f.sport: f.unstored for f in state.flow_updates} == {3: False, 7: False}
+    (again,) = [f for f in state.flow_updates if f.sport == 3]
+    assert (again.new, again.delta_bytes, again.delta_packets) == (True, 110, 2)
+    assert state.promoted == {(again, SEC0 // 60): 60}
+    assert [f.sport for f in state.table.flows.values() if f.unstored] == [4, 5]
+
+
+def test_no_limit_holds_back_nothing():
+    state = state_with(*(rec(T, 60, sport=port) for port in range(1, 100)))
+    assert state.hold_back_probes(0) == 0
+    assert not any(f.unstored for f in state.flow_updates)
+
+
 # ----------------------------------------------------------------------------- the two parts
 def test_a_series_only_write_keeps_the_flow_part_for_a_later_one():
     state = PartitionState(0, 10, FlowTable(60 * S, 600 * S, 1000))
