@@ -61,7 +61,7 @@ class ProcessorSettings(KafkaSecuritySettings):
                                  description="Write a partition's flow part early once this "
                                  "many of its flows wait for it")
     probe_flows_stored: int = Field(
-        1000, ge=0, le=10_000_000, description="Flows of a single packet (what a scan makes) "
+        200, ge=0, le=10_000_000, description="Flows of a single packet (what a scan makes) "
         "given keys of their own (hash, flows:top entries) per flow write of a partition; the "
         "others count in flows_not_stored, their packets in every series and in the host, "
         "application and domain sets; 0 = no limit")
