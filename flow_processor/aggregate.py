@@ -58,6 +58,9 @@ class PartitionState:
         # (the messages between the two count for the flow part only: replay())
         self.next_offset = self.flow_base
         self.series_from = base_offset  # messages before this are in the series already
+        # the offset of the first message read while no flow offset was stored: where the
+        # flow part starts (a partition's first write stores it, and writes flows later)
+        self.flow_start: int | None = None
         self.table = table
         self.clock_ns = 0  # newest capture time seen on this partition
         self.topic_id: str | None = None  # id of the topic the offsets belong to, once known
@@ -429,6 +432,8 @@ class PartitionState:
                 flow.delta_bytes = flow.delta_packets = 0
             self.clear_flows()
             self.flow_base = self.next_offset
+        elif self.flow_base is None:
+            self.flow_base = self.flow_start
         self.reset = False
 
 

@@ -238,6 +238,8 @@ class Processor:
         offset = msg.offset()
         if state.next_offset is not None and offset < state.next_offset:
             return  # already aggregated
+        if state.flow_base is None and state.flow_start is None:
+            state.flow_start = offset
         value = msg.value() or b""
         # before the series part's stored offset: read again for the flow part only
         replay = state.series_from is not None and offset < state.series_from

@@ -298,7 +298,13 @@ class RedisSink:
         group: list[PartitionWrite] = []
         cost = 0
         for state in states:
-            with_flows = flows or state.flow_base is None or state.reset
+            # a partition's first write stores where its flow part starts (the first message
+            # read) and leaves the flows for a later write: each flow of a replay is then
+            # written once or twice, not once more at the start
+            with_flows = flows or state.reset or (state.flow_base is None
+                                                  and state.flow_start is None)
+            flow_next = (state.next_offset if with_flows else state.flow_base
+                         if state.flow_base is not None else state.flow_start)
             if with_flows:
                 held_back = state.hold_back_probes(s.probe_flows_stored)
                 if held_back:
@@ -310,12 +316,12 @@ class RedisSink:
             before, commands = Recorder(), Recorder()
             self._prepare_flows(state.dirty_flows, before)
             series = state.series_pending
-            madd, write_cost = self._queue_writes(commands, state, series, with_flows)
+            madd, write_cost = self._queue_writes(commands, state, series, with_flows,
+                                                  flow_next)
             write = PartitionWrite(
                 state, state.partition, state.base_offset,
                 state.next_offset if series else state.base_offset, before.commands,
-                commands.commands, madd, write_cost, state.flow_base,
-                state.next_offset if with_flows else state.flow_base)
+                commands.commands, madd, write_cost, state.flow_base, flow_next)
             state.written(with_flows)
             if group and cost + write.cost > TRANSACTION_COST:
                 groups.append(group)
@@ -413,10 +419,10 @@ class RedisSink:
             return
 
     def _queue_writes(self, pipe: Recorder, state: PartitionState, series: bool,
-                      flows: bool) -> tuple[int, int]:
+                      flows: bool, flow_offset: int | None) -> tuple[int, int]:
         """Record one partition's flush (its series part's offset when series, its flow part
-        with its offset when flows); return how many TS.MADD commands end it, and what it
-        costs (TRANSACTION_COST)."""
+        when flows, and the flow part's offset, flow_offset, when it moves); return how many
+        TS.MADD commands end it, and what it costs (TRANSACTION_COST)."""
         for (name, sec), value in state.health.items():
             pipe.execute_command("TS.ADD", f"ts:health:{name}:count", sec * 1000, value,
                                  "ON_DUPLICATE", "SUM", "LABELS", "dimension", "health",
@@ -426,9 +432,9 @@ class RedisSink:
         entries = self._journal_entries(state) if flows else []
         if entries:
             pipe.execute_command("RPUSH", self.journal, *entries)
-        if flows:
+        if flow_offset != state.flow_base:
             pipe.execute_command("SET", self.flow_offset_prefix + str(state.partition),
-                                 state.next_offset)
+                                 flow_offset)
         if series:
             pipe.execute_command("SET", self.offset_prefix + str(state.partition),
                                  state.next_offset)

@@ -86,8 +86,10 @@ def assert_exact(env: dict, ref) -> None:
 
 
 def slow_env(pipeline_env: dict) -> dict:
-    # small polls and frequent flushes: many transactions, so a kill lands between two of them
-    return dict(pipeline_env, MAX_POLL_RECORDS="1000", FLUSH_INTERVAL_MS="20")
+    # small polls and frequent flushes: many transactions, so a kill lands between two of them;
+    # the flow part every 200 ms, so a kill lands with the series part ahead of it
+    return dict(pipeline_env, MAX_POLL_RECORDS="1000", FLUSH_INTERVAL_MS="20",
+                FLOW_WRITE_INTERVAL_MS="200")
 
 
 def test_kill_9_in_the_middle_then_restart_is_exact(pipeline_env, big_capture):

@@ -140,3 +140,23 @@ def test_an_entry_that_cannot_be_applied_is_counted_and_does_not_stop_the_rest(s
     r.set("domains:top:bytes", "in the way")
     assert writer.drain_journal() == 1  # the ZINCRBY met a string: counted, removed
     assert r.llen(writer.journal) == 0 and int(r.hget("pipeline:processor", "records")) == 9
+
+
+def test_a_partitions_first_write_stores_where_its_flow_part_starts(settings):
+    """A first write (nothing stored yet) stores the series and, as the flow part's offset,
+    the first message read: the flows wait for a later write (or for the next owner, who reads
+    those messages again for them)."""
+    writer = sink.RedisSink(settings)
+    writer.ensure_series()
+    r = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    state = flush_of_flows(3)
+    state.flow_start = 4  # the first message this partition read
+    ids = [flow.id for flow in state.dirty_flows]
+    writer.execute(writer.prepare([state], flows=False), close_newest=False)
+    assert (r.get("pipeline:offsets:g:t:0"), r.get("pipeline:flow_offsets:g:t:0")) == ("10", "4")
+    assert r.exists(*(f"flow:{fid}:meta" for fid in ids)) == 0 and r.llen(writer.journal) == 0
+    assert (state.base_offset, state.flow_base) == (10, 4) and state.flows_pending
+    writer.execute(writer.prepare([state], flows=True), close_newest=True)
+    assert r.get("pipeline:flow_offsets:g:t:0") == "10"
+    assert [int(r.hget(f"flow:{fid}:meta", "packets")) for fid in ids] == [3, 3, 3]
+    assert int(r.hget("pipeline:processor", "records")) == 9
