@@ -56,9 +56,11 @@ class Stop:
 # reference decoder for everything else); a batch is this many frames at most.
 DECODE_BATCH = 1024
 # ... and of a read of a classic pcap (FrameChunk), decoded in place: there, bigger batches
-# cost no copy, and numpy's fixed costs are shared by more frames (a read of 1 MiB holds 1000
-# to 3000 frames of common sizes, up to 16,000 of the smallest)
-CHUNK_DECODE_BATCH = 4096
+# cost no copy, and numpy's fixed costs are shared by more frames (a read of 4 MiB holds 4,000
+# to 12,000 frames of common sizes, up to 65,000 of the smallest; on 20,000 heavy-tailed flows,
+# reads of 4 MiB decoded whole made the file path 12% faster than reads of 1 MiB in batches
+# of 4096)
+CHUNK_DECODE_BATCH = 16384
 _END = object()  # pump(): no first item
 
 

@@ -32,7 +32,7 @@ PCAPNG_BYTE_ORDER_MAGIC = 0x1A2B3C4D
 PCAPNG_IDB, PCAPNG_EPB, PCAPNG_SPB, PCAPNG_OPB = 1, 6, 3, 2
 IDB_OPT_TSRESOL, IDB_OPT_TSOFFSET = 9, 14
 MAX_RECORD = 256 * 1024 * 1024  # bigger "packets" are corruption, not traffic
-CHUNK = 1024 * 1024  # bytes per read
+CHUNK = 4 << 20  # bytes per read (see capture.__main__.CHUNK_DECODE_BATCH)
 # fixed fields each block type needs before its packet data or options
 BLOCK_MIN_BODY = {PCAPNG_IDB: 8, PCAPNG_EPB: 20, PCAPNG_OPB: 20, PCAPNG_SPB: 4}
 # per byte order: a pcapng block's type and length; an enhanced packet block's fields
