@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from itertools import repeat
 
 import numpy as np
 
@@ -189,29 +190,37 @@ class RecordBatcher:
         app_flags = ((labels >> 40) & 0xFF).astype(np.uint8)
         records = batch.records(ts, wire, app, app_flags)
         parts = turns  # the partition of every record, once the deferred frames have theirs
-        # (frames in a read of the file, capture.pcapfile.FrameSlices, are sliced at once)
-        pick = getattr(frames, "pick", None)
-        picked = pick(deferred) if pick else [frames[i] for i in deferred.tolist()]
+        # frames in a read of the file (capture.pcapfile.FrameSlices) are sliced from it only
+        # when they are looked at: not those of flows whose inspection ended in this batch
+        buf = getattr(frames, "buf", None)
+        if buf is not None:
+            at = frames.starts[deferred]
+            picked = zip(at.tolist(), (at + frames.lengths[deferred]).tolist())
+        else:
+            picked = zip(deferred.tolist(), repeat(None))
         find = flows.flows.get
         start = 0  # the records from here on are not placed in their batches yet
         meta: list[tuple[int, int, str]] = []  # (row, kind, text) of the records from start
         rows: list[int] = []  # frames looked at again since start: their flows' labels
         labelled: list[tuple[int, int, int, int]] = []  # (partition, app, app flags, flags)
-        for i, key, t, w, frame, decoded, turn, flag in zip(
+        for i, key, t, w, (a, b), decoded, turn, flag in zip(
                 deferred.tolist(), keys[deferred].tolist(), ts[deferred].tolist(),
                 wire[deferred].tolist(), picked, batch.tuples(deferred),
                 turns[deferred].tolist(), records["flags"][deferred].tolist()):
             if turn == _ADD:  # the records before it go first, as add() may close batches
                 self._place(records, parts, meta, rows, labelled, start, i)
                 meta, rows, labelled = [], [], []
-                add(t, w, frame, decoded)
+                add(t, w, buf[a:b] if buf is not None else frames[a], decoded)
                 start = i + 1
                 continue
             # as add() would: the flow cached now (or enter it), its inspector fed the
             # payload (if it has one and is still there), its label on the record
             flow = find(key)
-            if flow is None or (flow.inspector is not None
-                                and payload_of(frame, decoded) is not None):
+            if flow is not None and flow.inspector is None:
+                frame = None  # inspected to the end: only its label is needed
+            else:
+                frame = buf[a:b] if buf is not None else frames[a]
+            if flow is None or (frame is not None and payload_of(frame, decoded) is not None):
                 flow, names = self._flow_of(t, decoded[1], decoded[2], decoded[3], decoded[4],
                                             decoded[5], frame if decoded[9] >= 0 else None,
                                             decoded)
