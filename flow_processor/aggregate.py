@@ -10,8 +10,9 @@ sink.py). The flow part's offset is never after the series part's.
 from __future__ import annotations
 
 import struct
+from collections import Counter
 from itertools import compress, repeat
-from operator import is_, not_
+from operator import is_, itemgetter, not_
 
 import numpy as np
 
@@ -384,16 +385,20 @@ class PartitionState:
         beat = None  # a total above this ranks among the top_n
         if top_n:
             beat = ranked[top_n] if len(ranked) > top_n else -1  # few flows: all in the top
-        held_seconds: dict[Flow, int] = {}
+        # seconds held with this flush's new ones: counted one by one only for the flows whose
+        # held seconds and cells of this flush (counted in C) could pass max_held
+        near: dict[Flow, int] = {}
         if max_held:
-            for (flow, sec) in self.flow_seconds:
-                if not (flow.series or flow.unstored):
-                    held_seconds[flow] = held_seconds.get(flow, 0) + (
-                        0 if holds(flow.held, sec) else 1)
+            cells = Counter(map(itemgetter(0), self.flow_seconds))
+            near = {f: held_count(f.held) for f in flows
+                    if held_count(f.held) + cells.get(f, 0) > max_held}
+            if near:
+                for (flow, sec) in self.flow_seconds:
+                    if flow in near and not holds(flow.held, sec):
+                        near[flow] += 1
         for f, total in zip(flows, totals):
             f.qualifies = (total >= min_bytes or (beat is not None and total > beat)
-                           or (max_held and len(held_cells(f.held)) + held_seconds.get(f, 0)
-                               > max_held))
+                           or near.get(f, 0) > max_held)
 
     def written(self, flows: bool = True) -> None:
         """The flush landed in Redis: hold the cells of flows without series and clear the
@@ -446,6 +451,11 @@ def held_cells(held) -> list[tuple[int, int, int]]:
     if type(held) is tuple:
         return [held]
     return [(sec, cell[0], cell[1]) for sec, cell in sorted(held.items())]
+
+
+def held_count(held) -> int:
+    """How many seconds Flow.held holds."""
+    return 0 if held is None else 1 if type(held) is tuple else len(held)
 
 
 def holds(held, sec: int) -> bool:

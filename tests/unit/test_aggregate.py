@@ -301,6 +301,9 @@ def test_a_flow_holding_too_many_seconds_gets_its_series():
     (flow,) = state.dirty_flows
     flushed(state, max_held=3)
     assert not flow.series and len(flow.held) == 3
+    state.add_records(iter([rec(T + 2 * S, 10)]))  # a second it holds already: still 3
+    state.plan_series("top", 10**9, [], 0, 3)
+    assert not flow.qualifies
     state.add_records(iter([rec(T + 3 * S, 10)]))
     state.plan_series("top", 10**9, [], 0, 3)
     assert flow.qualifies
