@@ -79,7 +79,7 @@ class PartitionState:
         # already, goes to the flows:top windows now
         self.promoted: dict[tuple[Flow, int], int] = {}
         self.counted: dict[str, int] = {"records": 0, "malformed_frames": 0,
-                                        "malformed_messages": 0}
+                                        "malformed_messages": 0, "flows_not_stored": 0}
 
     def clear(self) -> None:
         """Forget the series part (after it was written, or when it must be dropped)."""
@@ -344,7 +344,8 @@ class PartitionState:
         hold that one packet. A flow held back earlier that has packets again gets its keys
         now, with that first packet (its bytes, in the minute it came, go to the flows:top
         windows through `promoted`). Flows with series keep their keys. Returns the change
-        in the flows without keys (held back now, less those that get keys now)."""
+        in the flows without keys (held back now, less those that get keys now), counted in
+        flows_not_stored."""
         change = seen = 0
         for f in self.flow_updates:
             if f.unstored:
@@ -355,11 +356,12 @@ class PartitionState:
                     f.delta_packets += 1
                     f.total_bytes = 0
                     change -= 1
-            elif stored and f.new and f.delta_packets == 1 and not (f.series or f.qualifies):
+            elif stored and f.new and f.delta_packets == 1 and not f.series:
                 seen += 1
                 if seen > stored:
                     f.unstored = True
                     change += 1
+        self.counted["flows_not_stored"] += change
         return change
 
     def plan_series(self, policy: str, min_bytes: int, top_scores: list[float], top_n: int,

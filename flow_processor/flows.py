@@ -89,7 +89,6 @@ class Flow:
         self.held: tuple[int, int, int] | dict[int, list[int]] | None = None
         self.ttl_at = 0.0  # monotonic time the TTL of the flow's keys was last set
 
-
     @property
     def id(self) -> str:
         if self._id is None:

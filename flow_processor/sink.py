@@ -306,11 +306,7 @@ class RedisSink:
             flow_next = (state.next_offset if with_flows else state.flow_base
                          if state.flow_base is not None else state.flow_start)
             if with_flows:
-                held_back = state.hold_back_probes(s.probe_flows_stored)
-                if held_back:
-                    state.counted["flows_not_stored"] = (
-                        state.counted.get("flows_not_stored", 0) + held_back)
-                    self.flows_not_stored += held_back
+                self.flows_not_stored += state.hold_back_probes(s.probe_flows_stored)
             state.plan_series(s.flow_series, s.flow_series_min_bytes, scores, s.flow_series_top,
                               s.flow_series_max_held)
             before, commands = Recorder(), Recorder()
