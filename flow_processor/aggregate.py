@@ -9,14 +9,12 @@ sink.py). The flow part's offset is never after the series part's.
 
 from __future__ import annotations
 
+import operator
 import struct
-from collections import Counter
-from itertools import compress, repeat
-from operator import is_, itemgetter, not_
 
 import numpy as np
 
-from flow_processor.flows import KEY_FORMAT, Flow, FlowTable
+from flow_processor.flows import KEY_FORMAT, Flow, FlowTable, sum_by_key
 from packet_records import (
     APP_GUESS,
     FLAG_HAS_META,
@@ -30,6 +28,8 @@ from packet_records import (
 )
 
 NS = 1_000_000_000
+_SLOT = operator.attrgetter("slot")
+_UID = operator.attrgetter("uid")
 # L4 bucket of each IP protocol number as an index into PROTOCOLS (records with a 5-tuple)
 _OTHER = PROTOCOLS.index("OTHER")
 _PROTO_CODE = np.full(256, _OTHER, dtype=np.int64)
@@ -85,7 +85,10 @@ class PartitionState:
         """Forget the series part (after it was written, or when it must be dropped)."""
         self.global_: dict[int, list[int]] = {}  # second -> [bytes, packets]
         self.protocols: dict[tuple[str, int], list[int]] = {}  # (PROTO, second) -> [b, p]
-        self.flow_seconds: dict[tuple[Flow, int], list[int]] = {}  # (flow, second) -> [b, p]
+        # (flow, second) cells as column chunks (slot, second, bytes, packets), a flow's slot
+        # being its index in dirty_flows; cells() sums them per (flow, second)
+        self.flow_cells: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        self.cells_summed = False  # flow_cells is one chunk, a cell a row, by slot and second
         self.no_flow: dict[int, list[int]] = {}  # second -> [b, p] of frames without a 5-tuple
         self.dirty_flows: list[Flow] = []
         self.health: dict[tuple[str, int], int] = {}  # (ts:health name, second) -> increment
@@ -128,10 +131,11 @@ class PartitionState:
         if self.folded:
             return
         self.folded = True
-        minutes = self.flow_minutes
-        for (flow, sec), cell in self.flow_seconds.items():
-            key = (flow, sec // 60)
-            minutes[key] = minutes.get(key, 0) + cell[0]
+        minutes, dirty = self.flow_minutes, self.dirty_flows
+        slot, sec, nbytes, packets = self.cells()
+        for s, minute, b, _p in zip(*sum_by_key(slot, sec // 60, nbytes, packets)):
+            key = (dirty[s], minute)
+            minutes[key] = minutes.get(key, 0) + b
         no_flow = self.no_flow_minutes
         for sec, cell in self.no_flow.items():
             no_flow[sec // 60] = no_flow.get(sec // 60, 0) + cell[0]
@@ -268,6 +272,7 @@ class PartitionState:
                                       newest.tolist()):
             if not flow.dirty:
                 flow.dirty = True
+                flow.slot = len(dirty)
                 dirty.append(flow)
                 if not flow.updated:  # cleared with dirty or before (a flow write is a flush)
                     flow.updated = True
@@ -278,26 +283,43 @@ class PartitionState:
                 flow.last_ns = hi
             if lo < flow.first_ns:
                 flow.first_ns = lo
-        # (flow, second) cells, in the order their first records come
-        cell_rank = np.argsort(order[cell_starts])
-        flow_seconds = self.flow_seconds
-        cell_keys = list(zip(map(flows.__getitem__, sorted_flow[cell_starts][cell_rank].tolist()),
-                             s_sec[cell_starts][cell_rank].tolist()))
-        cell_bytes = np.add.reduceat(s_wire, cell_starts)[cell_rank].tolist()
-        cell_packets = np.diff(cell_starts, append=m)[cell_rank].tolist()
-        cells = list(map(flow_seconds.get, cell_keys))
-        new = list(map(is_, cells, repeat(None)))
-        # new cells in one update, in their order (C loops); then the cells that were there
-        flow_seconds.update(zip(compress(cell_keys, new),
-                                map(list, compress(zip(cell_bytes, cell_packets), new))))
-        if not all(new):
-            old = list(map(not_, new))
-            for cell, b, p in zip(compress(cells, old), compress(cell_bytes, old),
-                                  compress(cell_packets, old)):
-                cell[0] += b
-                cell[1] += p
+        # (flow, second) cells as columns: no Python object a cell
+        slots = np.fromiter(map(_SLOT, flows), np.int64, len(flows))
+        self.flow_cells.append((slots[sorted_flow[cell_starts]], s_sec[cell_starts],
+                                np.add.reduceat(s_wire, cell_starts),
+                                np.diff(cell_starts, append=m)))
+        self.cells_summed = False
         self._label_flows(flows, record_flow, batch["app"], batch["app_flags"])
         return flows, record_flow
+
+    def cells(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The series part's (flow, second) cells, each once: int64 columns slot (the flow's
+        index in dirty_flows), second, bytes, packets; by slot, then second."""
+        chunks = self.flow_cells
+        if not chunks:
+            empty = np.empty(0, np.int64)
+            return empty, empty, empty, empty
+        if not self.cells_summed:
+            slot, sec, nbytes, packets = (np.concatenate(c) if len(chunks) > 1 else c[0]
+                                          for c in zip(*chunks))
+            lo, hi = int(sec.min()), int(sec.max())
+            span = hi - lo + 1
+            dense = len(self.dirty_flows) * span
+            # a sum per possible (slot, second), when there are few (float sums: exact below
+            # 2**53 bytes), else a sort
+            if dense <= 4 * len(slot) + 65536 and int(nbytes.sum()) < 2**53:
+                key = slot * span + (sec - lo)
+                count = np.bincount(key, minlength=dense)
+                at = np.flatnonzero(count)
+                cells = (at // span, at % span + lo,
+                         np.bincount(key, nbytes, dense)[at].astype(np.int64),
+                         np.bincount(key, packets, dense)[at].astype(np.int64))
+            else:  # seconds far apart (capture times are whatever the wire says)
+                cells = tuple(np.array(c, dtype=np.int64)
+                              for c in sum_by_key(slot, sec, nbytes, packets))
+            self.flow_cells = [cells]
+            self.cells_summed = True
+        return self.flow_cells[0]
 
     def _create_flows(self, flows: list, keys: list[bytes], first: np.ndarray,
                       first_ts: np.ndarray) -> None:
@@ -387,17 +409,23 @@ class PartitionState:
         beat = None  # a total above this ranks among the top_n
         if top_n:
             beat = ranked[top_n] if len(ranked) > top_n else -1  # few flows: all in the top
-        # seconds held with this flush's new ones: counted one by one only for the flows whose
-        # held seconds and cells of this flush (counted in C) could pass max_held
+        # seconds held with this flush's: counted one by one only for the flows whose held rows
+        # and cells of this flush could pass max_held (a second held from two flushes is two
+        # rows)
         near: dict[Flow, int] = {}
         if max_held:
-            cells = Counter(map(itemgetter(0), self.flow_seconds))
-            near = {f: held_count(f.held) for f in flows
-                    if held_count(f.held) + cells.get(f, 0) > max_held}
-            if near:
-                for (flow, sec) in self.flow_seconds:
-                    if flow in near and not holds(flow.held, sec):
-                        near[flow] += 1
+            slot, sec, _b, _p = self.cells()
+            cells = np.bincount(slot, minlength=len(self.dirty_flows)).tolist()
+            near_flows = [f for f in flows if f.held_rows + cells[f.slot] > max_held]
+            if near_flows:
+                held = self.table.held.seconds([f.uid for f in near_flows])
+                is_near = np.zeros(len(self.dirty_flows), dtype=bool)
+                is_near[[f.slot for f in near_flows]] = True
+                mine = is_near[slot]
+                dirty = self.dirty_flows
+                for s, second in zip(slot[mine].tolist(), sec[mine].tolist()):
+                    held[dirty[s].uid].add(second)
+                near = {f: len(held[f.uid]) for f in near_flows}
         for f, total in zip(flows, totals):
             f.qualifies = (total >= min_bytes or (beat is not None and total > beat)
                            or near.get(f, 0) > max_held)
@@ -408,27 +436,28 @@ class PartitionState:
         flows' totals and clear the flow part."""
         series = self.series_pending  # (not while messages are read again for flows only)
         self.fold()
-        for (flow, sec), cell in self.flow_seconds.items():
-            if not (flow.series or flow.qualifies or flow.unstored):
-                held = flow.held
-                if held is None:  # most flows (a scan's, short ones) hold one second
-                    flow.held = (sec, cell[0], cell[1])
-                elif type(held) is tuple:
-                    if held[0] == sec:
-                        flow.held = (sec, held[1] + cell[0], held[2] + cell[1])
-                    else:
-                        flow.held = {held[0]: [held[1], held[2]], sec: [cell[0], cell[1]]}
-                else:
-                    old = held.get(sec)
-                    if old is None:
-                        held[sec] = [cell[0], cell[1]]
-                    else:
-                        old[0] += cell[0]
-                        old[1] += cell[1]
-        for flow in self.dirty_flows:
+        dirty = self.dirty_flows
+        if dirty:
+            slot, sec, nbytes, packets = self.cells()
+            hold = np.fromiter([not (f.series or f.qualifies or f.unstored) for f in dirty],
+                               bool, len(dirty))[slot]
+            if hold.any():
+                slot = slot[hold]
+                uid = np.fromiter(map(_UID, dirty), np.int64, len(dirty))
+                self.table.held.add(uid[slot], sec[hold], nbytes[hold], packets[hold])
+                for s, rows in enumerate(np.bincount(slot, minlength=len(dirty)).tolist()):
+                    if rows:
+                        dirty[s].held_rows += rows
+        qualified = []
+        for flow in dirty:
             if flow.qualifies:
-                flow.series, flow.qualifies, flow.held = True, False, None
+                flow.series, flow.qualifies = True, False
+                if flow.held_rows:  # (the sink took them, with the flush's samples)
+                    qualified.append(flow.uid)
+                    flow.held_rows = 0
             flow.dirty = False
+        if qualified:
+            self.table.held.take(qualified)
         self.clear()
         if series:
             self.base_offset = self.series_from = self.next_offset
@@ -442,31 +471,6 @@ class PartitionState:
         elif self.flow_base is None:
             self.flow_base = self.flow_start
         self.reset = False
-
-
-def held_cells(held) -> list[tuple[int, int, int]]:
-    """(second, bytes, packets) of what a flow without series holds (Flow.held), by second.
-    Flow.held is None, one (second, bytes, packets) tuple, or {second: [bytes, packets]}: one
-    second is what most flows hold, and a tuple is a third of a dict's memory."""
-    if held is None:
-        return []
-    if type(held) is tuple:
-        return [held]
-    return [(sec, cell[0], cell[1]) for sec, cell in sorted(held.items())]
-
-
-def held_count(held) -> int:
-    """How many seconds Flow.held holds."""
-    return 0 if held is None else 1 if type(held) is tuple else len(held)
-
-
-def holds(held, sec: int) -> bool:
-    """Does Flow.held have a cell for this second?"""
-    if held is None:
-        return False
-    if type(held) is tuple:
-        return held[0] == sec
-    return sec in held
 
 
 def _apply_meta(flow: Flow, kind: int, text: str) -> None:

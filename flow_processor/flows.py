@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import socket
 import struct
+
+import numpy as np
 
 from packet_records import PROTO_NAMES
 
@@ -40,26 +43,28 @@ _ADDRESSES: dict[bytes, str] = {}
 
 def endpoints_label(proto: int, src: str, sport: int, dst: str, dport: int, fid: str) -> str:
     """'TCP 192.0.2.1:51000 -> 198.51.100.2:443 (id)': a flow as the top-N panel shows it."""
-    def end(addr: str, port: int) -> str:
-        return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
-
     name = PROTO_NAMES.get(proto, str(proto))
-    return f"{name} {end(src, sport)} -> {end(dst, dport)} ({fid})"
+    return f"{name} {_end(src, sport)} -> {_end(dst, dport)} ({fid})"
+
+
+def _end(addr: str, port: int) -> str:
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
 
 
 class Flow:
     """One flow as this process knows it since the flow entered its table."""
 
-    __slots__ = ("_id", "key", "src", "dst", "sport", "dport", "proto",
+    __slots__ = ("_id", "key", "uid", "src", "dst", "sport", "dport", "proto",
                  "first_ns", "last_ns", "opened_ns", "delta_bytes", "delta_packets", "new", "dirty",
-                 "updated", "unstored",
+                 "slot", "updated", "unstored",
                  "app", "app_guess", "server_name", "fingerprint", "labels_changed",
-                 "total_bytes", "series", "series_ready", "qualifies", "held", "ttl_at")
+                 "total_bytes", "series", "series_ready", "qualifies", "held_rows", "ttl_at")
 
     def __init__(self, key: tuple | bytes, ipver: int, proto: int, src: bytes, sport: int,
                  dst: bytes, dport: int, ts_ns: int):
         self._id: str | None = None  # made when first needed: most of a scan's flows never are
         self.key = key
+        self.uid = next(_UIDS)  # this table entry's number: its rows in HeldCells
         # src is the sender of the first frame seen of the flow (kept in Redis with HSETNX)
         self.src, self.dst = address_text(ipver, src), address_text(ipver, dst)
         self.sport, self.dport, self.proto = sport, dport, proto
@@ -69,6 +74,7 @@ class Flow:
         # dirty: in the per-second sums not yet written; updated: has bytes, labels or a first
         # write not yet in its hash (written on a slower cadence, see sink.py)
         self.dirty = self.updated = False
+        self.slot = 0  # while dirty: its index in PartitionState.dirty_flows (cell columns)
         # unstored: a one-packet flow past PROBE_FLOWS_STORED at its first write: it gets no
         # keys of its own until it has another packet (its bytes count everywhere else)
         self.unstored = False
@@ -80,13 +86,12 @@ class Flow:
         self.total_bytes = 0  # bytes of this table entry written to its hash
         # Per-flow series (FLOW_SERIES): series is True once this entry's series are written
         # (FLOW_SERIES=all: from the start); series_ready once they were created in Redis;
-        # qualifies: chosen by the flush being written; held: per-second cells written before
-        # the flow qualified, kept here until it does (aggregate.held_cells: None, one
-        # (second, bytes, packets) tuple, or {second: [bytes, packets]}).
+        # qualifies: chosen by the flush being written; held_rows: its rows in the table's
+        # HeldCells (per-second cells written before it qualified, kept until it does).
         self.series = False
         self.series_ready = False
         self.qualifies = False
-        self.held: tuple[int, int, int] | dict[int, list[int]] | None = None
+        self.held_rows = 0
         self.ttl_at = 0.0  # monotonic time the TTL of the flow's keys was last set
 
     @property
@@ -110,12 +115,109 @@ class Flow:
         return f"ts:flow:{self.id}:pps"
 
 
+_UIDS = itertools.count(1)
+
+
+class HeldCells:
+    """The per-second cells of a table's flows that have no series yet (FLOW_SERIES=top),
+    written to the aggregate series already and kept for the flow's own series should it
+    qualify: rows of (flow uid, second, bytes, packets) held column-wise, a flush's at a time.
+    A second a flow had in two flushes has two rows (take() sums them). Rows of flows that
+    left the table are dropped once they are half of all."""
+
+    def __init__(self):
+        self.columns: list[tuple[np.ndarray, ...]] = []  # (uid, sec, bytes, packets) chunks
+        self.rows = 0
+        self.gone: list[int] = []  # uids of flows that left the table with rows here
+        self.gone_rows = 0
+
+    def add(self, uid: np.ndarray, sec: np.ndarray, nbytes: np.ndarray,
+            packets: np.ndarray) -> None:
+        if len(uid):
+            self.columns.append((uid, sec, nbytes, packets))
+            self.rows += len(uid)
+
+    def _merged(self) -> tuple[np.ndarray, ...]:
+        if len(self.columns) != 1:
+            empty = np.empty(0, np.int64)
+            self.columns = [tuple(np.concatenate(c) for c in zip(*self.columns))
+                            if self.columns else (empty,) * 4]
+        return self.columns[0]
+
+    def _rows_of(self, uids: list[int]) -> np.ndarray:
+        """A mask over the merged rows: those of these flows."""
+        return np.isin(self._merged()[0], np.array(uids, dtype=np.int64))
+
+    def cells(self, uids: list[int]) -> dict[int, list[tuple[int, int, int]]]:
+        """uid -> [(second, bytes, packets)] held for these flows, by second, one a second."""
+        return self._cells(uids)[1]
+
+    def take(self, uids: list[int]) -> dict[int, list[tuple[int, int, int]]]:
+        """cells(uids), removed from here."""
+        mine, cells = self._cells(uids)
+        if mine is not None:
+            self._keep(~mine)
+        return cells
+
+    def _cells(self, uids: list[int]) -> tuple[np.ndarray | None, dict]:
+        if not self.rows or not uids:
+            return None, {}
+        mine = self._rows_of(uids)
+        uid, sec, nbytes, packets = (column[mine] for column in self._merged())
+        cells: dict[int, list[tuple[int, int, int]]] = {}
+        for u, s, b, p in zip(*sum_by_key(uid, sec, nbytes, packets)):
+            cells.setdefault(u, []).append((s, b, p))
+        return mine, cells
+
+    def seconds(self, uids: list[int]) -> dict[int, set[int]]:
+        """uid -> the seconds held for that flow."""
+        held: dict[int, set[int]] = {u: set() for u in uids}
+        if self.rows and uids:
+            mine = self._rows_of(uids)
+            uid, sec = self._merged()[0][mine], self._merged()[1][mine]
+            for u, s in zip(uid.tolist(), sec.tolist()):
+                held[u].add(s)
+        return held
+
+    def forget(self, flows: list) -> None:
+        """These flows left the table: their rows are of no use any more."""
+        for f in flows:
+            if f.held_rows:
+                self.gone.append(f.uid)
+                self.gone_rows += f.held_rows
+                f.held_rows = 0
+        if self.gone_rows and 2 * self.gone_rows >= self.rows:
+            self._keep(~self._rows_of(self.gone))
+            self.gone, self.gone_rows = [], 0
+
+    def _keep(self, mask: np.ndarray) -> None:
+        self.columns = [tuple(column[mask] for column in self._merged())]
+        self.rows = int(np.count_nonzero(mask))
+
+
+def sum_by_key(major: np.ndarray, minor: np.ndarray, nbytes: np.ndarray, packets: np.ndarray,
+               ) -> tuple[list[int], list[int], list[int], list[int]]:
+    """Rows summed per (major, minor), in the order of major, then minor; as lists of ints."""
+    if not len(major):
+        return [], [], [], []
+    order = np.lexsort((minor, major))
+    major, minor = major[order], minor[order]
+    start = np.empty(len(major), dtype=bool)
+    start[0] = True
+    start[1:] = (major[1:] != major[:-1]) | (minor[1:] != minor[:-1])
+    starts = np.flatnonzero(start)
+    return (major[starts].tolist(), minor[starts].tolist(),
+            np.add.reduceat(nbytes[order], starts).tolist(),
+            np.add.reduceat(packets[order], starts).tolist())
+
+
 class FlowTable:
     """Flows of one partition, with idle and active timeouts on capture time and a size bound
     (the process's bound is shared between its partitions' tables: see evict_oldest)."""
 
     def __init__(self, idle_ns: int, active_ns: int, max_flows: int):
         self.flows: dict[bytes, Flow] = {}  # by key (KEY_FORMAT)
+        self.held = HeldCells()
         self.idle_ns, self.active_ns, self.max_flows = idle_ns, active_ns, max_flows
 
     def __len__(self) -> int:
@@ -134,6 +236,7 @@ class FlowTable:
                 flow = self.flows[key]
                 if not (flow.dirty or flow.updated):
                     gone.append(self.flows.pop(key))
+        self.held.forget(gone)
         return gone
 
     def evict_oldest(self, count: int) -> list[Flow]:
@@ -154,7 +257,9 @@ class FlowTable:
                         break
         for key in chosen:
             del self.flows[key]
-        return list(chosen.values())
+        gone = list(chosen.values())
+        self.held.forget(gone)
+        return gone
 
 
 def evict_over_bound(tables: list[FlowTable], max_flows: int) -> list[Flow]:

@@ -24,14 +24,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import orjson
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError, WatchError
 from redis.retry import Retry
 
-from flow_processor.aggregate import PartitionState, held_cells
-from flow_processor.flows import Flow
+from flow_processor.aggregate import PartitionState
+from flow_processor.flows import Flow, sum_by_key
 from flow_processor.settings import ProcessorSettings
 from packet_records import PROTOCOLS, STATS_COUNTERS
 from packet_records.apps import APPS
@@ -538,25 +539,28 @@ class RedisSink:
             add(sec, f"ts:protocol:{proto}", cell)
         for sec, cell in state.no_flow.items():
             add(sec, "ts:app:UNKNOWN", cell)
-        app_keys = APP_SERIES
         flow_args: list = []
-        get = totals.get
-        for (flow, sec), cell in state.flow_seconds.items():  # (add() inlined: one a cell)
-            key = (sec, app_keys[flow.app])
-            total = get(key)
-            if total is None:
-                totals[key] = [cell[0], cell[1]]
-            else:
-                total[0] += cell[0]
-                total[1] += cell[1]
-            if flow.series or flow.qualifies:
-                ms = sec * 1000
-                flow_args += (flow.bps_key, ms, cell[0], flow.pps_key, ms, cell[1])
-        for flow in state.dirty_flows:  # cells held until the flow qualified: its first seconds
-            if flow.qualifies and flow.held:
-                for sec, held_bytes, held_packets in held_cells(flow.held):
-                    ms = sec * 1000
-                    flow_args += (flow.bps_key, ms, held_bytes, flow.pps_key, ms, held_packets)
+        dirty = state.dirty_flows
+        slot, sec, nbytes, packets = state.cells()
+        if len(slot):
+            # per application and second: the cells summed column-wise
+            app = np.fromiter([f.app for f in dirty], np.int64, len(dirty))[slot]
+            for a, second, b, p in zip(*sum_by_key(app, sec, nbytes, packets)):
+                add(second, APP_SERIES[a], (b, p))
+            # cells held until a flow qualified (its first seconds), then the flush's own
+            held = state.table.held.take([f.uid for f in dirty if f.qualifies and f.held_rows])
+            for flow in dirty:
+                if flow.qualifies and flow.held_rows:
+                    flow.held_rows = 0
+                    for second, b, p in held.get(flow.uid, ()):
+                        ms = second * 1000
+                        flow_args += (flow.bps_key, ms, b, flow.pps_key, ms, p)
+            wanted = np.fromiter([f.series or f.qualifies for f in dirty], bool, len(dirty))[slot]
+            if wanted.any():
+                for s, second, b, p in zip(slot[wanted].tolist(), sec[wanted].tolist(),
+                                           nbytes[wanted].tolist(), packets[wanted].tolist()):
+                    flow, ms = dirty[s], second * 1000
+                    flow_args += (flow.bps_key, ms, b, flow.pps_key, ms, p)
         args: list = []
         for (sec, series), cell in sorted(totals.items()):
             ms = sec * 1000

@@ -7,6 +7,7 @@ import socket
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from capture.batching import RecordBatcher
@@ -51,9 +52,20 @@ def state_with(*records, meta=()) -> PartitionState:
     return state
 
 
+def flow_seconds(state: PartitionState) -> dict:
+    """state.cells() as {(flow, second): [bytes, packets]}."""
+    slot, sec, nbytes, packets = (c.tolist() for c in state.cells())
+    return {(state.dirty_flows[s], t): [b, p] for s, t, b, p in zip(slot, sec, nbytes, packets)}
+
+
 def seconds_by_flow_id(state: PartitionState) -> dict:
-    """state.flow_seconds keyed by (flow id, second)."""
-    return {(flow.id, sec): cell for (flow, sec), cell in state.flow_seconds.items()}
+    """The flush's (flow, second) cells keyed by (flow id, second)."""
+    return {(flow.id, sec): cell for (flow, sec), cell in flow_seconds(state).items()}
+
+
+def held(state: PartitionState, flow: Flow) -> list[tuple[int, int, int]]:
+    """(second, bytes, packets) the table holds for a flow without series."""
+    return state.table.held.cells([flow.uid]).get(flow.uid, [])
 
 
 # ----------------------------------------------------------------------------- per-second sums
@@ -88,7 +100,7 @@ def test_protocol_bucket(ipver, proto, name):
 def test_non_ip_frames_count_but_make_no_flow():
     state = state_with(rec(T, 60, src=MAC, dst=MAC, sport=0, dport=0, proto=0, ipver=0))
     assert state.global_ == state.no_flow == {SEC0: [60, 1]} and state.records == 1
-    assert len(state.table) == 0 and state.flow_seconds == {} and state.dirty_flows == []
+    assert len(state.table) == 0 and flow_seconds(state) == {} and state.dirty_flows == []
 
 
 def test_other_ip_protocols_do_make_flows():
@@ -173,7 +185,7 @@ def test_malformed_frames_are_counted_and_still_aggregated():
 def test_clear_forgets_the_aggregates_but_not_the_flows():
     state = state_with(rec(T, 60, flags=FLAG_MALFORMED))
     state.clear()
-    assert (state.global_, state.protocols, state.flow_seconds, state.dirty_flows) == (
+    assert (state.global_, state.protocols, flow_seconds(state), state.dirty_flows) == (
         {}, {}, {}, [])
     assert (state.records, state.malformed_frames, len(state.table)) == (0, 0, 1)
 
@@ -232,36 +244,43 @@ def test_all_policy_gives_every_flow_its_series_at_once():
     state.plan_series("all", 10**9, [], 0, 60)
     assert flow.qualifies
     state.written()
-    assert flow.series and flow.held is None and flow.total_bytes == 100
+    assert flow.series and held(state, flow) == [] and flow.total_bytes == 100
 
 
 def test_top_policy_holds_cells_until_the_flow_reaches_the_byte_threshold():
     state = state_with(rec(T, 100), rec(T + S, 50))
     (flow,) = state.table.flows.values()
     flushed(state, min_bytes=1000)
-    assert not flow.series and flow.held == {SEC0: [100, 1], SEC0 + 1: [50, 1]}
-    assert flow.total_bytes == 150 and state.flow_seconds == {}
+    assert not flow.series and held(state, flow) == [(SEC0, 100, 1), (SEC0 + 1, 50, 1)]
+    assert flow.total_bytes == 150 and flow_seconds(state) == {} and flow.held_rows == 2
     state.add_records(iter([rec(T + S, 900), rec(T + 2 * S, 10)]))
     state.plan_series("top", 1000, [], 0, 60)
     assert flow.qualifies  # 1060 bytes: the held cells and these go out with this flush
     state.written()
-    assert flow.series and flow.held is None and flow.total_bytes == 1060
+    assert flow.series and held(state, flow) == [] and flow.total_bytes == 1060
+    assert flow.held_rows == 0 and state.table.held.rows == 0
 
 
-def test_one_held_second_is_a_tuple_and_grows_into_cells():
-    from flow_processor.aggregate import held_cells, holds
-
+def test_a_second_held_from_two_flushes_is_summed():
     state = state_with(rec(T, 100))
     (flow,) = state.table.flows.values()
     flushed(state, min_bytes=1000)
-    assert flow.held == (SEC0, 100, 1) and holds(flow.held, SEC0) and not holds(flow.held, 0)
+    assert held(state, flow) == [(SEC0, 100, 1)] and flow.held_rows == 1
     state.add_records(iter([rec(T, 5)]))
     flushed(state, min_bytes=1000)
-    assert flow.held == (SEC0, 105, 2)
+    assert held(state, flow) == [(SEC0, 105, 2)] and flow.held_rows == 2
     state.add_records(iter([rec(T + S, 7)]))
     flushed(state, min_bytes=1000)
-    assert held_cells(flow.held) == [(SEC0, 105, 2), (SEC0 + 1, 7, 1)]
-    assert held_cells(None) == []
+    assert held(state, flow) == [(SEC0, 105, 2), (SEC0 + 1, 7, 1)]
+
+
+def test_held_rows_of_flows_that_left_the_table_are_dropped():
+    state = state_with(*(rec(T, 100, sport=port) for port in range(1, 11)))
+    flushed(state, min_bytes=1000)
+    assert state.table.held.rows == 10
+    gone = state.table.expire(T + 3600 * S)  # all idle: they leave with their rows
+    assert len(gone) == 10 and state.table.held.rows == 0
+    assert all(f.held_rows == 0 for f in gone)
 
 
 def test_a_flush_that_did_not_land_changes_nothing():
@@ -300,7 +319,7 @@ def test_a_flow_holding_too_many_seconds_gets_its_series():
     state = state_with(*(rec(T + k * S, 10) for k in range(3)))
     (flow,) = state.dirty_flows
     flushed(state, max_held=3)
-    assert not flow.series and len(flow.held) == 3
+    assert not flow.series and len(held(state, flow)) == 3
     state.add_records(iter([rec(T + 2 * S, 10)]))  # a second it holds already: still 3
     state.plan_series("top", 10**9, [], 0, 3)
     assert not flow.qualifies
@@ -319,7 +338,8 @@ def test_one_packet_flows_past_the_limit_are_held_back_in_the_order_they_came():
     state.plan_series("all", 0, [], 0, 60)
     assert [f.sport for f in state.dirty_flows if f.qualifies] == [1, 2, 9]
     state.written()
-    assert all(f.held is None for f in state.table.flows.values())
+    assert state.table.held.rows == 0
+    assert all(f.held_rows == 0 for f in state.table.flows.values())
     # one held back that has a packet again is written from its first packet on; one that
     # has not stays held back
     state.add_records(iter([rec(T + 90 * S, 50, sport=3), rec(T + 91 * S, 60, sport=7)]))
@@ -380,7 +400,7 @@ def test_messages_before_the_series_offset_count_for_the_flow_part_only():
 # add_records works column-wise; this is the per-record loop it replaced, kept as the reference
 # it must agree with field by field (dict contents and insertion order, flows and their labels).
 def reference_add_records(state: PartitionState, records, meta=()) -> None:
-    global_, protocols, flow_seconds = state.global_, state.protocols, state.flow_seconds
+    global_, protocols, flow_seconds = state.global_, state.protocols, {}
     flows, dirty = state.table.flows, state.dirty_flows
     count = malformed = 0
     clock = state.clock_ns
@@ -419,6 +439,7 @@ def reference_add_records(state: PartitionState, records, meta=()) -> None:
             flows[key] = flow = Flow(key, ipver, proto, src, sport, dst, dport, ts)
         if not flow.dirty:
             flow.dirty = True
+            flow.slot = len(dirty)
             dirty.append(flow)
         if not flow.updated:
             flow.updated = True
@@ -451,19 +472,24 @@ def reference_add_records(state: PartitionState, records, meta=()) -> None:
     state.clock_ns = clock
     state.records += count
     state.malformed_frames += malformed
+    if flow_seconds:  # the cells as add_records keeps them: a chunk of columns
+        state.flow_cells.append(tuple(np.array(column, dtype=np.int64) for column in zip(
+            *((flow.slot, sec, b, p) for (flow, sec), (b, p) in flow_seconds.items()))))
+        state.cells_summed = False
 
 
 def snapshot(state: PartitionState) -> dict:
     """Everything add_records touches, flows by key, dicts as lists (their order counts)."""
-    def fields(flow: Flow) -> dict:
-        return {name: getattr(flow, name) for name in Flow.__slots__}
+    def fields(flow: Flow) -> dict:  # (uid: a number of the process, not of the state)
+        return {name: getattr(flow, name) for name in Flow.__slots__ if name != "uid"}
 
     return {
         "global": list(state.global_.items()),
         "protocols": list(state.protocols.items()),
         "no_flow": list(state.no_flow.items()),
-        "flow_seconds": [((flow.key, sec), cell)
-                         for (flow, sec), cell in state.flow_seconds.items()],
+        "flow_seconds": {(flow.key, sec): cell
+                         for (flow, sec), cell in flow_seconds(state).items()},
+        "held": {flow.key: held(state, flow) for flow in state.table.flows.values()},
         "dirty": [flow.key for flow in state.dirty_flows],
         "updates": [flow.key for flow in state.flow_updates],
         "table": [(key, fields(flow)) for key, flow in state.table.flows.items()],
@@ -475,7 +501,7 @@ def snapshot(state: PartitionState) -> dict:
 def assert_plain_ints(state: PartitionState) -> None:
     """No numpy scalars leak into what the sink writes and hashes."""
     cells = [*state.global_.items(), *state.protocols.items(), *state.no_flow.items(),
-             *state.flow_seconds.items()]
+             *flow_seconds(state).items()]
     for key, cell in cells:
         sec = key if isinstance(key, int) else key[1]
         assert type(sec) is int and all(type(v) is int for v in cell), (key, cell)
@@ -485,7 +511,7 @@ def assert_plain_ints(state: PartitionState) -> None:
             "dport", "proto")), flow.key
         assert type(flow.app_guess) is bool
         assert type(flow.key) is bytes and len(flow.key) == struct.calcsize(KEY_FORMAT)
-    for (flow, _sec) in state.flow_seconds:
+    for (flow, _sec) in flow_seconds(state):
         assert state.table.flows[flow.key] is flow
 
 
