@@ -220,13 +220,17 @@ class RecordBatcher:
                 frame = None  # inspected to the end: only its label is needed
             else:
                 frame = buf[a:b] if buf is not None else frames[a]
-            if flow is None or (frame is not None and payload_of(frame, decoded) is not None):
+            names = None
+            if flow is None:
                 flow, names = self._flow_of(t, decoded[1], decoded[2], decoded[3], decoded[4],
                                             decoded[5], frame if decoded[9] >= 0 else None,
                                             decoded)
-                if names:
-                    flag |= FLAG_HAS_META
-                    meta.extend((i, kind, safe_name(raw)) for kind, raw in names)
+            elif (frame is not None and decoded[9] >= 0
+                  and payload_of(frame, decoded) is not None):  # (its inspector is there)
+                names = flows.inspect(flow, frame, decoded, t)
+            if names:
+                flag |= FLAG_HAS_META
+                meta.extend((i, kind, safe_name(raw)) for kind, raw in names)
             rows.append(i)
             labelled.append((flow.partition, flow.app, flow.app_flags, flag))
         self._place(records, parts, meta, rows, labelled, start, n)
