@@ -99,6 +99,17 @@ class FragmentTracker:
         return out
 
 
+def _label_late(records: np.ndarray, parts: np.ndarray, late: list[int], late_flows: list[int],
+                final_labels: list[int]) -> None:
+    """add_batch(): records `late` take the final labels of their flows (late_flows)."""
+    if late:
+        at = np.array(late, dtype=np.intp)
+        label = np.array(final_labels, dtype=np.int64)[late_flows]
+        parts[at] = label & _PARTITION
+        records["app"][at] = (label >> 32) & 0xFF
+        records["app_flags"][at] = (label >> 40) & 0xFF
+
+
 class RecordBatcher:
     """Packs one record per frame (with its L7 label when inspection is on) and groups them
     into one message per partition."""
@@ -203,11 +214,25 @@ class RecordBatcher:
         meta: list[tuple[int, int, str]] = []  # (row, kind, text) of the records from start
         rows: list[int] = []  # frames looked at again since start: their flows' labels
         labelled: list[tuple[int, int, int, int]] = []  # (partition, app, app flags, flags)
-        for i, key, t, w, (a, b), decoded, turn, flag in zip(
-                deferred.tolist(), keys[deferred].tolist(), ts[deferred].tolist(),
-                wire[deferred].tolist(), picked, batch.tuples(deferred),
+        # Each deferred frame's flow, numbered: once a flow is seen inspected to the end, its
+        # label is final (nothing changes it in this batch), and its later frames take it
+        # from final_labels, all at once (late: those frames, late_flows: their flows)
+        _, flow_of = np.unique(keys[deferred], return_inverse=True)
+        ended = [False] * (int(flow_of.max()) + 1 if len(deferred) else 0)
+        final_labels = [0] * len(ended)
+        late: list[int] = []
+        late_flows: list[int] = []
+        for i, f, key, t, w, (a, b), decoded, turn, flag in zip(
+                deferred.tolist(), flow_of.tolist(), keys[deferred].tolist(),
+                ts[deferred].tolist(), wire[deferred].tolist(), picked, batch.tuples(deferred),
                 turns[deferred].tolist(), records["flags"][deferred].tolist()):
+            if ended[f] and turn != _ADD:
+                late.append(i)
+                late_flows.append(f)
+                continue
             if turn == _ADD:  # the records before it go first, as add() may close batches
+                _label_late(records, parts, late, late_flows, final_labels)
+                late, late_flows = [], []
                 self._place(records, parts, meta, rows, labelled, start, i)
                 meta, rows, labelled = [], [], []
                 add(t, w, buf[a:b] if buf is not None else frames[a], decoded)
@@ -233,6 +258,9 @@ class RecordBatcher:
                 meta.extend((i, kind, safe_name(raw)) for kind, raw in names)
             rows.append(i)
             labelled.append((flow.partition, flow.app, flow.app_flags, flag))
+            if flow.inspector is None:
+                ended[f], final_labels[f] = True, flow.label
+        _label_late(records, parts, late, late_flows, final_labels)
         self._place(records, parts, meta, rows, labelled, start, n)
         self.last_ts = int(ts[-1])
 
