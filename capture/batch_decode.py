@@ -295,8 +295,11 @@ def _decode_group(buf: bytes, starts: np.ndarray, lengths: np.ndarray,
     def gather(width: int, pos: np.ndarray) -> np.ndarray:
         """The `width` bytes from every position `pos` of buf, one row each (as
         sliding_window_view would give them, without the cost of its checks)."""
-        windows = np.ndarray((len(buf) - width + 1, width), np.uint8, buf, strides=(1, 1))
-        return windows[np.minimum(pos, len(buf) - width) if at_edge else pos]
+        # (windows as one `width`-byte item each: numpy copies an item at a time, twice as
+        # fast as rows of bytes)
+        windows = np.ndarray((len(buf) - width + 1,), f"V{width}", buf, strides=(1,))
+        rows = windows[np.minimum(pos, len(buf) - width) if at_edge else pos]
+        return rows.view(np.uint8).reshape(len(rows), width)
 
     if raw:
         off = np.zeros(n, dtype=np.int64)

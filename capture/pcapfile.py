@@ -228,10 +228,11 @@ def _pcap_chunk(buf: bytes, starts: list[int], scale: int, fields: np.dtype,
                 linktype: int) -> FrameChunk:
     """The records at `starts` (consecutive, all complete) of a classic pcap."""
     at = np.array(starts, dtype=np.intp)
-    # the 4 fields (seconds, fraction, captured and original length) from every byte of buf,
-    # as overlapping rows: row p is the header of a record at p; one gather takes them all
-    headers = np.ndarray((len(buf) - 15, 4), fields, buf, strides=(1, 4))
-    head = headers[at]
+    # the 16-byte header of a record at every byte of buf, as overlapping items: item p is
+    # the header of a record at p; one gather takes them all, then its 4 fields (seconds,
+    # fraction, captured and original length) are columns
+    headers = np.ndarray((len(buf) - 15,), "V16", buf, strides=(1,))
+    head = headers[at].view(fields).reshape(len(at), 4)
     ts_ns = head[:, 0].astype(np.int64) * 1_000_000_000 + head[:, 1].astype(np.int64) * scale
     lengths = head[:, 2].astype(np.int64)
     wire_lens = np.maximum(lengths, head[:, 3])
