@@ -11,10 +11,13 @@
 -- counters]: the first four are top.lua's 'add' arguments; counters are [[name, increment],
 -- ...] of the pipeline:processor hash (a flush's last entry carries them, so a counter that
 -- reached a figure means the flow updates before it landed too); flows has one entry per flow:
--- [id, bytes, packets, last_seen, labels, fixed], labels 0 when the application, server name
--- and fingerprint did not change, else [app, app_guess, server_name, fingerprint] ('' for a
--- name not known), fixed present on the first write of the processor's table entry for the
--- flow: [src, dst, sport, dport, proto, first_seen].
+-- [id, bytes, packets, last_seen, labels, fixed, endpoints], labels 0 when the application,
+-- server name and fingerprint did not change, else [app, app_guess, server_name, fingerprint]
+-- ('' for a name not known), fixed [src, dst, sport, dport, proto, first_seen] on the first
+-- write of the processor's table entry for the flow, else 0; endpoints: the flow's member of
+-- flows:top:endpoints (absent in entries of earlier versions: their top-N groups add it).
+-- flows:top:bytes and flows:top:endpoints take the flow's total from its hash (ZADD): a flow
+-- trimmed from them (TOP_FLOWS_KEPT) comes back with all its bytes, not those since.
 local function labelled(fields, last_seen, labels)
   fields[#fields + 1] = 'last_seen'
   fields[#fields + 1] = last_seen
@@ -39,18 +42,20 @@ local function apply_flows(flows)
   for _, flow in ipairs(flows) do
     local id, bytes, labels, fixed = flow[1], flow[2], flow[5], flow[6]
     local meta = 'flow:' .. id .. ':meta'
+    local total = bytes
     -- src stays the sender of the flow's very first frame: the fixed fields are written
     -- together, only when the hash has none yet; a new hash takes every field in one command
-    if fixed and redis.call('HSETNX', meta, 'src', fixed[1]) == 1 then
+    if fixed and fixed ~= 0 and redis.call('HSETNX', meta, 'src', fixed[1]) == 1 then
       redis.call('HSET', meta, unpack(labelled({'dst', fixed[2], 'sport', fixed[3],
         'dport', fixed[4], 'proto', fixed[5], 'first_seen', fixed[6], 'bytes', bytes,
         'packets', flow[3]}, flow[4], labels)))
     else
-      redis.call('HINCRBY', meta, 'bytes', bytes)
+      total = redis.call('HINCRBY', meta, 'bytes', bytes)
       redis.call('HINCRBY', meta, 'packets', flow[3])
       redis.call('HSET', meta, unpack(labelled({}, flow[4], labels)))
     end
-    redis.call('ZINCRBY', 'flows:top:bytes', bytes, id)
+    redis.call('ZADD', 'flows:top:bytes', total, id)
+    if flow[7] then redis.call('ZADD', 'flows:top:endpoints', total, flow[7]) end
   end
 end
 
@@ -64,6 +69,7 @@ local function apply(text, kept)
   local entry = cjson.decode(text)
   apply_flows(entry[5])
   bound('flows:top:bytes', kept)
+  bound('flows:top:endpoints', kept)
   for zkey in pairs(add_top(entry[1], entry[2], entry[3], entry[4])) do bound(zkey, kept) end
   for _, counter in ipairs(entry[6]) do
     redis.call('HINCRBY', 'pipeline:processor', counter[1], counter[2])

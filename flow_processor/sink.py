@@ -464,6 +464,7 @@ class RedisSink:
         shared: dict[int, tuple[dict, dict, dict]] = {}
         by_flow: list[dict[int, dict]] = [{} for _ in range(0, len(flows), JOURNAL_FLOWS)]
         entry_of = {f: i // JOURNAL_FLOWS for i, f in enumerate(flows)}
+        label_of = {f: f.label for f in flows}  # (made per call: one each)
         apps = APPS
         for (f, minute), b in state.flow_minutes.items():
             sets = shared.get(minute)
@@ -479,10 +480,12 @@ class RedisSink:
                 domains[f.server_name] = domains.get(f.server_name, 0) + b
             if not f.unstored:
                 endpoints = by_flow[entry_of[f]].setdefault(minute, {})
-                endpoints[f.label] = endpoints.get(f.label, 0) + b
+                label = label_of[f]
+                endpoints[label] = endpoints.get(label, 0) + b
         for (f, minute), b in state.promoted.items():  # a first packet held back before
             endpoints = by_flow[entry_of[f]].setdefault(minute, {})
-            endpoints[f.label] = endpoints.get(f.label, 0) + b
+            label = label_of[f]
+            endpoints[label] = endpoints.get(label, 0) + b
         for minute, b in state.no_flow_minutes.items():
             sets = shared.get(minute)
             if sets is None:
@@ -492,13 +495,15 @@ class RedisSink:
         entries = []
         for i, sums in enumerate(by_flow):
             chunk = flows[i * JOURNAL_FLOWS:(i + 1) * JOURNAL_FLOWS]
-            groups = [(minute, 4, _increments(members)) for minute, members in sorted(sums.items())]
+            # (the all-time flows:top:endpoints takes each flow's total with its hash update)
+            groups = [(minute, 4, _increments(members), 1)
+                      for minute, members in sorted(sums.items())]
             expire = []
             for f in chunk:
                 if f.new or f.ttl_at < refresh_before:
                     expire.append(f"flow:{f.id}:meta")  # the meta hash exists from here on
                     f.ttl_at = now
-            entries.append([newest, groups, ttl, expire, self._flow_entries(chunk), []])
+            entries.append([newest, groups, ttl, expire, self._flow_entries(chunk, label_of), []])
         groups, count = [], 0
         for minute, sets in sorted(shared.items()):
             for index, members in enumerate(sets, start=1):
@@ -574,20 +579,18 @@ class RedisSink:
         return commands, len(args) // 3
 
     @staticmethod
-    def _flow_entries(flows: list[Flow]) -> list[tuple]:
-        """journal.lua's updates of these flows' hashes and of flows:top:bytes."""
+    def _flow_entries(flows: list[Flow], label_of: dict[Flow, str]) -> list[tuple]:
+        """journal.lua's updates of these flows' hashes, flows:top:bytes and the all-time
+        flows:top:endpoints (label_of: each flow's member there)."""
         apps = APPS
         entries = []
         for f in flows:
             labels = ([apps[f.app], int(f.app_guess), f.server_name or "",
                        f.fingerprint or ""] if f.labels_changed else 0)
-            if f.new:
-                entries.append((f.id, f.delta_bytes, f.delta_packets, ns_text(f.last_ns),
-                                labels, (f.src, f.dst, f.sport, f.dport, f.proto,
-                                         ns_text(f.first_ns))))
-            else:
-                entries.append((f.id, f.delta_bytes, f.delta_packets, ns_text(f.last_ns),
-                                labels))
+            fixed = ((f.src, f.dst, f.sport, f.dport, f.proto, ns_text(f.first_ns)) if f.new
+                     else 0)
+            entries.append((f.id, f.delta_bytes, f.delta_packets, ns_text(f.last_ns), labels,
+                            fixed, label_of[f]))
         return entries
 
     @staticmethod

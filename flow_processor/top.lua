@@ -1,9 +1,10 @@
 -- Top-N sets and their time windows (see sink.py). Two modes:
 --
 -- ARGV[1] = 'add': the sums of one flush, inside its MULTI/EXEC. ARGV[2]: the newest capture
--- minute of the flush; ARGV[3]: JSON [[minute, set index (SETS), [increment, member, ...]],
--- ...]; ARGV[4]: a TTL and ARGV[5]: JSON [key, ...] to EXPIRE (flow keys: TTL from their
--- first write). JSON packs the many values in one argument (in C, on both sides).
+-- minute of the flush; ARGV[3]: JSON [[minute, set index (SETS), [increment, member, ...],
+-- windows only], ...] (windows only, when present: not the all-time set, which the caller
+-- sets itself); ARGV[4]: a TTL and ARGV[5]: JSON [key, ...] to EXPIRE (flow keys: TTL from
+-- their first write). JSON packs the many values in one argument (in C, on both sides).
 -- ARGV[1] = 'advance': one bounded step of moving the windows on (its own call, outside any
 -- transaction: each step is one or a few set operations, so Redis is never held for long).
 -- ARGV[2]: '1' to close the newest minute too (the processor has nothing more to read), else
@@ -98,12 +99,12 @@ local function add_top(newest_minute, groups, ttl, expire)
         redis.call('ZADD', hours, hour, hour)
       end
     end
-    local alltime = set[1] .. ':top:' .. set[2]
-    touched[alltime] = true
+    if not group[4] then
+      targets[#targets + 1] = set[1] .. ':top:' .. set[2]  -- the all-time set
+    end
     for _, target in ipairs(targets) do touched[target] = true end
     for j = 1, #items, 2 do
       local by, member = items[j], items[j + 1]
-      redis.call('ZINCRBY', alltime, by, member)
       for _, target in ipairs(targets) do redis.call('ZINCRBY', target, by, member) end
     end
   end

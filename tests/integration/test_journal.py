@@ -118,6 +118,34 @@ def test_a_set_an_entry_grows_past_twice_its_bound_is_cut_back_while_draining(
         databases.give(number)
 
 
+def test_a_flow_trimmed_from_the_top_sets_comes_back_with_its_total(stack, databases):
+    """flows:top:bytes and flows:top:endpoints keep the TOP_FLOWS_KEPT largest flows; one
+    trimmed from them that grows later ranks by its whole total (its hash's), not by the
+    bytes since it was trimmed."""
+    number = databases.take()
+    try:
+        settings = ProcessorSettings(redis_url=f"{stack.redis_url}/{number}", kafka_topic="t",
+                                     kafka_group_id="g", top_flows_kept=10)
+        writer = sink.RedisSink(settings)
+        writer.ensure_series()
+        r = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+        state = flush_of_flows(30)  # flow i: 3 frames of 100 + i bytes
+        (small,) = [f for f in state.dirty_flows if f.sport == 1000]
+        writer.execute(writer.prepare([state]), close_newest=True)
+        assert r.zcard("flows:top:bytes") == r.zcard("flows:top:endpoints") == 10
+        assert r.zscore("flows:top:bytes", small.id) is None  # 300 bytes: trimmed
+        state.add_records(iter([Record(T + 2 * S, 1000, 4, 6, 0, 0, 1000, 80, A4, B4, 0, 0,
+                                       0)]))
+        state.next_offset = 11
+        writer.execute(writer.prepare([state]), close_newest=True)
+        assert int(r.hget(f"flow:{small.id}:meta", "bytes")) == 300 + 1000
+        assert float(r.zscore("flows:top:bytes", small.id)) == 1300
+        assert float(r.zscore("flows:top:endpoints", small.label)) == 1300
+        assert r.zrevrange("flows:top:bytes", 0, 0) == [small.id]  # the largest now
+    finally:
+        databases.give(number)
+
+
 def test_an_entry_that_cannot_be_applied_is_counted_and_does_not_stop_the_rest(settings,
                                                                              caplog):
     """A damaged entry, or a key of another type in the way (an operator's SET on a top-N
