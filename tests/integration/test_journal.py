@@ -35,6 +35,15 @@ def settings(stack, databases):
     databases.give(number)
 
 
+@pytest.fixture
+def kept_10(stack, databases):
+    """Settings whose top-N sets keep 10 members (TOP_FLOWS_KEPT)."""
+    number = databases.take()
+    yield ProcessorSettings(redis_url=f"{stack.redis_url}/{number}", kafka_topic="t",
+                            kafka_group_id="g", top_flows_kept=10)
+    databases.give(number)
+
+
 def flush_of_flows(count: int) -> PartitionState:
     """A partition holding `count` flows of 3 frames each over two seconds (flow i: frames of
     100 + i bytes), read up to offset 10."""
@@ -91,59 +100,46 @@ def test_entries_land_once_across_a_stop_and_a_resend(settings, monkeypatch):
 
 
 def test_a_set_an_entry_grows_past_twice_its_bound_is_cut_back_while_draining(
-        stack, databases, monkeypatch):
+        kept_10, monkeypatch):
     """Under a scan every flow of a flush is a new member: the drain keeps the top-N sets
     near TOP_FLOWS_KEPT entry by entry (the highest members stay), not only after the flush."""
     monkeypatch.setattr(sink, "JOURNAL_FLOWS", 7)
-    number = databases.take()
-    try:
-        settings = ProcessorSettings(redis_url=f"{stack.redis_url}/{number}", kafka_topic="t",
-                                     kafka_group_id="g", top_flows_kept=10)
-        writer = sink.RedisSink(settings)
-        writer.ensure_series()
-        r = redis.Redis.from_url(settings.redis_url, decode_responses=True)
-        state = flush_of_flows(70)
-        sizes = {flow.id: 3 * (100 + flow.sport - 1000) for flow in state.dirty_flows}
-        result = sink.WriteResult()
-        for group in writer.prepare([state]):
-            writer._write_group(group, result)
-        largest = 0
-        while writer.script(keys=[writer.journal], args=["drain", 10]):
-            largest = max(largest, r.zcard("flows:top:bytes"), r.zcard("flows:top:endpoints"))
-        assert 10 <= largest <= 20
-        kept = r.zrange("flows:top:bytes", 0, -1, withscores=True)
-        assert sorted(score for _m, score in kept)[-5:] == sorted(sizes.values())[-5:]
-        assert all(sizes[member] == score for member, score in kept)
-    finally:
-        databases.give(number)
+    writer = sink.RedisSink(kept_10)
+    writer.ensure_series()
+    r = redis.Redis.from_url(kept_10.redis_url, decode_responses=True)
+    state = flush_of_flows(70)
+    sizes = {flow.id: 3 * (100 + flow.sport - 1000) for flow in state.dirty_flows}
+    result = sink.WriteResult()
+    for group in writer.prepare([state]):
+        writer._write_group(group, result)
+    largest = 0
+    while writer.script(keys=[writer.journal], args=["drain", 10]):
+        largest = max(largest, r.zcard("flows:top:bytes"), r.zcard("flows:top:endpoints"))
+    assert 10 <= largest <= 20
+    kept = r.zrange("flows:top:bytes", 0, -1, withscores=True)
+    assert sorted(score for _m, score in kept)[-5:] == sorted(sizes.values())[-5:]
+    assert all(sizes[member] == score for member, score in kept)
 
 
-def test_a_flow_trimmed_from_the_top_sets_comes_back_with_its_total(stack, databases):
+def test_a_flow_trimmed_from_the_top_sets_comes_back_with_its_total(kept_10):
     """flows:top:bytes and flows:top:endpoints keep the TOP_FLOWS_KEPT largest flows; one
     trimmed from them that grows later ranks by its whole total (its hash's), not by the
     bytes since it was trimmed."""
-    number = databases.take()
-    try:
-        settings = ProcessorSettings(redis_url=f"{stack.redis_url}/{number}", kafka_topic="t",
-                                     kafka_group_id="g", top_flows_kept=10)
-        writer = sink.RedisSink(settings)
-        writer.ensure_series()
-        r = redis.Redis.from_url(settings.redis_url, decode_responses=True)
-        state = flush_of_flows(30)  # flow i: 3 frames of 100 + i bytes
-        (small,) = [f for f in state.dirty_flows if f.sport == 1000]
-        writer.execute(writer.prepare([state]), close_newest=True)
-        assert r.zcard("flows:top:bytes") == r.zcard("flows:top:endpoints") == 10
-        assert r.zscore("flows:top:bytes", small.id) is None  # 300 bytes: trimmed
-        state.add_records(iter([Record(T + 2 * S, 1000, 4, 6, 0, 0, 1000, 80, A4, B4, 0, 0,
-                                       0)]))
-        state.next_offset = 11
-        writer.execute(writer.prepare([state]), close_newest=True)
-        assert int(r.hget(f"flow:{small.id}:meta", "bytes")) == 300 + 1000
-        assert float(r.zscore("flows:top:bytes", small.id)) == 1300
-        assert float(r.zscore("flows:top:endpoints", small.label)) == 1300
-        assert r.zrevrange("flows:top:bytes", 0, 0) == [small.id]  # the largest now
-    finally:
-        databases.give(number)
+    writer = sink.RedisSink(kept_10)
+    writer.ensure_series()
+    r = redis.Redis.from_url(kept_10.redis_url, decode_responses=True)
+    state = flush_of_flows(30)  # flow i: 3 frames of 100 + i bytes
+    (small,) = [f for f in state.dirty_flows if f.sport == 1000]
+    writer.execute(writer.prepare([state]), close_newest=True)
+    assert r.zcard("flows:top:bytes") == r.zcard("flows:top:endpoints") == 10
+    assert r.zscore("flows:top:bytes", small.id) is None  # 300 bytes: trimmed
+    state.add_records(iter([Record(T + 2 * S, 1000, 4, 6, 0, 0, 1000, 80, A4, B4, 0, 0, 0)]))
+    state.next_offset = 11
+    writer.execute(writer.prepare([state]), close_newest=True)
+    assert int(r.hget(f"flow:{small.id}:meta", "bytes")) == 300 + 1000
+    assert float(r.zscore("flows:top:bytes", small.id)) == 1300
+    assert float(r.zscore("flows:top:endpoints", small.label)) == 1300
+    assert r.zrevrange("flows:top:bytes", 0, 0) == [small.id]  # the largest now
 
 
 def test_an_entry_that_cannot_be_applied_is_counted_and_does_not_stop_the_rest(settings,
