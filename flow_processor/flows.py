@@ -136,6 +136,8 @@ class HeldCells:
         if len(uid):
             self.columns.append((uid, sec, nbytes, packets))
             self.rows += len(uid)
+            if len(self.columns) > 64:  # (flushes where nothing was taken or dropped)
+                self._merged()
 
     def _merged(self) -> tuple[np.ndarray, ...]:
         if len(self.columns) != 1:
