@@ -8,9 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from flow_processor.flows import Flow, FlowTable, address_text, flow_id
+from flow_processor.flows import Flow, FlowTable, HeldCells, address_text, flow_id
 
 ROOT = Path(__file__).resolve().parents[2]
 A4 = socket.inet_aton("192.0.2.10") + bytes(12)
@@ -160,3 +161,32 @@ def test_address_text_ignores_the_bytes_after_an_ipv4_address_and_shares_strings
     assert address_text(4, v4) == address_text(4, bytes([192, 0, 2, 1]) + b"x" * 12) == "192.0.2.1"
     assert address_text(6, v4) == "c000:201::"  # the same 16 bytes as an IPv6 address
     assert address_text(4, v4) is address_text(4, v4)
+
+
+# ----------------------------------------------------------------------------- held cells
+def test_held_cells_sum_each_flows_seconds_across_flushes_and_take_removes_them():
+    held = HeldCells()
+    for flush in range(70):  # past the chunk count that merges them
+        second = 100 + flush // 2  # each second in two flushes
+        held.add(np.array([1, 2]), np.array([second, second]), np.array([10, 20]),
+                 np.array([1, 2]))
+    assert held.rows == 140 and len(held.columns) <= 64
+    assert held.cells([2])[2] == [(100 + k, 40, 4) for k in range(35)]
+    assert held.seconds([1, 3]) == {1: set(range(100, 135)), 3: set()}
+    taken = held.take([1])
+    assert taken[1] == [(100 + k, 20, 2) for k in range(35)] and held.rows == 70
+    assert held.cells([1]) == {} and len(held.cells([2])[2]) == 35
+
+
+def test_held_cells_of_flows_gone_are_dropped_once_they_are_half():
+    held = HeldCells()
+    flows = [Flow(KEY, 4, 6, A4, 40000 + i, B4, 80, T) for i in range(4)]
+    for f in flows:
+        held.add(np.array([f.uid] * 3), np.array([1, 2, 3]), np.array([5, 5, 5]),
+                 np.array([1, 1, 1]))
+        f.held_rows = 3
+    held.forget(flows[:1])
+    assert held.rows == 12 and held.gone_rows == 3  # a quarter: kept for now
+    held.forget(flows[1:2])
+    assert held.rows == 6 and held.gone == [] and held.gone_rows == 0
+    assert set(held.cells([f.uid for f in flows])) == {flows[2].uid, flows[3].uid}
