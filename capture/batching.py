@@ -99,12 +99,12 @@ class FragmentTracker:
         return out
 
 
-def _label_late(records: np.ndarray, parts: np.ndarray, late: list[int], late_flows: list[int],
-                final_labels: list[int]) -> None:
-    """add_batch(): records `late` take the final labels of their flows (late_flows)."""
+def _label_late(records: np.ndarray, parts: np.ndarray, late: list[int],
+                labels: list[int]) -> None:
+    """add_batch(): records `late` take the final labels of their flows (`labels`)."""
     if late:
         at = np.array(late, dtype=np.intp)
-        label = np.array(final_labels, dtype=np.int64)[late_flows]
+        label = np.array(labels, dtype=np.int64)
         parts[at] = label & _PARTITION
         records["app"][at] = (label >> 32) & 0xFF
         records["app_flags"][at] = (label >> 40) & 0xFF
@@ -214,25 +214,25 @@ class RecordBatcher:
         meta: list[tuple[int, int, str]] = []  # (row, kind, text) of the records from start
         rows: list[int] = []  # frames looked at again since start: their flows' labels
         labelled: list[tuple[int, int, int, int]] = []  # (partition, app, app flags, flags)
-        # Each deferred frame's flow, numbered: once a flow is seen inspected to the end, its
-        # label is final (nothing changes it in this batch), and its later frames take it
-        # from final_labels, all at once (late: those frames, late_flows: their flows)
-        _, flow_of = np.unique(keys[deferred], return_inverse=True)
-        ended = [False] * (int(flow_of.max()) + 1 if len(deferred) else 0)
-        final_labels = [0] * len(ended)
+        # Once a flow is seen inspected to the end, its label is final (nothing changes it in
+        # this batch): its later frames take it all at once (late: those frames, late_labels:
+        # the labels)
+        final: dict[bytes, int] = {}  # flow key -> final label
         late: list[int] = []
-        late_flows: list[int] = []
-        for i, f, key, t, w, (a, b), decoded, turn, flag in zip(
-                deferred.tolist(), flow_of.tolist(), keys[deferred].tolist(),
-                ts[deferred].tolist(), wire[deferred].tolist(), picked, batch.tuples(deferred),
+        late_labels: list[int] = []
+        for i, key, t, w, (a, b), decoded, turn, flag in zip(
+                deferred.tolist(), keys[deferred].tolist(), ts[deferred].tolist(),
+                wire[deferred].tolist(), picked, batch.tuples(deferred),
                 turns[deferred].tolist(), records["flags"][deferred].tolist()):
-            if ended[f] and turn != _ADD:
-                late.append(i)
-                late_flows.append(f)
-                continue
-            if turn == _ADD:  # the records before it go first, as add() may close batches
-                _label_late(records, parts, late, late_flows, final_labels)
-                late, late_flows = [], []
+            if turn != _ADD:
+                label = final.get(key)
+                if label is not None:
+                    late.append(i)
+                    late_labels.append(label)
+                    continue
+            else:  # the records before it go first, as add() may close batches
+                _label_late(records, parts, late, late_labels)
+                late, late_labels = [], []
                 self._place(records, parts, meta, rows, labelled, start, i)
                 meta, rows, labelled = [], [], []
                 add(t, w, buf[a:b] if buf is not None else frames[a], decoded)
@@ -259,8 +259,8 @@ class RecordBatcher:
             rows.append(i)
             labelled.append((flow.partition, flow.app, flow.app_flags, flag))
             if flow.inspector is None:
-                ended[f], final_labels[f] = True, flow.label
-        _label_late(records, parts, late, late_flows, final_labels)
+                final[key] = flow.label
+        _label_late(records, parts, late, late_labels)
         self._place(records, parts, meta, rows, labelled, start, n)
         self.last_ts = int(ts[-1])
 
