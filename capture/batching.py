@@ -46,6 +46,11 @@ _PARTITION = 0xFFFFFFFF  # a flow's partition in its label (capture.flowcache.la
 _LOOK, _ADD = -1, -2  # add_batch(): turns of the frames it does not pack at once
 
 
+def _label_fields(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Partition, app and app flags of flow labels (capture.flowcache.label_of)."""
+    return labels & _PARTITION, (labels >> 32) & 0xFF, (labels >> 40) & 0xFF
+
+
 class FragmentTracker:
     def __init__(self, max_flows: int = 65536, max_held: int = 4096, hold_ns: int = 2_000_000_000,
                  reassembly_ns: int = 30_000_000_000):
@@ -104,10 +109,8 @@ def _label_late(records: np.ndarray, parts: np.ndarray, late: list[int],
     """add_batch(): records `late` take the final labels of their flows (`labels`)."""
     if late:
         at = np.array(late, dtype=np.intp)
-        label = np.array(labels, dtype=np.int64)
-        parts[at] = label & _PARTITION
-        records["app"][at] = (label >> 32) & 0xFF
-        records["app_flags"][at] = (label >> 40) & 0xFF
+        parts[at], records["app"][at], records["app_flags"][at] = _label_fields(
+            np.array(labels, dtype=np.int64))
 
 
 class RecordBatcher:
@@ -197,9 +200,8 @@ class RecordBatcher:
             for item in zip(ts.tolist(), wire.tolist(), frames, batch.tuples()):
                 add(*item)
             return
-        app = ((labels >> 32) & 0xFF).astype(np.uint8)
-        app_flags = ((labels >> 40) & 0xFF).astype(np.uint8)
-        records = batch.records(ts, wire, app, app_flags)
+        _, app, app_flags = _label_fields(labels)
+        records = batch.records(ts, wire, app.astype(np.uint8), app_flags.astype(np.uint8))
         parts = turns  # the partition of every record, once the deferred frames have theirs
         # frames in a read of the file (capture.pcapfile.FrameSlices) are sliced from it only
         # when they are looked at: not those of flows whose inspection ended in this batch

@@ -176,7 +176,7 @@ class HeldCells:
         held: dict[int, set[int]] = {u: set() for u in uids}
         if self.rows and uids:
             mine = self._rows_of(uids)
-            uid, sec = self._merged()[0][mine], self._merged()[1][mine]
+            uid, sec = (column[mine] for column in self._merged()[:2])
             for u, s in zip(uid.tolist(), sec.tolist()):
                 held[u].add(s)
         return held
