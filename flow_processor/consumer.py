@@ -574,12 +574,6 @@ class Processor:
                             self.flush(big)
                         resumed = self.paused
                         if self.paused:
-                            # from the message after the last one aggregated: the fetcher's
-                            # own position after a pause can be past it (messages skipped)
-                            for state in self.states.values():
-                                self._seek(state.partition, state.next_offset
-                                           if state.next_offset is not None
-                                           else OFFSET_BEGINNING)
                             self.consumer.resume(self.consumer.assignment())
                             self.paused = False
                             log.info("Redis takes writes again: resumed consuming")
