@@ -576,6 +576,7 @@ class Processor:
                         if self.paused:
                             self.consumer.resume(self.consumer.assignment())
                             self.paused = False
+                            last_message = now  # time paused is not time idle (--exit-when-idle)
                             log.info("Redis takes writes again: resumed consuming")
                         backoff = 0.0
                         if resumed:
