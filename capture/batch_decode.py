@@ -95,6 +95,7 @@ _ZEROS = bytes(_PAD)
 _ADDR_NONE, _ADDR_V4, _ADDR_MAC, _ADDR_V6 = 0, 1, 2, 3
 _ADDR_MASK = np.zeros((4, _ADDR_WINDOW), dtype=np.uint8)
 _ADDR_MASK[_ADDR_V4, :4] = _ADDR_MASK[_ADDR_MAC, :6] = _ADDR_MASK[_ADDR_V6, :16] = 0xFF
+_ADDR_MASK64 = _ADDR_MASK.view(np.uint64)  # (masking 8 bytes at a time: 8x fewer items)
 
 
 class DecodedBatch:
@@ -373,9 +374,10 @@ def _decode_group(buf: bytes, starts: np.ndarray, lengths: np.ndarray,
         dst_at = np.where(ip_ok, off + np.where(is4, 16, 24), max(dst_mac, 0))
         dst_kind = kind if dst_mac >= 0 else np.where(ip_ok, kind, _ADDR_NONE)
     src = gather(_ADDR_WINDOW, starts + src_at)
-    src &= _ADDR_MASK[kind]
+    # (take() of rows: several times faster than indexing a 2-d array by an index array)
+    src.view(np.uint64)[:] &= np.take(_ADDR_MASK64, kind, axis=0)
     dst = gather(_ADDR_WINDOW, starts + dst_at)
-    dst &= _ADDR_MASK[dst_kind]
+    dst.view(np.uint64)[:] &= np.take(_ADDR_MASK64, dst_kind, axis=0)
 
     end = np.where(is4, np.minimum(off + total, lengths), lengths)
     plen = _u16(ip, 4)
@@ -408,16 +410,18 @@ def flow_keys(batch: DecodedBatch) -> np.ndarray:
     ((proto, lower address, its port, higher address, its port); equal addresses: lower port
     first), as FLOW_KEY_DTYPE rows: each row's bytes are the frame's FlowCache key (a later
     fragment's are not its flow's: its ports come from its first fragment)."""
-    src = batch.src.view(">u8")  # two big-endian halves: compare as bytes compare
-    dst = batch.dst.view(">u8")
-    src_first = ((src[:, 0] < dst[:, 0])
-                 | ((src[:, 0] == dst[:, 0]) & ((src[:, 1] < dst[:, 1])
-                                                | ((src[:, 1] == dst[:, 1])
-                                                   & (batch.sport <= batch.dport)))))
+    src_be = batch.src.view(">u8")  # two big-endian halves: compare as bytes compare
+    dst_be = batch.dst.view(">u8")
+    src_first = ((src_be[:, 0] < dst_be[:, 0])
+                 | ((src_be[:, 0] == dst_be[:, 0]) & ((src_be[:, 1] < dst_be[:, 1])
+                                                      | ((src_be[:, 1] == dst_be[:, 1])
+                                                         & (batch.sport <= batch.dport)))))
     keys = np.empty(len(batch.flags), dtype=FLOW_KEY_DTYPE)
     keys["proto"] = batch.ip_proto
-    keys["a"] = np.where(src_first[:, None], batch.src, batch.dst).view("V16").ravel()
-    keys["b"] = np.where(src_first[:, None], batch.dst, batch.src).view("V16").ravel()
+    # (the addresses as two 8-byte items each: numpy picks 2 items a frame, not 16)
+    src, dst = batch.src.view(np.uint64), batch.dst.view(np.uint64)
+    keys["a"] = np.where(src_first[:, None], src, dst).view("V16").ravel()
+    keys["b"] = np.where(src_first[:, None], dst, src).view("V16").ravel()
     keys["a_port"] = np.where(src_first, batch.sport, batch.dport)
     keys["b_port"] = np.where(src_first, batch.dport, batch.sport)
     return keys
