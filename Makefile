@@ -35,12 +35,13 @@ lint: install
 
 # The capture path in process (its end-to-end section left to bench_writepath; 6 inspection
 # samples a row instead of 40), live capture against tcpdump, and the write path on workloads
-# A, B and S with ndpiReader and nfstream beside it (once a workload). 10-14 minutes on a
-# host with two CPU cores (QUICK=1: under 3 minutes; bench/README.md).
+# A, B and S with ndpiReader and nfstream beside it (every run for A and B, paired with
+# capture's run; once for S). 9-12 minutes on a host with two CPU cores (QUICK=1: under 3
+# minutes; bench/README.md).
 bench: install
 	$(BIN)/python bench/bench_pipeline.py --no-e2e $(if $(QUICK),--quick --inspection-rounds 5,--inspection-rounds 6)
 	$(BIN)/python bench/bench_live.py $(if $(QUICK),--quick)
-	$(BIN)/python bench/bench_writepath.py $(if $(QUICK),--quick --runs 1 --max-wait 5 --max-wait-alone 5,--peer-runs 1)
+	$(BIN)/python bench/bench_writepath.py $(if $(QUICK),--quick --runs 1 --max-wait 5 --max-wait-alone 5)
 
 # capture --pcap against ndpiReader (Debian libndpi-bin) and nfstream 6.6.0 (installed by the
 # script, a bench-only dependency) on the same files (about 2 minutes).

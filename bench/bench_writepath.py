@@ -73,6 +73,7 @@ FIELD = re.compile(r"(\w+)=(\S+)")
 PEERS = ("ndpiReader", "nfstream")
 TARGETS = {"after_exit": 2.0, "ratio": 1.0, "ping_ms": 100.0}
 TARGET_USED_MB_S = 1024.0
+TARGET_VS_PEERS = {"ndpiReader": 1.0, "nfstream": 3.0}  # capture --pcap frames/s, A and B
 TARGET_RSS_MB_S = 500.0
 MAX_WAIT_S = 10.0  # 5x the target of 2 s
 MAX_WAIT_ALONE_S = 8.0
@@ -372,6 +373,16 @@ def summary_rows(key: str, n: int, flows: int, res: dict, variant: str) -> list[
     if cap:
         rows.append(("capture alone, frames/s", rate(cap),
                      f"ndpiReader {rate(nd)}; nfstream {rate(nf)}" if nd else "", "", ""))
+        for tool, target in (("ndpiReader", TARGET_VS_PEERS["ndpiReader"]),
+                             ("nfstream", TARGET_VS_PEERS["nfstream"])):
+            peer = res[tool]
+            if key != "S" and peer:
+                # run i of capture against run i of the peer (next to it in time): the host's
+                # drift between runs cancels out of each ratio
+                ratios = [p["wall"] / c["wall"] for c, p in zip(cap, peer)]
+                rows.append((f"capture / {tool} frames/s, run by run", fmt_range(ratios, "{:.2f}x"),
+                             f"{len(ratios)} pair(s)", f">= {target:.1f}x",
+                             "yes" if med(ratios)[0] >= target else "NO"))
         rows.append(("capture alone, CPU s", col(cap, "cpu", "{:.1f}"),
                      f"ndpiReader {col(nd, 'cpu', '{:.1f}')}; nfstream {col(nf, 'cpu', '{:.1f}')}"
                      if nd else "", "", ""))
