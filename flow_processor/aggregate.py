@@ -48,6 +48,61 @@ _KEY_BYTES = np.dtype(f"V{_KEY.itemsize}")
 assert _KEY.itemsize == struct.calcsize(KEY_FORMAT)
 
 
+class SlotSums:
+    """Bytes, packets and first and last capture time of the dirty flows, by slot (a flow's
+    index in PartitionState.dirty_flows), since the flows last took them (take()): a
+    message's per-flow sums are added by numpy in one step, and each Flow object is visited
+    once a flush, not once a message it has records in."""
+
+    def __init__(self) -> None:
+        self.bytes = np.zeros(0, np.int64)
+        self.packets = np.zeros(0, np.int64)
+        self.first = np.zeros(0, np.int64)
+        self.last = np.zeros(0, np.int64)
+        self.used = 0  # slots below this may hold sums
+
+    def add(self, slots: np.ndarray, used: int, nbytes: np.ndarray, packets: np.ndarray,
+            first: np.ndarray, last: np.ndarray) -> None:
+        """Sums of distinct slots (all below `used`)."""
+        if used > len(self.bytes):
+            size = max(used, 2 * len(self.bytes), 1024)
+            grown = []
+            for column, empty in ((self.bytes, 0), (self.packets, 0), (self.first, _NO_FIRST),
+                                  (self.last, _NO_LAST)):
+                wider = np.full(size, empty, np.int64)
+                wider[:len(column)] = column
+                grown.append(wider)
+            self.bytes, self.packets, self.first, self.last = grown
+        self.used = max(self.used, used)
+        self.bytes[slots] += nbytes
+        self.packets[slots] += packets
+        self.first[slots] = np.minimum(self.first[slots], first)
+        self.last[slots] = np.maximum(self.last[slots], last)
+
+    def take(self, flows: list[Flow]) -> None:
+        """Move the sums into the flows (flows[slot]), and start again from none."""
+        used = self.used
+        if not used:
+            return
+        for flow, nbytes, packets, first, last in zip(
+                flows, self.bytes[:used].tolist(), self.packets[:used].tolist(),
+                self.first[:used].tolist(), self.last[:used].tolist()):
+            if packets:
+                flow.delta_bytes += nbytes
+                flow.delta_packets += packets
+                if last > flow.last_ns:
+                    flow.last_ns = last
+                if first < flow.first_ns:
+                    flow.first_ns = first
+        self.bytes[:used] = self.packets[:used] = 0
+        self.first[:used] = _NO_FIRST
+        self.last[:used] = _NO_LAST
+        self.used = 0
+
+
+_NO_FIRST, _NO_LAST = np.iinfo(np.int64).max, np.iinfo(np.int64).min
+
+
 class PartitionState:
     def __init__(self, partition: int, base_offset: int | None, table: FlowTable,
                  flow_base: int | None = None):
@@ -91,6 +146,8 @@ class PartitionState:
         self.cells_summed = False  # flow_cells is one chunk, a cell a row, by slot and second
         self.no_flow: dict[int, list[int]] = {}  # second -> [b, p] of frames without a 5-tuple
         self.dirty_flows: list[Flow] = []
+        # their bytes, packets and capture times since sync_flows() (taken by every flush)
+        self.slot_sums = SlotSums()
         self.health: dict[tuple[str, int], int] = {}  # (ts:health name, second) -> increment
         self.capture_totals: dict[str, int] = {}  # health name -> increment
         self.folded = False  # its flow sums and counts were added to the flow part
@@ -125,9 +182,16 @@ class PartitionState:
         self.next_offset = self.series_from = offset
         self.reset = True
 
+    def sync_flows(self) -> None:
+        """Bring the dirty flows' bytes, packets and capture times (Flow.delta_bytes,
+        delta_packets, first_ns, last_ns) up to date with what add_records() took: a flush
+        does it before it reads them."""
+        self.slot_sums.take(self.dirty_flows)
+
     def fold(self) -> None:
         """Add the series part's flow bytes per minute and its counts to the flow part (once;
         the series part keeps them for its own write)."""
+        self.sync_flows()
         if self.folded:
             return
         self.folded = True
@@ -266,25 +330,18 @@ class PartitionState:
         flows: list[Flow] = list(map(table.get, keys))
         if None in flows:
             self._create_flows(flows, keys, batch[first], ts[first])
-        # one pass over the flows: dirty, sums, capture times
+        # the flows not dirty yet take the next slots; the sums go by slot (sync_flows())
         dirty, updates = self.dirty_flows, self.flow_updates
-        for flow, b, p, lo, hi in zip(flows, nbytes.tolist(), packets.tolist(), oldest.tolist(),
-                                      newest.tolist()):
-            if not flow.dirty:
-                flow.dirty = True
-                flow.slot = len(dirty)
-                dirty.append(flow)
-                if not flow.updated:  # cleared with dirty or before (a flow write is a flush)
-                    flow.updated = True
-                    updates.append(flow)
-            flow.delta_bytes += b
-            flow.delta_packets += p
-            if hi > flow.last_ns:
-                flow.last_ns = hi
-            if lo < flow.first_ns:
-                flow.first_ns = lo
-        # (flow, second) cells as columns: no Python object a cell
+        for flow in [flow for flow in flows if not flow.dirty]:
+            flow.dirty = True
+            flow.slot = len(dirty)
+            dirty.append(flow)
+            if not flow.updated:  # cleared with dirty or before (a flow write is a flush)
+                flow.updated = True
+                updates.append(flow)
         slots = np.fromiter(map(_SLOT, flows), np.int64, len(flows))
+        self.slot_sums.add(slots, len(dirty), nbytes, packets, oldest, newest)
+        # (flow, second) cells as columns: no Python object a cell
         self.flow_cells.append((slots[sorted_flow[cell_starts]], s_sec[cell_starts],
                                 np.add.reduceat(s_wire, cell_starts),
                                 np.diff(cell_starts, append=m)))
@@ -368,6 +425,7 @@ class PartitionState:
         windows through `promoted`). Flows with series keep their keys. Returns the change
         in the flows without keys (held back now, less those that get keys now), counted in
         flows_not_stored."""
+        self.sync_flows()
         change = seen = 0
         for f in self.flow_updates:
             if f.unstored:
@@ -397,6 +455,7 @@ class PartitionState:
         get series), or holds more than max_held seconds (the bound of what is held here).
         Deterministic for a given state: a flush retried after an error decides the same
         way."""
+        self.sync_flows()
         flows = [f for f in self.dirty_flows if not (f.series or f.unstored)]
         if not flows:
             return

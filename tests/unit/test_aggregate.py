@@ -49,6 +49,7 @@ def rec(ts, wire=100, src=A4, sport=40000, dst=B4, dport=80, proto=6, ipver=4, f
 def state_with(*records, meta=()) -> PartitionState:
     state = PartitionState(0, None, FlowTable(60 * S, 600 * S, 1000))
     state.add_records(iter(records), list(meta))
+    state.sync_flows()  # (as a flush does before it reads the flows)
     return state
 
 
@@ -357,6 +358,29 @@ def test_no_limit_holds_back_nothing():
     assert not any(f.unstored for f in state.flow_updates)
 
 
+def test_flow_sums_add_up_over_messages_until_a_flush_reads_them():
+    """Many flows over several messages (more than the sums' first capacity): each flow's
+    bytes, packets and first and last time, once synced, are those of all its records."""
+    state = PartitionState(0, None, FlowTable(60 * S, 600 * S, 10_000))
+    expected: dict[int, list[int]] = {}
+    for message in range(3):
+        records = []
+        for port in range(message * 1000, message * 1000 + 2500):  # overlapping flows
+            ts = T + (port % 7) * S + message
+            records.append(rec(ts, 60 + port % 100, sport=port))
+            got = expected.setdefault(port, [0, 0, ts, ts])
+            got[0] += 60 + port % 100
+            got[1] += 1
+            got[2], got[3] = min(got[2], ts), max(got[3], ts)
+        state.add_records(iter(records))
+    state.sync_flows()
+    flows = {f.sport: f for f in state.table.flows.values()}
+    assert {port: [f.delta_bytes, f.delta_packets, f.first_ns, f.last_ns]
+            for port, f in flows.items()} == expected
+    state.sync_flows()  # again: nothing more to add
+    assert sum(f.delta_packets for f in flows.values()) == 3 * 2500
+
+
 # ----------------------------------------------------------------------------- the two parts
 def test_a_series_only_write_keeps_the_flow_part_for_a_later_one():
     state = PartitionState(0, 10, FlowTable(60 * S, 600 * S, 1000))
@@ -391,6 +415,7 @@ def test_messages_before_the_series_offset_count_for_the_flow_part_only():
     state.next_offset = 13
     assert state.series_pending and state.global_ == {SEC0 + 2: [25, 1]}
     (flow,) = state.flow_updates
+    state.sync_flows()
     assert flow.delta_bytes == 175 and flow.delta_packets == 3
     state.fold()
     assert state.counted["records"] == 3 and state.flow_minutes == {(flow, SEC0 // 60): 175}
@@ -480,6 +505,8 @@ def reference_add_records(state: PartitionState, records, meta=()) -> None:
 
 def snapshot(state: PartitionState) -> dict:
     """Everything add_records touches, flows by key, dicts as lists (their order counts)."""
+    state.sync_flows()  # the flows' sums up to date, as every flush brings them
+
     def fields(flow: Flow) -> dict:  # (uid: a number of the process, not of the state)
         return {name: getattr(flow, name) for name in Flow.__slots__ if name != "uid"}
 
@@ -645,8 +672,10 @@ def test_matches_the_per_record_loop_on_random_records(seed):
         base += rnd.choice([0, S // 3, S, -S, 5 * S])
         messages.append(random_message(rnd, base, rnd.choice([1, 3, 20, 200]),
                                        rnd.choice([0, 1, 2, 5, 60, 400])))
+    # (checked after some messages only: the flows' sums then add up over several messages
+    # before a check or flush brings them into the flows)
     compare_on(messages, max_flows=rnd.choice([5, 1000]), flush_every=rnd.choice([0, 2, 5]),
-               tuples_every=rnd.choice([0, 3]))
+               tuples_every=rnd.choice([0, 3]), check_every=rnd.choice([1, 4]))
 
 
 def test_matches_the_per_record_loop_on_label_sequences():
