@@ -46,6 +46,14 @@ BACKLOG_FLUSH_FACTOR = 5  # behind on a backlog, flush at most this many interva
 # before a newer minute starts (the end of a replay, a quiet network). Not on every empty poll:
 # data still coming for a closed minute costs five sorted-set updates instead of one.
 QUIET_S = 3.0
+# A poll waits this long for a full batch: the last, partial one of a backlog (the end of a
+# replay) waits it out before its records are handled. 0.2 s made the end of every replay wait
+# about 0.4 s (that poll, then an empty one) before its flows went to Redis.
+POLL_TIMEOUT_S = 0.05
+# Nothing read for this long: the flows go to Redis now, not at the next FLOW_WRITE_INTERVAL_MS
+# (a replay's end, a quiet network). Not on every empty poll: live traffic of a few messages a
+# second would make every poll gap a flush.
+FLOWS_QUIET_S = 0.1
 # Messages set aside are cut to this size: the dead-letter topic takes at most about 1 MB, and
 # the first bytes are what tells what the message was.
 MAX_SET_ASIDE_BYTES = 512 * 1024
@@ -542,7 +550,7 @@ class Processor:
             while not self.stop_requested:
                 per_message = max(1.0, self.records_per_message)
                 batch = max(1, min(10000, int(s.max_poll_records / per_message)))
-                messages = self.consumer.consume(num_messages=batch, timeout=0.2)
+                messages = self.consumer.consume(num_messages=batch, timeout=POLL_TIMEOUT_S)
                 self.handle_all(messages)
                 now = time.monotonic()
                 if messages:
@@ -558,7 +566,8 @@ class Processor:
                        or self.pending_records() >= s.max_pending_records or over)
                 # the flow part: every FLOW_WRITE_INTERVAL_MS, and whenever there is nothing
                 # to read (so a replay's or a quiet network's flows are complete right away)
-                flows_due = now >= next_flows or not messages or over
+                flows_due = (now >= next_flows or over
+                             or (not messages and now - last_message >= FLOWS_QUIET_S))
                 if flows_due and not due:
                     flows_due = due = any(st.flows_pending for st in self.states.values())
                 big = [st for st in self.states.values()
