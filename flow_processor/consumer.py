@@ -416,7 +416,19 @@ class Processor:
                 self.sink.advance_windows(close_newest=True)
             return
         open_from = self._open_from()
-        groups = self.sink.prepare(targets, flows)
+        # each group goes to the writer thread as soon as it is built; the top-N windows take
+        # the minutes this flush completed (all, when nothing is left to read: a replay's last
+        # minute, or a quiet moment live)
+        started = False
+        try:
+            for group in self.sink.prepare_groups(targets, flows):
+                if not started:
+                    self.writer.start(close_newest=self.idle, open_from=open_from)
+                    started = True
+                self.writer.add(group)
+        finally:
+            if started:
+                self.writer.finish()
         for state in targets:
             # flows leaving the table keep their keys: those carry a TTL since their first write
             state.table.expire(state.clock_ns)
@@ -426,9 +438,6 @@ class Processor:
             evicted = len(evict_over_bound(tables, int(self.settings.max_flows * EVICT_TO)))
         self._count("flows_evicted", evicted)
         self.totals["flushes"] += 1
-        # the top-N windows take the minutes this flush completed (all, when nothing is left
-        # to read: a replay's last minute, or a quiet moment live)
-        self.writer.submit(groups, close_newest=self.idle, open_from=open_from)
 
     def _open_from(self) -> int | None:
         """The oldest minute of capture time a partition may still bring data for: one with

@@ -18,9 +18,11 @@ is applied exactly once: its push landed with the offsets, its application with 
 from __future__ import annotations
 
 import logging
+import queue
 import random
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +54,9 @@ TRIM_CHUNK = 10000  # members removed from a top-N set per command
 # its TS.MADD (about 1 us each in Redis) and JOURNAL_ENTRY_COST a journal entry pushed
 TRANSACTION_COST = 20000
 JOURNAL_ENTRY_COST = 50
+# A partition's write of at least this cost (8 journal entries: 4,000 flows) ends its group:
+# streamed to the writer thread, the first of a big flush lands while the others are built
+SEND_AT_ONCE_COST = 8 * JOURNAL_ENTRY_COST
 TOP_LUA = Path(__file__).with_name("top.lua")
 JOURNAL_LUA = Path(__file__).with_name("journal.lua")
 APP_SERIES = tuple(f"ts:app:{app}" for app in APPS)  # by app id
@@ -292,10 +297,15 @@ class RedisSink:
         earliest offset always have it: both offsets are stored from there on). A flush
         with many samples is cut into several MULTI/EXEC (the groups returned), each holding
         whole partitions (at least one) and fenced by WATCH on their offset keys."""
+        return list(self.prepare_groups(states, flows))
+
+    def prepare_groups(self, states: list[PartitionState], flows: bool = True,
+                       ) -> Iterator[list[PartitionWrite]]:
+        """prepare(), a group at a time: each is complete when yielded, so it can be sent
+        while the next is built."""
         self._create_series(self._series_to_create())
         s = self.settings
         scores = self.top_scores()
-        groups: list[list[PartitionWrite]] = []
         group: list[PartitionWrite] = []
         cost = 0
         for state in states:
@@ -321,13 +331,15 @@ class RedisSink:
                 commands.commands, madd, write_cost, state.flow_base, flow_next)
             state.written(with_flows)
             if group and cost + write.cost > TRANSACTION_COST:
-                groups.append(group)
+                yield group
                 group, cost = [], 0
             group.append(write)
             cost += write.cost
+            if write.cost >= SEND_AT_ONCE_COST:  # Redis starts on it while the rest is built
+                yield group
+                group, cost = [], 0
         if group:
-            groups.append(group)
-        return groups
+            yield group
 
     def execute(self, groups: list[list[PartitionWrite]], close_newest: bool,
                 open_from: int | None = None) -> WriteResult:
@@ -337,13 +349,24 @@ class RedisSink:
         a ZINCRBY). Safe to call again with the same writes after an error."""
         result = WriteResult()
         for group in groups:
-            for write in group:
-                self._send_before(write.before)
-            self._write_group(group, result)
+            self.write_group(group, result)
+        self.finish_write(result, close_newest, open_from)
+        return result
+
+    def write_group(self, group: list[PartitionWrite], result: WriteResult) -> None:
+        """Send one group of a flush and apply the journal entries it pushed."""
+        for write in group:
+            self._send_before(write.before)
+        self._write_group(group, result)
+        result.write_errors += self.drain_journal()
+
+    def finish_write(self, result: WriteResult, close_newest: bool,
+                     open_from: int | None = None) -> None:
+        """After a flush's groups: what is left of the journal (a stopped processor's), the
+        top-N windows moved on, the top-N sets trimmed."""
         result.write_errors += self.drain_journal()
         self.advance_windows(close_newest, open_from=open_from)
         self.trim_top()
-        return result
 
     def _prepare_flows(self, flows: list[Flow], out: Recorder) -> None:
         """Before the transaction, outside it: create the series of flows that get them now
@@ -429,7 +452,10 @@ class RedisSink:
         entries = self._journal_entries(state) if flows else []
         if entries:
             pipe.execute_command("RPUSH", self.journal, *entries)
-        if flow_offset != state.flow_base:
+        # with the series offset, the flow offset is stored too even when it stays: where
+        # Redis has none (data reset, offsets of an older version) it is read as the series
+        # offset, which this write moves on past flow updates not written yet
+        if flow_offset != state.flow_base or (series and flow_offset is not None):
             pipe.execute_command("SET", self.flow_offset_prefix + str(state.partition),
                                  flow_offset)
         if series:
@@ -722,26 +748,51 @@ class RedisSink:
 class BackgroundWriter:
     """Sends one flush's writes on its own thread while the processor reads and aggregates the
     next (Redis works on flush N while Python builds N+1; the socket waits let the other thread
-    run). At most one flush is in flight: settle() waits for it before the next is sent, so
-    writes land in order."""
+    run). A flush's groups are sent as they are built (start(), add() each, finish()): Redis
+    applies the first partitions' writes while the last are built. At most one flush is in
+    flight: settle() waits for it before the next is sent, so writes land in order."""
+
+    _END = None  # after a flush's last group in the queue
 
     def __init__(self, sink: RedisSink):
         self.sink = sink
-        self.pending: tuple | None = None  # execute()'s arguments, not landed yet
+        # the flush in flight: its groups (all of them once finish() was called), whether it
+        # closes the newest minute, the minute kept open; not landed yet
+        self.pending: tuple[list, bool, int | None] | None = None
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.thread: threading.Thread | None = None
         self.outcome: WriteResult | BaseException | None = None
 
     def submit(self, groups: list[list[PartitionWrite]], close_newest: bool,
                open_from: int | None = None) -> None:
+        self.start(close_newest, open_from)
+        for group in groups:
+            self.add(group)
+        self.finish()
+
+    def start(self, close_newest: bool, open_from: int | None = None) -> None:
         assert self.pending is None, "settle() the write in flight first"
-        self.pending = (groups, close_newest, open_from)
+        self.pending = ([], close_newest, open_from)
         self.outcome = None
+        self.queue = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._run, name="redis-writer", daemon=True)
         self.thread.start()
 
+    def add(self, group: list[PartitionWrite]) -> None:
+        self.pending[0].append(group)
+        self.queue.put(group)
+
+    def finish(self) -> None:
+        self.queue.put(self._END)
+
     def _run(self) -> None:
         try:
-            self.outcome = self.sink.execute(*self.pending)
+            result = WriteResult()
+            while (group := self.queue.get()) is not self._END:
+                self.sink.write_group(group, result)
+            _groups, close_newest, open_from = self.pending
+            self.sink.finish_write(result, close_newest, open_from)
+            self.outcome = result
         except BaseException as exc:  # noqa: BLE001 - handed to the processor's thread
             self.outcome = exc
 

@@ -184,3 +184,88 @@ def test_a_partitions_first_write_stores_where_its_flow_part_starts(settings):
     assert r.get("pipeline:flow_offsets:g:t:0") == "10"
     assert [int(r.hget(f"flow:{fid}:meta", "packets")) for fid in ids] == [3, 3, 3]
     assert int(r.hget("pipeline:processor", "records")) == 9
+
+
+def partition_of_flows(partition: int, count: int) -> PartitionState:
+    """flush_of_flows() for another partition: flow i sends from port 2000 * partition + i."""
+    state = PartitionState(partition, None, FlowTable(60 * S, 600 * S, 10_000))
+    base = 2000 * (partition + 1)
+    state.add_records(iter([Record(T + second * S + i, 100 + i, 4, 6, 0, 0, base + i, 80, A4,
+                                   B4, 0, 0, 0)
+                            for i in range(count) for second in (0, 0, 1)]))
+    state.next_offset = 10
+    return state
+
+
+def test_a_flush_streamed_group_by_group_lands_once_after_an_error_mid_stream(settings,
+                                                                             monkeypatch):
+    """The processor hands a flush to the writer thread a group at a time, while it builds the
+    next: when the second group fails, settle() raises that error once and the next settle()
+    sends the whole flush again; the group that had landed is seen as landed (offset fence)."""
+    monkeypatch.setattr(sink, "JOURNAL_FLOWS", 7)
+    monkeypatch.setattr(sink, "SEND_AT_ONCE_COST", 1)  # every partition a group of its own
+    writer = sink.RedisSink(settings)
+    writer.ensure_series()
+    r = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    states = [partition_of_flows(p, FLOWS) for p in range(3)]
+    ports = {flow.id: flow.sport for st in states for flow in st.dirty_flows}
+    calls = []
+    write_group = writer.write_group
+
+    def failing_once(group, result):
+        calls.append([w.partition for w in group])
+        if len(calls) == 2:
+            raise redis.ConnectionError("connection lost")
+        write_group(group, result)
+
+    monkeypatch.setattr(writer, "write_group", failing_once)
+    background = sink.BackgroundWriter(writer)
+    background.start(close_newest=True)
+    groups = 0
+    for group in writer.prepare_groups(states):
+        background.add(group)
+        groups += 1
+    background.finish()
+    assert groups == 3
+    with pytest.raises(redis.ConnectionError):
+        background.settle()
+    assert calls == [[0], [1]]  # the writer stopped at the error
+    assert r.get("pipeline:offsets:g:t:0") == "10" and r.get("pipeline:offsets:g:t:1") is None
+    result = background.settle()  # sent again, whole, in this thread
+    assert sorted(w.partition for w in result.written) == [0, 1, 2] and not result.fenced
+    assert background.settle() is None
+    for p in range(3):
+        assert r.get(f"pipeline:offsets:g:t:{p}") == "10"
+    assert r.llen(writer.journal) == 0
+    assert int(r.hget("pipeline:processor", "records")) == 3 * 3 * FLOWS
+    for fid, sport in ports.items():
+        size = 100 + sport % 2000
+        meta = r.hgetall(f"flow:{fid}:meta")
+        assert (int(meta["bytes"]), int(meta["packets"])) == (3 * size, 3), fid
+        assert float(r.zscore("flows:top:bytes", fid)) == 3 * size
+    total = 3 * sum(3 * (100 + i) for i in range(FLOWS))
+    assert float(r.zscore("hosts:top:bytes", "192.0.2.10")) == total
+
+
+def test_a_series_flush_where_redis_has_no_flow_offset_keeps_the_flow_part_to_write(settings):
+    """After --reset-data (or offsets of an older version) Redis holds the series offset only,
+    and the flow offset is read as that one. A flush of the series part alone must store the
+    flow offset where it stays: else Redis reads it as the new series offset, and the flow
+    part's own write, fenced on the old one, passed for one that had landed and was dropped."""
+    writer = sink.RedisSink(settings)
+    writer.ensure_series()
+    r = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    r.set("pipeline:offsets:g:t:0", 5)  # no pipeline:flow_offsets:g:t:0
+    stored = writer.stored_offset_pairs([0])[0]
+    assert stored == (5, 5)
+    state = PartitionState(0, stored[0], FlowTable(60 * S, 600 * S, 10_000), stored[1])
+    state.add_records(iter([Record(T + i, 100 + i, 4, 6, 0, 0, 1000 + i, 80, A4, B4, 0, 0, 0)
+                            for i in range(FLOWS)]))
+    state.next_offset = 6
+    writer.execute(writer.prepare([state], flows=False), close_newest=False)
+    assert writer.stored_offset_pairs([0])[0] == (6, 5)
+    result = writer.execute(writer.prepare([state], flows=True), close_newest=True)
+    assert [w.partition for w in result.written] == [0] and not result.fenced
+    assert writer.stored_offset_pairs([0])[0] == (6, 6)
+    assert int(r.hget("pipeline:processor", "records")) == FLOWS
+    assert len(r.keys("flow:*:meta")) == FLOWS
