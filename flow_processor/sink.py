@@ -54,9 +54,9 @@ TRIM_CHUNK = 10000  # members removed from a top-N set per command
 # its TS.MADD (about 1 us each in Redis) and JOURNAL_ENTRY_COST a journal entry pushed
 TRANSACTION_COST = 20000
 JOURNAL_ENTRY_COST = 50
-# A partition's write of at least this cost (8 journal entries: 4,000 flows) ends its group:
+# A partition's write of at least this many journal entries (4,000 flows) ends its group:
 # streamed to the writer thread, the first of a big flush lands while the others are built
-SEND_AT_ONCE_COST = 8 * JOURNAL_ENTRY_COST
+SEND_AT_ONCE_ENTRIES = 8
 TOP_LUA = Path(__file__).with_name("top.lua")
 JOURNAL_LUA = Path(__file__).with_name("journal.lua")
 APP_SERIES = tuple(f"ts:app:{app}" for app in APPS)  # by app id
@@ -323,8 +323,8 @@ class RedisSink:
             before, commands = Recorder(), Recorder()
             self._prepare_flows(state.dirty_flows, before)
             series = state.series_pending
-            madd, write_cost = self._queue_writes(commands, state, series, with_flows,
-                                                  flow_next)
+            madd, write_cost, entries = self._queue_writes(commands, state, series, with_flows,
+                                                           flow_next)
             write = PartitionWrite(
                 state, state.partition, state.base_offset,
                 state.next_offset if series else state.base_offset, before.commands,
@@ -335,7 +335,7 @@ class RedisSink:
                 group, cost = [], 0
             group.append(write)
             cost += write.cost
-            if write.cost >= SEND_AT_ONCE_COST:  # Redis starts on it while the rest is built
+            if entries >= SEND_AT_ONCE_ENTRIES:  # Redis starts on it while the rest is built
                 yield group
                 group, cost = [], 0
         if group:
@@ -439,10 +439,11 @@ class RedisSink:
             return
 
     def _queue_writes(self, pipe: Recorder, state: PartitionState, series: bool,
-                      flows: bool, flow_offset: int | None) -> tuple[int, int]:
+                      flows: bool, flow_offset: int | None) -> tuple[int, int, int]:
         """Record one partition's flush (its series part's offset when series, its flow part
         when flows, and the flow part's offset, flow_offset, when it moves); return how many
-        TS.MADD commands end it, and what it costs (TRANSACTION_COST)."""
+        TS.MADD commands end it, what it costs (TRANSACTION_COST) and how many journal entries
+        it pushes."""
         for (name, sec), value in state.health.items():
             pipe.execute_command("TS.ADD", f"ts:health:{name}:count", sec * 1000, value,
                                  "ON_DUPLICATE", "SUM", "LABELS", "dimension", "health",
@@ -465,7 +466,7 @@ class RedisSink:
             pipe.execute_command("SET", self.topic_id_prefix + str(state.partition),
                                  state.topic_id)
         madd, samples = self._queue_samples(pipe, state)
-        return madd, samples + JOURNAL_ENTRY_COST * len(entries)
+        return madd, samples + JOURNAL_ENTRY_COST * len(entries), len(entries)
 
     def _journal_entries(self, state: PartitionState) -> list[bytes]:
         """The flush's flow updates, top-N sums and TTLs as journal entries (journal.lua): the
@@ -762,13 +763,6 @@ class BackgroundWriter:
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.thread: threading.Thread | None = None
         self.outcome: WriteResult | BaseException | None = None
-
-    def submit(self, groups: list[list[PartitionWrite]], close_newest: bool,
-               open_from: int | None = None) -> None:
-        self.start(close_newest, open_from)
-        for group in groups:
-            self.add(group)
-        self.finish()
 
     def start(self, close_newest: bool, open_from: int | None = None) -> None:
         assert self.pending is None, "settle() the write in flight first"

@@ -203,7 +203,7 @@ def test_a_flush_streamed_group_by_group_lands_once_after_an_error_mid_stream(se
     next: when the second group fails, settle() raises that error once and the next settle()
     sends the whole flush again; the group that had landed is seen as landed (offset fence)."""
     monkeypatch.setattr(sink, "JOURNAL_FLOWS", 7)
-    monkeypatch.setattr(sink, "SEND_AT_ONCE_COST", 1)  # every partition a group of its own
+    monkeypatch.setattr(sink, "SEND_AT_ONCE_ENTRIES", 1)  # every partition a group of its own
     writer = sink.RedisSink(settings)
     writer.ensure_series()
     r = redis.Redis.from_url(settings.redis_url, decode_responses=True)
