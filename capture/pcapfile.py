@@ -189,6 +189,10 @@ def _read_pcap(fh: BinaryIO, buf: bytes, path: Path) -> Iterator[FrameChunk]:
     incl_at = struct.Struct(endian + "I").unpack_from
     fields = np.dtype(endian + "u4")
     pos, base = 24, 0  # base: the file offset of buf[0]
+    # a read that cuts a record short is followed by a read from that record's start (its
+    # first bytes read again), not by a read of the bytes it misses: a record joined from two
+    # reads would be a batch of its own, with a batch's fixed costs (a pipe cannot seek back)
+    seekable = fh.seekable()
     while True:
         # The records chain through the buffer: only their offsets are found one by one, the
         # rest is done for all of them at once. Each record whose header is complete is taken;
@@ -212,10 +216,16 @@ def _read_pcap(fh: BinaryIO, buf: bytes, path: Path) -> Iterator[FrameChunk]:
             want += incl_at(buf, pos + 8)[0]
             if want > MAX_RECORD:
                 raise CaptureFileError(f"{path}: packet record at byte {base + pos} is corrupt")
+        had = end - pos  # bytes of that record read already
         base += pos
-        buf, pos = _read(fh, buf, pos, want), 0
+        if had and seekable:
+            fh.seek(base)
+            buf = _read(fh, b"", 0, want)
+        else:
+            buf = _read(fh, buf, pos, want)
+        pos = 0
         if len(buf) < want:
-            if not buf:
+            if not buf and not had:
                 return
             if len(buf) < 16:
                 raise CaptureFileError(

@@ -289,9 +289,11 @@ def big_capture(tmp_path, n: int = 200) -> tuple:
     return path, frames
 
 
-def complete_records(path, limit: int) -> int:
-    """How many records of a little-endian pcap end within its first `limit` bytes."""
-    data, pos, n = path.read_bytes(), 24, 0
+def complete_records(path, limit: int, start: int = 24) -> int:
+    """How many records of a little-endian pcap, from the one at byte `start` on, end within
+    `limit` bytes of the read that begins there (at byte 0 for the first record)."""
+    data, pos, n = path.read_bytes(), start, 0
+    limit = min(limit + (0 if start == 24 else start), len(data))
     while pos + 16 <= limit and pos + 16 + struct.unpack_from("<I", data, pos + 8)[0] <= limit:
         pos += 16 + struct.unpack_from("<I", data, pos + 8)[0]
         n += 1
@@ -450,9 +452,57 @@ def test_batches_of_a_pcap_have_one_link_type_and_end_at_each_read(tmp_path, mon
     batches = list(read_batches(path))
     assert [f for b in batches for f in b.frames] == frames
     assert all(b.linktypes == 1 for b in batches)
-    # every batch but the first ends with a record the chunk before it cut short
     sizes = [len(b.frames) for b in batches]
     assert len(batches) > 5 and sizes[0] == complete_records(path, SMALL_CHUNK)
+
+
+def test_a_record_cut_by_a_read_starts_the_next_read(tmp_path, monkeypatch):
+    """Each read of a file after the first starts at the record the read before it cut short
+    (those bytes are read again): no batch of one record joined from two reads."""
+    monkeypatch.setattr("capture.pcapfile.CHUNK", SMALL_CHUNK)
+    path, frames = big_capture(tmp_path)
+    chunks = list(read_chunks(path))
+    assert [f for chunk in chunks for f in chunk.frames()] == frames
+    offset = 24
+    for chunk in chunks:
+        assert len(chunk.starts) == complete_records(path, SMALL_CHUNK, offset)
+        offset += sum(16 + n for n in chunk.lengths.tolist())
+    assert offset == path.stat().st_size
+    assert min(len(chunk.starts) for chunk in chunks[:-1]) > 1
+
+
+def test_a_pipe_joins_a_cut_record_to_the_bytes_it_misses(tmp_path, monkeypatch):
+    """A pipe cannot seek back: a record cut by a read is joined with the rest of it."""
+    import os
+    import threading
+
+    monkeypatch.setattr("capture.pcapfile.CHUNK", SMALL_CHUNK)
+    path, frames = big_capture(tmp_path)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_bytes(path.read_bytes()))
+    writer.start()
+    try:
+        chunks = list(read_chunks(fifo))
+    finally:
+        writer.join(10)
+    assert [f for chunk in chunks for f in chunk.frames()] == frames
+    assert [len(chunk.starts) for chunk in chunks][1::2].count(1) > 3  # the joined records
+
+
+def test_a_file_cut_before_a_record_read_in_part_ends_with_one_error(tmp_path, monkeypatch):
+    """Truncated below the start of the record the last read cut short: the read from that
+    record's start finds nothing, which is damage, not the end of the file."""
+    import os
+
+    monkeypatch.setattr("capture.pcapfile.CHUNK", SMALL_CHUNK)
+    path, frames = big_capture(tmp_path)
+    reader = read_chunks(path)
+    first = next(reader)
+    cut = 24 + sum(16 + n for n in first.lengths.tolist())  # where the cut record starts
+    os.truncate(path, cut - 100)
+    with pytest.raises(CaptureFileError, match="cut short"):
+        next(reader)
 
 
 @pytest.mark.parametrize("cut", [3 * SMALL_CHUNK + 5, 3 * SMALL_CHUNK + 24 + 8])
