@@ -100,14 +100,14 @@ def pump(frames: Iterable, batcher: RecordBatcher, producer: RecordProducer,
     def decode(ts_ns, wire_lens, frame_list, linktypes) -> None:
         """Decode frames as one batch and add them to the batcher, in order; `linktypes` is
         their link type or one per frame."""
-        added(ts_ns, wire_lens, frame_list, linktypes, decode_batch(frame_list, linktypes),
-              sum(wire_lens))
+        added(ts_ns, wire_lens, frame_list, linktypes, decode_batch(frame_list, linktypes))
 
-    def added(ts_ns, wire_lens, frame_list, linktypes, decoded, wire_bytes: int) -> None:
-        """Count the decoded frames and add them to the batcher, in order."""
+    def added(ts_ns, wire_lens, frame_list, linktypes, decoded) -> None:
+        """Add the decoded frames to the batcher, in order, and count them (the batcher flags
+        those it finds malformed too: a wire length that lies)."""
         nonlocal frames_n, bytes_n, malformed, unsupported
         frames_n += len(frame_list)
-        bytes_n += wire_bytes
+        bytes_n += add_batch(ts_ns, wire_lens, frame_list, decoded)
         bad = (decoded.flags & FLAG_MALFORMED) != 0
         if bad.any():
             malformed += int(bad.sum())
@@ -121,7 +121,6 @@ def pump(frames: Iterable, batcher: RecordBatcher, producer: RecordProducer,
                         warned_links.add(linktype)
                         log.warning("link type %d is not supported: its frames count as OTHER",
                                     linktype)
-        add_batch(ts_ns, wire_lens, frame_list, decoded)
         if batcher.ready:
             send_ready()
 
@@ -168,9 +167,8 @@ def pump(frames: Iterable, batcher: RecordBatcher, producer: RecordProducer,
         parts = -(-n // CHUNK_DECODE_BATCH)
         for k in range(parts):
             i, j = n * k // parts, n * (k + 1) // parts
-            wire = wire_lens[i:j]
-            added(ts_ns[i:j], wire, chunk.frames(i, j), linktype,
-                  decode_chunk(buf, starts[i:j], lengths[i:j], linktype), int(wire.sum()))
+            added(ts_ns[i:j], wire_lens[i:j], chunk.frames(i, j), linktype,
+                  decode_chunk(buf, starts[i:j], lengths[i:j], linktype))
             if not tick():
                 return False
         return True

@@ -34,7 +34,9 @@ from packet_records import (
     FLAG_FRAGMENT,
     FLAG_HAS_META,
     FLAG_LATER_FRAGMENT,
+    FLAG_MALFORMED,
     FLAG_TRUNCATED,
+    MAX_WIRE_LEN,
     RECORD,
     encode_packed,
 )
@@ -104,6 +106,19 @@ class FragmentTracker:
         return out
 
 
+def _believed(wire: np.ndarray, batch: DecodedBatch) -> np.ndarray:
+    """The wire lengths of a batch, none past MAX_WIRE_LEN: a longer one (an original length
+    in a capture file that lies, or a "frame" bigger than any link carries) is not believed,
+    as RecordBatcher.add does not: the frame counts its captured bytes (at most MAX_WIRE_LEN)
+    and is flagged malformed, in the batch's columns and in its fallback tuples."""
+    over = wire > MAX_WIRE_LEN
+    wire = np.where(over, np.minimum(batch.caplen, MAX_WIRE_LEN), wire)
+    batch.flags[over] |= FLAG_MALFORMED
+    batch.fallback = [(i, decoded[:7] + (decoded[7] | FLAG_MALFORMED,) + decoded[8:])
+                      if over[i] else (i, decoded) for i, decoded in batch.fallback]
+    return wire
+
+
 def _label_late(records: np.ndarray, parts: np.ndarray, late: list[int],
                 labels: list[int]) -> None:
     """add_batch(): records `late` take the final labels of their flows (`labels`)."""
@@ -136,6 +151,9 @@ class RecordBatcher:
 
     def add(self, ts_ns: int, wire_len: int, frame: bytes, decoded: tuple) -> None:
         ipver, proto, src, dst, sport, dport, tcp_flags, flags, frag_id, l4_off, _end = decoded
+        if wire_len > MAX_WIRE_LEN:  # not believed (see _believed)
+            wire_len = min(len(frame), MAX_WIRE_LEN)
+            flags |= FLAG_MALFORMED
         if len(frame) < wire_len:
             flags |= FLAG_TRUNCATED
         self.last_ts = ts_ns
@@ -156,7 +174,7 @@ class RecordBatcher:
                    frame if l4_off >= 0 else None, decoded)
 
     def add_batch(self, ts_ns: Sequence[int], wire_lens: Sequence[int], frames: Sequence[bytes],
-                  batch: DecodedBatch) -> None:
+                  batch: DecodedBatch) -> int:
         """add() every frame of a decoded batch (capture.batch_decode), in order: the same
         records, messages and state as add() frame by frame, with per-frame Python work only
         where add() has some to do. Records are packed by numpy, with the partition and label
@@ -168,19 +186,22 @@ class RecordBatcher:
         their record in the batch's array (_flow_of()), so that every record between two
         fragments goes to the partitions' messages at once, as numpy rows (_place()).
         `frames` may be a capture.pcapfile.FrameSlices (frames still in the read of a file),
-        `ts_ns` and `wire_lens` int64 arrays."""
+        `ts_ns` and `wire_lens` int64 arrays. Returns the sum of the records' wire lengths."""
         n = len(frames)
         if n == 0:
-            return
+            return 0
         flows, add = self.flows, self.add
         # (columns of a FrameChunk are arrays already)
         ts = ts_ns if isinstance(ts_ns, np.ndarray) else np.fromiter(ts_ns, np.int64, n)
         wire = wire_lens if isinstance(wire_lens, np.ndarray) else np.fromiter(wire_lens,
                                                                                 np.int64, n)
+        if wire.max() > MAX_WIRE_LEN:
+            wire = _believed(wire, batch)
+        wire_bytes = int(wire.sum())
         if n <= FEW_FRAMES:  # add() one by one costs less than numpy's fixed costs
             for item in zip(ts.tolist(), wire.tolist(), frames, batch.tuples()):
                 add(*item)
-            return
+            return wire_bytes
         keys = flow_keys(batch)
         labels = flows.find_labels(keys.view(np.uint8).reshape(n, keys.dtype.itemsize))
         keys = keys.view(_FLOW_KEY_VOID)  # each row: the bytes of its FlowCache key
@@ -199,7 +220,7 @@ class RecordBatcher:
                 and not flows.survive(keys.tolist(), inserts)):
             for item in zip(ts.tolist(), wire.tolist(), frames, batch.tuples()):
                 add(*item)
-            return
+            return wire_bytes
         _, app, app_flags = _label_fields(labels)
         records = batch.records(ts, wire, app.astype(np.uint8), app_flags.astype(np.uint8))
         parts = turns  # the partition of every record, once the deferred frames have theirs
@@ -265,6 +286,7 @@ class RecordBatcher:
         _label_late(records, parts, late, late_labels)
         self._place(records, parts, meta, rows, labelled, start, n)
         self.last_ts = int(ts[-1])
+        return wire_bytes
 
     def _place(self, records: np.ndarray, parts: np.ndarray, meta: list, rows: list[int],
                labelled: list, a: int, b: int) -> None:

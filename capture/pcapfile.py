@@ -17,6 +17,7 @@ are also as fast here, and they work on pipes (`zcat f.pcap.gz | ... --pcap /dev
 
 from __future__ import annotations
 
+import logging
 import struct
 from collections.abc import Iterator, Sequence
 from itertools import repeat
@@ -25,6 +26,7 @@ from typing import BinaryIO, NamedTuple
 
 import numpy as np
 
+log = logging.getLogger(__name__)
 PCAP_MAGIC_US = 0xA1B2C3D4
 PCAP_MAGIC_NS = 0xA1B23C4D
 PCAPNG_SHB = 0x0A0D0D0A
@@ -32,6 +34,7 @@ PCAPNG_BYTE_ORDER_MAGIC = 0x1A2B3C4D
 PCAPNG_IDB, PCAPNG_EPB, PCAPNG_SPB, PCAPNG_OPB = 1, 6, 3, 2
 IDB_OPT_TSRESOL, IDB_OPT_TSOFFSET = 9, 14
 MAX_RECORD = 256 * 1024 * 1024  # bigger "packets" are corruption, not traffic
+MAX_TIME_NS = (1 << 63) - 1  # a record's capture time: int64 nanoseconds since 1970
 CHUNK = 4 << 20  # bytes per read (see capture.__main__.CHUNK_DECODE_BATCH)
 # fixed fields each block type needs before its packet data or options
 BLOCK_MIN_BODY = {PCAPNG_IDB: 8, PCAPNG_EPB: 20, PCAPNG_OPB: 20, PCAPNG_SPB: 4}
@@ -362,6 +365,12 @@ def _read_pcapng(fh: BinaryIO, buf: bytes, path: Path) -> Iterator[FrameBatch]:
 
 def _pcapng_batch(packets: list[Frame]) -> FrameBatch:
     ts_ns, wire_lens, frames, linktypes = map(list, zip(*packets))
+    if min(ts_ns) < 0 or max(ts_ns) > MAX_TIME_NS:
+        # a corrupt timestamp or interface time offset: time 0, as a packet without a time
+        bad = sum(1 for ts in ts_ns if not 0 <= ts <= MAX_TIME_NS)
+        log.warning("%d packets with times before 1970 or past 2262 (corrupt timestamps or "
+                    "interface time offsets) take time 0, as packets without a time", bad)
+        ts_ns = [ts if 0 <= ts <= MAX_TIME_NS else 0 for ts in ts_ns]
     return FrameBatch(ts_ns, wire_lens, frames, linktypes)
 
 

@@ -28,7 +28,8 @@ from capture.decode import decode_frame
 from capture.flowcache import NOT_CACHED, FlowCache, label_of
 from capture.inspect.flow import FlowInspector
 from capture.pcapfile import CaptureFileError, read_frames
-from packet_records import FLAG_MALFORMED, FLAG_UNSUPPORTED_LINK
+from packet_records import FLAG_MALFORMED, FLAG_UNSUPPORTED_LINK, MAX_WIRE_LEN
+from packet_records import decode_batch as decode_message
 from tests.captures import write_captures
 from tests.fakes import RecordingProducer
 from tests.synthetic import write_synthetic_pcap
@@ -216,6 +217,25 @@ def fragmented(seed: int, n: int) -> list:
     return items
 
 
+def lying(seed: int, n: int) -> list:
+    """garbled() frames, some with a wire length that lies (4 GB, one past MAX_WIRE_LEN), and
+    two frames bigger than any link carries."""
+    rnd = random.Random(seed)
+    items = []
+    for ts, wire, frame, lt in garbled(seed, n):
+        kind = rnd.random()
+        if kind < 0.05:
+            wire = 0xFFFFFFFF
+        elif kind < 0.08:
+            wire = MAX_WIRE_LEN + 1
+        items.append((ts, wire, frame, lt))
+    for at in (n // 3, 2 * n // 3):
+        ts, _wire, frame, lt = items[at]
+        frame += bytes(MAX_WIRE_LEN + 100)
+        items[at] = (ts, len(frame), frame, lt)
+    return items
+
+
 # ------------------------------------------------------------------------------ the tests
 def test_crafted_captures(crafted):
     compare(crafted, sizes=(1, 3, 64, 1024), where="crafted")
@@ -350,3 +370,24 @@ def test_pump_gives_the_messages_and_counters_of_add_per_frame(crafted, syntheti
     warnings = [r.getMessage() for r in caplog.records if "is not supported" in r.getMessage()]
     assert sorted(warnings) == sorted(f"link type {lt} is not supported: its frames count as "
                                       "OTHER" for lt in unsupported)
+
+
+def test_wire_lengths_that_lie_are_not_believed():
+    """A wire length past MAX_WIRE_LEN (which the processor refuses, with the whole message
+    around it) becomes the captured length (at most MAX_WIRE_LEN) and the frame is counted
+    malformed: in add(), add_batch() and pump() alike."""
+    items = lying(3, 3000)
+    compare(items, sizes=(13, 1024), settings=SETTINGS[:3], where="lying lengths")
+    settings = SimpleNamespace(batch_interval_ms=10**9, stats_interval_s=10**9)
+    producer, counters = RecordingProducer(), CaptureCounters()
+    capture_main.pump(iter(items), make_batcher({}, None), producer, counters, settings)
+    lies = [(w, len(f)) for _, w, f, _ in items if w > MAX_WIRE_LEN]
+    assert len(lies) > 100
+    believed = [min(len(f), MAX_WIRE_LEN) if w > MAX_WIRE_LEN else w for _, w, f, _ in items]
+    assert counters.bytes == sum(believed)
+    malformed = sum(1 for (_, w, f, lt) in items
+                    if w > MAX_WIRE_LEN or decode_frame(f, lt)[7] & FLAG_MALFORMED)
+    assert counters.malformed == malformed
+    records = [r for _, message, _ in producer.sent for r in decode_message(message)[0]]
+    assert sorted(r[1] for r in records) == sorted(believed)
+    assert sum(1 for r in records if r[5] & FLAG_MALFORMED) == malformed

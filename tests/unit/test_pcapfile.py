@@ -153,6 +153,20 @@ def test_pcapng_simple_packet_block_has_no_timestamp(tmp_path):
     assert list(read_frames(path)) == [(0, 100, FRAMES[1], 101), (0, 42, FRAMES[2][:20], 101)]
 
 
+def test_pcapng_times_a_record_cannot_hold_become_time_0(tmp_path, caplog):
+    """Past 2262 (a record's int64 nanoseconds) or before 1970 (a negative interface time
+    offset): time 0, as a packet without a time, with a warning; the other packets keep
+    theirs."""
+    path = write(tmp_path, shb(), idb(1), epb(0, SEC * 10**6, FRAMES[0]),
+                 epb(0, 0xFFFFFFFF << 32, FRAMES[1]), epb(0, SEC * 10**6 + 1, FRAMES[2]),
+                 idb(1, tsoffset=-2 * SEC), epb(1, SEC * 10**6, FRAMES[0]))
+    with caplog.at_level("WARNING", logger="capture.pcapfile"):
+        got = [(ts, f) for ts, _w, f, _lt in read_frames(path)]
+    assert got == [(SEC * 10**9, FRAMES[0]), (0, FRAMES[1]), (SEC * 10**9 + 1000, FRAMES[2]),
+                   (0, FRAMES[0])]
+    assert "2 packets with times before 1970 or past 2262" in caplog.text
+
+
 def test_pcapng_obsolete_packet_block(tmp_path):
     body = struct.pack("<HHIIII", 0, 0, 0, 5, 3, 3) + b"abc"
     path = write(tmp_path, shb(), idb(1), block(2, body))
