@@ -156,6 +156,10 @@ class DecodedBatch:
                         out[k] = own[i]
         return out
 
+    def lazy_tuples(self, rows: np.ndarray) -> LazyTuples:
+        """tuples(rows), each tuple made only when asked for (see LazyTuples)."""
+        return LazyTuples(self, rows)
+
     def records(self, ts_ns, wire_len, app=0, app_flags=0) -> np.ndarray:
         """The packet_records RECORD of every frame, as one RECORD_DTYPE array (its bytes are
         the records RECORD.pack would give, back to back), with FLAG_TRUNCATED where the
@@ -188,6 +192,33 @@ class DecodedBatch:
         self.tcp_flags[i], self.flags[i], self.frag_id[i] = tcp_flags, flags, frag_id
         self.l4_off[i], self.ip_end[i] = l4_off, ip_end
         self.fallback.append((i, decoded))
+
+
+class LazyTuples:
+    """The decode_frame() tuples of some frames of a DecodedBatch (DecodedBatch.tuples(rows)),
+    item k made when asked for: RecordBatcher.add_batch looks at many frames whose flow's
+    inspection ended earlier in the batch and needs no tuple of those. Numbers are listed
+    for all rows at once; addresses are cut from one bytes object per column."""
+
+    __slots__ = ("columns", "src", "dst", "own")
+
+    def __init__(self, batch: DecodedBatch, rows: np.ndarray):
+        self.columns = [column[rows].tolist() for column in (
+            batch.ip_version, batch.ip_proto, batch.sport, batch.dport, batch.tcp_flags,
+            batch.flags, batch.frag_id, batch.l4_off, batch.ip_end)]
+        self.src, self.dst = batch.src[rows].tobytes(), batch.dst[rows].tobytes()
+        self.own: dict[int, tuple] = {}  # the fallback frames' own tuples, by k
+        if batch.fallback:
+            own = dict(batch.fallback)
+            self.own = {k: own[i] for k, i in enumerate(rows.tolist()) if i in own}
+
+    def __getitem__(self, k: int) -> tuple:
+        if k in self.own:
+            return self.own[k]
+        ipv, proto, sport, dport, tcp_flags, flags, frag_id, l4_off, ip_end = self.columns
+        at = 16 * k
+        return (ipv[k], proto[k], self.src[at:at + 16], self.dst[at:at + 16], sport[k],
+                dport[k], tcp_flags[k], flags[k], frag_id[k], l4_off[k], ip_end[k])
 
 
 def decode_batch_frames(frames: Sequence[bytes], linktype: int | Sequence[int]) -> list[tuple]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from itertools import repeat
 
 import numpy as np
 
@@ -229,9 +228,9 @@ class RecordBatcher:
         buf = getattr(frames, "buf", None)
         if buf is not None:
             at = frames.starts[deferred]
-            picked = zip(at.tolist(), (at + frames.lengths[deferred]).tolist())
+            firsts, ends = at.tolist(), (at + frames.lengths[deferred]).tolist()
         else:
-            picked = zip(deferred.tolist(), repeat(None))
+            firsts, ends = deferred.tolist(), None
         find = flows.flows.get
         start = 0  # the records from here on are not placed in their batches yet
         meta: list[tuple[int, int, str]] = []  # (row, kind, text) of the records from start
@@ -243,22 +242,25 @@ class RecordBatcher:
         final: dict[bytes, int] = {}  # flow key -> final label
         late: list[int] = []
         late_labels: list[int] = []
-        for i, key, t, w, (a, b), decoded, turn, flag in zip(
-                deferred.tolist(), keys[deferred].tolist(), ts[deferred].tolist(),
-                wire[deferred].tolist(), picked, batch.tuples(deferred),
-                turns[deferred].tolist(), records["flags"][deferred].tolist()):
+        # (what the frames that are not late need is listed for all, a tuple made each)
+        t_list, w_list = ts[deferred].tolist(), wire[deferred].tolist()
+        flag_list, tuples = records["flags"][deferred].tolist(), batch.lazy_tuples(deferred)
+        for k, (i, key, turn) in enumerate(zip(deferred.tolist(), keys[deferred].tolist(),
+                                               turns[deferred].tolist())):
             if turn != _ADD:
                 label = final.get(key)
                 if label is not None:
                     late.append(i)
                     late_labels.append(label)
                     continue
-            else:  # the records before it go first, as add() may close batches
+            t, w, flag, decoded = t_list[k], w_list[k], flag_list[k], tuples[k]
+            a = firsts[k]  # the frame: buf[a:ends[k]] in a read of a file, else frames[a]
+            if turn == _ADD:  # the records before it go first, as add() may close batches
                 _label_late(records, parts, late, late_labels)
                 late, late_labels = [], []
                 self._place(records, parts, meta, rows, labelled, start, i)
                 meta, rows, labelled = [], [], []
-                add(t, w, buf[a:b] if buf is not None else frames[a], decoded)
+                add(t, w, buf[a:ends[k]] if buf is not None else frames[a], decoded)
                 start = i + 1
                 continue
             # as add() would: the flow cached now (or enter it), its inspector fed the
@@ -267,7 +269,7 @@ class RecordBatcher:
             if flow is not None and flow.inspector is None:
                 frame = None  # inspected to the end: only its label is needed
             else:
-                frame = buf[a:b] if buf is not None else frames[a]
+                frame = buf[a:ends[k]] if buf is not None else frames[a]
             names = None
             if flow is None:
                 flow, names = self._flow_of(t, decoded[1], decoded[2], decoded[3], decoded[4],
