@@ -59,6 +59,10 @@ def check(frames: list[bytes], linktypes, where: str = "") -> np.ndarray:
     assert decode_batch_frames(frames, linktypes) == got
     picked = list(range(len(frames)))[::-3]
     assert result.tuples(picked) == [got[i] for i in picked]
+    lazy = result.lazy_tuples(np.array(picked, dtype=np.intp))
+    for k in (list(range(len(picked))) if len(picked) < 300 else range(0, len(picked), 7)):
+        assert lazy[k] == got[picked[k]]
+        assert [type(x) for x in lazy[k]] == [type(x) for x in got[picked[k]]]
     return result.fast
 
 
