@@ -125,20 +125,23 @@ def encode_packed(count: int, parts: list, meta: list[tuple[int, int, str]] | No
                   replay: bool = False) -> bytes:
     """encode_batch() of `count` records packed back to back in `parts` (bytes-like, each any
     number of whole records: RECORD.pack results, or the bytes of RECORD_DTYPE rows)."""
-    head = [HEADER.pack(MAGIC, VERSION, BATCH_REPLAY if replay else 0, count)]
+    head = HEADER.pack(MAGIC, VERSION, BATCH_REPLAY if replay else 0, count)
     tail = [NAME_COUNT.pack(len(meta) if meta else 0)]
     for index, kind, text in meta or ():
-        raw = text.encode("utf-8")[:255].decode("utf-8", "ignore").encode("utf-8")  # whole chars
+        raw = text.encode("utf-8")
+        if len(raw) > 255:
+            raw = raw[:255].decode("utf-8", "ignore").encode("utf-8")  # whole characters
         tail.append(META.pack(index, kind, len(raw)) + raw)
+    tail = b"".join(tail)
     # the checksum runs over the parts where they are (the message is joined once), unless
     # they are many small ones (add()'s records): one call per record would cost more
     if len(parts) > 16:
         parts = [b"".join(parts)]
-    crc = 0
-    for part in head, parts, tail:
-        for piece in part:
-            crc = zlib.crc32(piece, crc)
-    return b"".join([*head, *parts, *tail, CHECKSUM.pack(crc)])
+    crc = zlib.crc32(head)
+    for piece in parts:
+        crc = zlib.crc32(piece, crc)
+    crc = zlib.crc32(tail, crc)
+    return b"".join([head, *parts, tail, CHECKSUM.pack(crc)])
 
 
 def _check_sum(message: bytes, what: str) -> None:
