@@ -18,6 +18,7 @@ are also as fast here, and they work on pipes (`zcat f.pcap.gz | ... --pcap /dev
 from __future__ import annotations
 
 import logging
+import os
 import struct
 from collections.abc import Iterator, Sequence
 from itertools import repeat
@@ -36,6 +37,7 @@ IDB_OPT_TSRESOL, IDB_OPT_TSOFFSET = 9, 14
 MAX_RECORD = 256 * 1024 * 1024  # bigger "packets" are corruption, not traffic
 MAX_TIME_NS = (1 << 63) - 1  # a record's capture time: int64 nanoseconds since 1970
 CHUNK = 4 << 20  # bytes per read (see capture.__main__.CHUNK_DECODE_BATCH)
+READ_AHEAD = 4 * CHUNK  # asked of the kernel beyond each read (_read_ahead)
 # fixed fields each block type needs before its packet data or options
 BLOCK_MIN_BODY = {PCAPNG_IDB: 8, PCAPNG_EPB: 20, PCAPNG_OPB: 20, PCAPNG_SPB: 4}
 # per byte order: a pcapng block's type and length; an enhanced packet block's fields
@@ -173,11 +175,26 @@ def _read(fh: BinaryIO, buf: bytes, pos: int, want: int) -> bytes:
         chunk = fh.read(want - have if parts else CHUNK)
         if not chunk:
             break
+        if len(chunk) == CHUNK:
+            _read_ahead(fh)
         parts.append(chunk)
         have += len(chunk)
     if len(parts) == 1:
         return parts[0]
     return b"".join(parts)
+
+
+def _read_ahead(fh: BinaryIO) -> None:
+    """Ask the kernel to read the chunk READ_AHEAD past this read into the page cache in the
+    background (those before it were asked for by the reads before): a file that is not in the
+    page cache is read from disk while the chunks before are decoded, not when a read asks for
+    it (on a file of 880 MB not in the cache, 2.7 -> 2.3 s). Pipes and other streams cannot be
+    advised: nothing to do."""
+    try:
+        os.posix_fadvise(fh.fileno(), fh.tell() + READ_AHEAD - CHUNK, CHUNK,
+                         os.POSIX_FADV_WILLNEED)
+    except (OSError, ValueError):
+        pass
 
 
 def _read_pcap(fh: BinaryIO, buf: bytes, path: Path) -> Iterator[FrameChunk]:

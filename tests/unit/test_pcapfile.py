@@ -485,6 +485,31 @@ def test_a_record_cut_by_a_read_starts_the_next_read(tmp_path, monkeypatch):
     assert min(len(chunk.starts) for chunk in chunks[:-1]) > 1
 
 
+def test_each_full_read_asks_the_kernel_for_a_chunk_further_on(tmp_path, monkeypatch):
+    """A file not in the page cache is read from disk ahead of the reads: each full read asks
+    for the chunk READ_AHEAD past its end (each chunk once, in order)."""
+    import os
+
+    import capture.pcapfile as pcapfile
+
+    monkeypatch.setattr(pcapfile, "CHUNK", SMALL_CHUNK)
+    monkeypatch.setattr(pcapfile, "READ_AHEAD", 4 * SMALL_CHUNK)
+    advised = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: advised.append(
+        (offset, length, advice)))
+    path, frames = big_capture(tmp_path)
+    chunks = list(read_chunks(path))
+    assert [f for chunk in chunks for f in chunk.frames()] == frames
+    # read k starts at byte 0 (k = 0) or at the first record of chunk k: it asks for the
+    # chunk at that start + READ_AHEAD (CHUNK further on than the end of the read); the last
+    # read, short of a whole CHUNK, asks for nothing
+    starts = [0] + [24 + sum(16 + n for chunk in chunks[:k] for n in chunk.lengths.tolist())
+                    for k in range(1, len(chunks))]
+    assert advised == [(start + 4 * SMALL_CHUNK, SMALL_CHUNK, os.POSIX_FADV_WILLNEED)
+                       for start in starts[:-1]]
+    assert len(advised) >= 5
+
+
 def test_a_pipe_joins_a_cut_record_to_the_bytes_it_misses(tmp_path, monkeypatch):
     """A pipe cannot seek back: a record cut by a read is joined with the rest of it."""
     import os
