@@ -185,11 +185,11 @@ def _read(fh: BinaryIO, buf: bytes, pos: int, want: int) -> bytes:
 
 
 def _read_ahead(fh: BinaryIO) -> None:
-    """Ask the kernel to read the chunk READ_AHEAD past this read into the page cache in the
-    background (those before it were asked for by the reads before): a file that is not in the
-    page cache is read from disk while the chunks before are decoded, not when a read asks for
-    it (on a file of 880 MB not in the cache, 2.7 -> 2.3 s). Pipes and other streams cannot be
-    advised: nothing to do."""
+    """Ask the kernel to read the chunk READ_AHEAD past the start of this read (a full CHUNK)
+    into the page cache in the background (the chunks before it were asked for by the reads
+    before): a file that is not in the page cache is read from disk while the chunks before
+    are decoded, not when a read asks for it (880 MB not in the cache: 2.7 -> 2.2 s). Pipes
+    and other streams cannot be advised: nothing to do."""
     try:
         os.posix_fadvise(fh.fileno(), fh.tell() + READ_AHEAD - CHUNK, CHUNK,
                          os.POSIX_FADV_WILLNEED)

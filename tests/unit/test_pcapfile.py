@@ -487,7 +487,7 @@ def test_a_record_cut_by_a_read_starts_the_next_read(tmp_path, monkeypatch):
 
 def test_each_full_read_asks_the_kernel_for_a_chunk_further_on(tmp_path, monkeypatch):
     """A file not in the page cache is read from disk ahead of the reads: each full read asks
-    for the chunk READ_AHEAD past its end (each chunk once, in order)."""
+    for the chunk READ_AHEAD past its start (each chunk once, in order)."""
     import os
 
     import capture.pcapfile as pcapfile
