@@ -307,7 +307,9 @@ class RecordBatcher:
             return
         part = parts[a:b]
         # each partition's records in frame order, one partition after the other
-        order = np.argsort(part, kind="stable")
+        # (partitions as 16-bit numbers: numpy sorts those by radix, 5x faster than int64)
+        order = np.argsort(part.astype(np.uint16) if self.partitions <= 1 << 16 else part,
+                           kind="stable")
         sizes = np.bincount(part, minlength=self.partitions).tolist()
         # (as rows of plain bytes: numpy takes them a whole row at a time; slices of them go
         # into the messages as they are, no bytes object made for each partition's records)
@@ -317,8 +319,8 @@ class RecordBatcher:
             place = np.empty(b - a, dtype=np.intp)
             place[order] = np.arange(b - a)
             places = place[[row - a for row, _, _ in meta]].tolist()
-            meta = sorted(zip(places, ((kind, text) for _, kind, text in meta)),
-                          key=lambda entry: entry[0])
+            # (place, entry number, kind, text): in place order, a record's entries as given
+            meta = sorted(zip(places, range(len(meta)), *list(zip(*meta))[1:]))
         m_at = 0  # the next meta entry
         closed = []  # (row of the record that filled the batch, partition, message)
         j = 0
@@ -331,7 +333,7 @@ class RecordBatcher:
                 take = min(end - j, limit - have)
                 batch_p.append(data[j:j + take])
                 while m_at < len(meta) and meta[m_at][0] < j + take:
-                    q, (kind, text) = meta[m_at]
+                    q, _, kind, text = meta[m_at]
                     meta_p.append((have + q - j, kind, text))
                     m_at += 1
                 have += take
