@@ -320,7 +320,8 @@ class RecordBatcher:
             place[order] = np.arange(b - a)
             places = place[[row - a for row, _, _ in meta]].tolist()
             # (place, entry number, kind, text): in place order, a record's entries as given
-            meta = sorted(zip(places, range(len(meta)), *list(zip(*meta))[1:]))
+            meta = sorted((place, number, kind, text)
+                          for number, (place, (_row, kind, text)) in enumerate(zip(places, meta)))
         m_at = 0  # the next meta entry
         closed = []  # (row of the record that filled the batch, partition, message)
         j = 0
