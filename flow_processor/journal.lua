@@ -38,7 +38,28 @@ local function labelled(fields, last_seen, labels)
   return fields
 end
 
-local function apply_flows(flows)
+-- the lowest score a member of zkey needs to be among its `kept` highest now; nil while the set
+-- holds fewer. Scores of flows:top:bytes and flows:top:endpoints only grow (a flow's total), so
+-- a flow below it is not among the kept highest, nor will be until its total passes it: it is
+-- left out (or its lower score left as it is), which keeps the top `kept` exact and spares a
+-- ZADD per flow under a scan of small flows
+local function floor_of(zkey, kept)
+  local excess = redis.call('ZCARD', zkey) - kept
+  if excess < 0 then return nil end
+  return tonumber(redis.call('ZRANGE', zkey, excess, excess, 'WITHSCORES')[2])
+end
+
+-- ZADD zkey the [score, member, ...] pairs of `items`, in commands of at most 1,000 pairs
+local function zadd_all(zkey, items)
+  for at = 1, #items, 2000 do
+    redis.call('ZADD', zkey, unpack(items, at, math.min(#items, at + 1999)))
+  end
+end
+
+local function apply_flows(flows, kept)
+  local by_bytes, by_endpoints = {}, {}
+  local bytes_floor = floor_of('flows:top:bytes', kept)
+  local endpoints_floor = floor_of('flows:top:endpoints', kept)
   for _, flow in ipairs(flows) do
     local id, bytes, labels, fixed = flow[1], flow[2], flow[5], flow[6]
     local meta = 'flow:' .. id .. ':meta'
@@ -54,9 +75,17 @@ local function apply_flows(flows)
       redis.call('HINCRBY', meta, 'packets', flow[3])
       redis.call('HSET', meta, unpack(labelled({}, flow[4], labels)))
     end
-    redis.call('ZADD', 'flows:top:bytes', total, id)
-    if flow[7] then redis.call('ZADD', 'flows:top:endpoints', total, flow[7]) end
+    if not bytes_floor or total >= bytes_floor then
+      by_bytes[#by_bytes + 1] = total
+      by_bytes[#by_bytes + 1] = id
+    end
+    if flow[7] and (not endpoints_floor or total >= endpoints_floor) then
+      by_endpoints[#by_endpoints + 1] = total
+      by_endpoints[#by_endpoints + 1] = flow[7]
+    end
   end
+  zadd_all('flows:top:bytes', by_bytes)
+  zadd_all('flows:top:endpoints', by_endpoints)
 end
 
 -- keep the `kept` highest of a sorted set once it holds more than twice that
@@ -67,7 +96,7 @@ end
 
 local function apply(text, kept)
   local entry = cjson.decode(text)
-  apply_flows(entry[5])
+  apply_flows(entry[5], kept)
   bound('flows:top:bytes', kept)
   bound('flows:top:endpoints', kept)
   for zkey in pairs(add_top(entry[1], entry[2], entry[3], entry[4])) do bound(zkey, kept) end

@@ -142,6 +142,38 @@ def test_a_flow_trimmed_from_the_top_sets_comes_back_with_its_total(kept_10):
     assert r.zrevrange("flows:top:bytes", 0, 0) == [small.id]  # the largest now
 
 
+def test_flows_below_a_full_top_sets_lowest_kept_score_are_left_out_and_the_top_stays_exact(
+        kept_10):
+    """Once flows:top:bytes holds TOP_FLOWS_KEPT flows, a flow whose total is below the lowest
+    of them is not added (a scan of small flows costs no ZADD each); one that grows past it
+    is, with its whole total, and the set's highest are always the largest flows."""
+    writer = sink.RedisSink(kept_10)
+    writer.ensure_series()
+    r = redis.Redis.from_url(kept_10.redis_url, decode_responses=True)
+    state = PartitionState(0, None, FlowTable(60 * S, 600 * S, 10_000))
+    totals: dict[int, int] = {}
+
+    def flush(sizes: dict[int, int], offset: int) -> None:  # {source port: frame bytes}
+        state.add_records(iter([Record(T + offset * S, size, 4, 6, 0, 0, port, 80, A4, B4,
+                                       0, 0, 0) for port, size in sizes.items()]))
+        state.next_offset = offset
+        writer.execute(writer.prepare([state]), close_newest=True)
+        for port, size in sizes.items():
+            totals[port] = totals.get(port, 0) + size
+
+    flush({port: 1000 + port for port in range(10)}, 1)  # 10 flows of 1,000-1,009 bytes
+    flush({port: 500 for port in range(100, 130)}, 2)  # 30 smaller ones: none gets in
+    assert r.zcard("flows:top:bytes") == r.zcard("flows:top:endpoints") == 10
+    flush({100: 700, 5: 100}, 3)  # one of them passes the lowest (1,200 > 1,000), one grows
+    ids = {flow.sport: flow.id for flow in state.table.flows.values()}
+    top = r.zrevrange("flows:top:bytes", 0, 9, withscores=True)
+    largest = sorted(totals.items(), key=lambda item: -item[1])[:10]
+    assert top == [(ids[port], float(total)) for port, total in largest]
+    assert r.zscore("flows:top:bytes", ids[100]) == 1200
+    for port, total in totals.items():  # every hash is exact, in the set or not
+        assert int(r.hget(f"flow:{ids[port]}:meta", "bytes")) == total
+
+
 def test_an_entry_that_cannot_be_applied_is_counted_and_does_not_stop_the_rest(settings,
                                                                              caplog):
     """A damaged entry, or a key of another type in the way (an operator's SET on a top-N
