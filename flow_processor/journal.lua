@@ -1,38 +1,63 @@
 -- Appended to top.lua: the processor's script (see sink.py). Mode 'drain': apply the oldest
 -- entry of the write journal KEYS[1] and remove it, in one call; returns how many entries are
--- left (with the error, as {left, error}, when the entry could not be applied). ARGV[2]: members a top-N set keeps (TOP_FLOWS_KEPT); a set the entry grew past twice
--- that is cut back to it here (a scan makes sets grow by a flush's flows, and every increment
--- on a big set costs more), the others after the flush. A flush's transaction stores its offsets and pushes its flow updates here as entries
--- of a bounded size (JOURNAL_FLOWS flows): the transaction stays short whatever the flush
--- holds, each entry holds Redis for a few milliseconds, and an entry is applied exactly once
--- whoever drains it (a crash between two entries leaves the rest for the next call).
+-- left (with the error, as {left, error}, when the entry could not be applied). ARGV[2]:
+-- members a top-N set keeps (TOP_FLOWS_KEPT); a set the entry grew past twice that is cut
+-- back to it here (a scan makes sets grow by a flush's flows, and every increment on a big
+-- set costs more), the others after the flush. A flush's transaction stores its offsets and
+-- pushes its flow updates here as entries of a bounded size (JOURNAL_FLOWS flows): the
+-- transaction stays short whatever the flush holds, each entry holds Redis for a few
+-- milliseconds, and an entry is applied exactly once whoever drains it (a crash between two
+-- entries leaves the rest for the next call).
 --
--- An entry is a JSON array [newest minute, top-N groups, TTL, keys to EXPIRE, flows,
--- counters]: the first four are top.lua's 'add' arguments; counters are [[name, increment],
--- ...] of the pipeline:processor hash (a flush's last entry carries them, so a counter that
--- reached a figure means the flow updates before it landed too); flows has one entry per flow:
--- [id, bytes, packets, last_seen, labels, fixed, endpoints], labels 0 when the application,
--- server name and fingerprint did not change, else [app, app_guess, server_name, fingerprint]
--- ('' for a name not known), fixed [src, dst, sport, dport, proto, first_seen] on the first
--- write of the processor's table entry for the flow, else 0; endpoints: the flow's member of
--- flows:top:endpoints (absent in entries of earlier versions: their top-N groups add it).
+-- An entry is a JSON array [newest minute, top-N groups, TTL, keys to EXPIRE, old flows,
+-- counters, flows]: the first four are top.lua's 'add' arguments; counters are [[name,
+-- increment], ...] of the pipeline:processor hash (a flush's last entry carries them, so a
+-- counter that reached a figure means the flow updates before it landed too). flows is one
+-- flat array, FIELDS values a flow (a flat array decodes in a third of the time of an array
+-- an entry): id, bytes, packets, last_seen; app, app_guess, server_name, fingerprint (app 0
+-- when none of them changed; '' for a name not known); src, dst, sport, dport, proto,
+-- first_seen on the first write of the processor's table entry for the flow (src 0 else);
+-- endpoints (the flow's member of flows:top:endpoints); 1 to (re)set the TTL of its hash, else
+-- 0. Old flows: entries of earlier versions, an array a flow [id, bytes, packets, last_seen,
+-- labels, fixed, endpoints] (labels 0 or [app, app_guess, server_name, fingerprint], fixed 0
+-- or [src, dst, sport, dport, proto, first_seen], endpoints absent: their top-N groups add it)
+-- with their TTLs in the keys to EXPIRE; they are applied as flows of the flat form.
 -- flows:top:bytes and flows:top:endpoints take the flow's total from its hash (ZADD): a flow
 -- trimmed from them (TOP_FLOWS_KEPT) comes back with all its bytes, not those since.
-local function labelled(fields, last_seen, labels)
-  fields[#fields + 1] = 'last_seen'
-  fields[#fields + 1] = last_seen
-  if labels ~= 0 then
-    fields[#fields + 1] = 'app'
-    fields[#fields + 1] = labels[1]
-    fields[#fields + 1] = 'app_guess'
-    fields[#fields + 1] = labels[2]
-    if labels[3] ~= '' then
-      fields[#fields + 1] = 'server_name'
-      fields[#fields + 1] = labels[3]
+local FIELDS = 16
+
+-- an entry's old flows in the flat form
+local function flattened(old)
+  local flat = {}
+  for _, flow in ipairs(old) do
+    local labels, fixed = flow[5], flow[6]
+    if labels == 0 then labels = {0, 0, '', ''} end
+    if not fixed or fixed == 0 then fixed = {0, 0, 0, 0, 0, 0} end
+    for _, v in ipairs({flow[1], flow[2], flow[3], flow[4], labels[1], labels[2], labels[3],
+                        labels[4], fixed[1], fixed[2], fixed[3], fixed[4], fixed[5], fixed[6],
+                        flow[7] or 0, 0}) do
+      flat[#flat + 1] = v
     end
-    if labels[4] ~= '' then
+  end
+  return flat
+end
+
+-- fields, with last_seen and the labels of the flow at flows[at] when they changed
+local function labelled(fields, flows, at)
+  fields[#fields + 1] = 'last_seen'
+  fields[#fields + 1] = flows[at + 3]
+  if flows[at + 4] ~= 0 then
+    fields[#fields + 1] = 'app'
+    fields[#fields + 1] = flows[at + 4]
+    fields[#fields + 1] = 'app_guess'
+    fields[#fields + 1] = flows[at + 5]
+    if flows[at + 6] ~= '' then
+      fields[#fields + 1] = 'server_name'
+      fields[#fields + 1] = flows[at + 6]
+    end
+    if flows[at + 7] ~= '' then
       fields[#fields + 1] = 'fingerprint'
-      fields[#fields + 1] = labels[4]
+      fields[#fields + 1] = flows[at + 7]
     end
   end
   return fields
@@ -56,32 +81,33 @@ local function zadd_all(zkey, items)
   end
 end
 
-local function apply_flows(flows, kept)
+local function apply_flows(flows, kept, ttl)
   local by_bytes, by_endpoints = {}, {}
   local bytes_floor = floor_of('flows:top:bytes', kept)
   local endpoints_floor = floor_of('flows:top:endpoints', kept)
-  for _, flow in ipairs(flows) do
-    local id, bytes, labels, fixed = flow[1], flow[2], flow[5], flow[6]
+  for at = 1, #flows, FIELDS do
+    local id, bytes, endpoints = flows[at], flows[at + 1], flows[at + 14]
     local meta = 'flow:' .. id .. ':meta'
     local total = bytes
     -- src stays the sender of the flow's very first frame: the fixed fields are written
     -- together, only when the hash has none yet; a new hash takes every field in one command
-    if fixed and fixed ~= 0 and redis.call('HSETNX', meta, 'src', fixed[1]) == 1 then
-      redis.call('HSET', meta, unpack(labelled({'dst', fixed[2], 'sport', fixed[3],
-        'dport', fixed[4], 'proto', fixed[5], 'first_seen', fixed[6], 'bytes', bytes,
-        'packets', flow[3]}, flow[4], labels)))
+    if flows[at + 8] ~= 0 and redis.call('HSETNX', meta, 'src', flows[at + 8]) == 1 then
+      redis.call('HSET', meta, unpack(labelled({'dst', flows[at + 9], 'sport', flows[at + 10],
+        'dport', flows[at + 11], 'proto', flows[at + 12], 'first_seen', flows[at + 13],
+        'bytes', bytes, 'packets', flows[at + 2]}, flows, at)))
     else
       total = redis.call('HINCRBY', meta, 'bytes', bytes)
-      redis.call('HINCRBY', meta, 'packets', flow[3])
-      redis.call('HSET', meta, unpack(labelled({}, flow[4], labels)))
+      redis.call('HINCRBY', meta, 'packets', flows[at + 2])
+      redis.call('HSET', meta, unpack(labelled({}, flows, at)))
     end
+    if flows[at + 15] == 1 then redis.call('EXPIRE', meta, ttl) end
     if not bytes_floor or total >= bytes_floor then
       by_bytes[#by_bytes + 1] = total
       by_bytes[#by_bytes + 1] = id
     end
-    if flow[7] and (not endpoints_floor or total >= endpoints_floor) then
+    if endpoints ~= 0 and (not endpoints_floor or total >= endpoints_floor) then
       by_endpoints[#by_endpoints + 1] = total
-      by_endpoints[#by_endpoints + 1] = flow[7]
+      by_endpoints[#by_endpoints + 1] = endpoints
     end
   end
   zadd_all('flows:top:bytes', by_bytes)
@@ -96,7 +122,8 @@ end
 
 local function apply(text, kept)
   local entry = cjson.decode(text)
-  apply_flows(entry[5], kept)
+  if #entry[5] > 0 then apply_flows(flattened(entry[5]), kept, entry[3]) end
+  if entry[7] then apply_flows(entry[7], kept, entry[3]) end
   bound('flows:top:bytes', kept)
   bound('flows:top:endpoints', kept)
   for zkey in pairs(add_top(entry[1], entry[2], entry[3], entry[4])) do bound(zkey, kept) end

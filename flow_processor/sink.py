@@ -102,6 +102,12 @@ def _increments(members: dict) -> list:
     return [x for member, value in members.items() if value for x in (value, member)]
 
 
+# journal.lua's flat flow fields for labels not changed, and for a write that is not a flow's
+# first
+_NO_LABELS = (0, 0, "", "")
+_NOT_FIRST = (0, 0, 0, 0, 0, 0)
+
+
 def ns_text(ns: int) -> str:
     """Epoch seconds with nanosecond digits, as tshark prints frame.time_epoch."""
     return f"{ns // 1_000_000_000}.{ns % 1_000_000_000:09d}"
@@ -525,12 +531,8 @@ class RedisSink:
             # (the all-time flows:top:endpoints takes each flow's total with its hash update)
             groups = [(minute, 4, _increments(members), 1)
                       for minute, members in sorted(sums.items())]
-            expire = []
-            for f in chunk:
-                if f.new or f.ttl_at < refresh_before:
-                    expire.append(f"flow:{f.id}:meta")  # the meta hash exists from here on
-                    f.ttl_at = now
-            entries.append([newest, groups, ttl, expire, self._flow_entries(chunk, label_of), []])
+            entries.append([newest, groups, ttl, [], [], [],
+                            self._flow_entries(chunk, label_of, now, refresh_before)])
         groups, count = [], 0
         for minute, sets in sorted(shared.items()):
             for index, members in enumerate(sets, start=1):
@@ -606,19 +608,25 @@ class RedisSink:
         return commands, len(args) // 3
 
     @staticmethod
-    def _flow_entries(flows: list[Flow], label_of: dict[Flow, str]) -> list[tuple]:
+    def _flow_entries(flows: list[Flow], label_of: dict[Flow, str], now: float,
+                      refresh_before: float) -> list:
         """journal.lua's updates of these flows' hashes, flows:top:bytes and the all-time
-        flows:top:endpoints (label_of: each flow's member there)."""
+        flows:top:endpoints (label_of: each flow's member there), in its flat form: FIELDS
+        values a flow. A hash's TTL is set on its first write (the hash exists from there on)
+        and renewed when it was last set before refresh_before."""
         apps = APPS
-        entries = []
+        flat: list = []
         for f in flows:
-            labels = ([apps[f.app], int(f.app_guess), f.server_name or "",
-                       f.fingerprint or ""] if f.labels_changed else 0)
+            labels = ((apps[f.app], int(f.app_guess), f.server_name or "", f.fingerprint or "")
+                      if f.labels_changed else _NO_LABELS)
             fixed = ((f.src, f.dst, f.sport, f.dport, f.proto, ns_text(f.first_ns)) if f.new
-                     else 0)
-            entries.append((f.id, f.delta_bytes, f.delta_packets, ns_text(f.last_ns), labels,
-                            fixed, label_of[f]))
-        return entries
+                     else _NOT_FIRST)
+            renew = f.new or f.ttl_at < refresh_before
+            if renew:
+                f.ttl_at = now
+            flat += (f.id, f.delta_bytes, f.delta_packets, ns_text(f.last_ns), *labels, *fixed,
+                     label_of[f], int(renew))
+        return flat
 
     @staticmethod
     def _count_rejected(madd_replies: list) -> int:

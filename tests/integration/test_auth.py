@@ -294,18 +294,18 @@ def test_processor_runs_every_command_of_its_writes(acl_redis):
         pipe.set(key, 42)
         assert pipe.execute() == [5, 5.0, True]
     fid = "0123456789abcdef"
-    flow = [fid, 100, 2, "1.000000000", ["DNS", 0, "example.org", ""],
-            ["10.0.0.1", "10.0.0.2", 1234, 53, 17, "0.500000000"]]
+    flow = [fid, 100, 2, "1.000000000", "DNS", 0, "example.org", "", "10.0.0.1", "10.0.0.2",
+            1234, 53, 17, "0.500000000", f"UDP 10.0.0.1:1234 -> 10.0.0.2:53 ({fid})", 1]
     top = p.register_script((REPO / "flow_processor" / "top.lua").read_text())
     with p.pipeline(transaction=True) as pipe:  # EVALSHA, after SCRIPT EXISTS / SCRIPT LOAD
         top(args=["add", 200, json.dumps([[200, 1, [5, "10.0.0.1"]]]), 3600, "[]"], client=pipe)
         pipe.rpush("pipeline:journal:g:t", json.dumps(
-            [100, [[100, 1, [5, "10.0.0.1"]]], 3600, [f"flow:{fid}:meta"], [flow],
-             [["records", 2]]]))
+            [100, [[100, 1, [5, "10.0.0.1"]]], 3600, [], [], [["records", 2]], flow]))
         pipe.execute()
     script = p.register_script((REPO / "flow_processor" / "top.lua").read_text() + "\n"
                                + (REPO / "flow_processor" / "journal.lua").read_text())
     assert script(keys=["pipeline:journal:g:t"], args=["drain", 10]) == 0  # LPOP, HSETNX, ...
+    assert 0 < p.ttl(f"flow:{fid}:meta") <= 3600  # EXPIRE
     assert p.hget("pipeline:processor", "records") == "7"
     for k in (f"ts:flow:{fid}:bps", f"ts:flow:{fid}:pps"):  # the processor creates them
         p.execute_command("TS.CREATE", k, "RETENTION", 1000, "CHUNK_SIZE", 512,

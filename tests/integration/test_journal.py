@@ -174,6 +174,39 @@ def test_flows_below_a_full_top_sets_lowest_kept_score_are_left_out_and_the_top_
         assert int(r.hget(f"flow:{ids[port]}:meta", "bytes")) == total
 
 
+def test_entries_of_the_earlier_form_a_flow_an_array_are_applied_as_before(settings):
+    """Entries pushed by an earlier version (a flow an array, TTLs in the keys to EXPIRE, no
+    endpoints member) left in the journal across an upgrade are applied as that version
+    applied them."""
+    writer = sink.RedisSink(settings)
+    writer.ensure_series()
+    r = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    new = ["00000000000000aa", 300, 3, "2.000000000", ["TLS", 1, "example.org", "t13d"],
+           ["192.0.2.10", "198.51.100.20", 1000, 443, 6, "1.000000000"]]
+    known = ["00000000000000bb", 50, 1, "3.000000000", 0, 0]
+    r.hset("flow:00000000000000bb:meta", mapping={"src": "192.0.2.1", "bytes": 100,
+                                                   "packets": 2, "app": "DNS"})
+    r.rpush(writer.journal, orjson.dumps(
+        [1, [[1, 4, [300, "TCP 192.0.2.10:1000 -> 198.51.100.20:443 (00000000000000aa)"]]],
+         600, ["flow:00000000000000aa:meta"], [new, known], [["records", 4]]]))
+    assert writer.drain_journal() == 0  # none failed
+    assert r.hgetall("flow:00000000000000aa:meta") == {
+        "src": "192.0.2.10", "dst": "198.51.100.20", "sport": "1000", "dport": "443",
+        "proto": "6", "first_seen": "1.000000000", "bytes": "300", "packets": "3",
+        "last_seen": "2.000000000", "app": "TLS", "app_guess": "1",
+        "server_name": "example.org", "fingerprint": "t13d"}
+    assert 0 < r.ttl("flow:00000000000000aa:meta") <= 600
+    assert r.hgetall("flow:00000000000000bb:meta") == {
+        "src": "192.0.2.1", "bytes": "150", "packets": "3", "app": "DNS",
+        "last_seen": "3.000000000"}
+    assert r.ttl("flow:00000000000000bb:meta") == -1  # not in the keys to EXPIRE
+    assert r.zrange("flows:top:bytes", 0, -1, withscores=True) == [
+        ("00000000000000bb", 150.0), ("00000000000000aa", 300.0)]
+    assert r.zrange("flows:top:min:1:endpoints", 0, -1, withscores=True) == [
+        ("TCP 192.0.2.10:1000 -> 198.51.100.20:443 (00000000000000aa)", 300.0)]
+    assert r.hget("pipeline:processor", "records") == "4"
+
+
 def test_an_entry_that_cannot_be_applied_is_counted_and_does_not_stop_the_rest(settings,
                                                                              caplog):
     """A damaged entry, or a key of another type in the way (an operator's SET on a top-N
