@@ -118,6 +118,7 @@ class Processor:
             "bootstrap.servers": settings.kafka_bootstrap_servers,
             **security,
             "enable.idempotence": True,
+            "enable.sparse.connections": False,  # no wait for a producer id (capture/producer.py)
             "linger.ms": 50,
             "error_cb": self._on_kafka_error,
         })
