@@ -215,6 +215,9 @@ def pump(frames: Iterable, batcher: RecordBatcher, producer: RecordProducer,
         send_ready()
         sync_counters()
         send_stats()
+        if not live:
+            producer.send_replay_end(encode_stats(SOURCE, time.time_ns(), {}, replay_end=True),
+                                     batcher.partitions)
 
 
 def _joined(first: FrameBatch, then: FrameBatch) -> FrameBatch:

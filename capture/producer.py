@@ -80,6 +80,23 @@ class RecordProducer:
         except KafkaException as exc:
             log.warning("a stats message was not sent: %s", exc.args[0].str())
 
+    def send_replay_end(self, message: bytes, partitions: int) -> None:
+        """The end of a file replay (a stats message with replay_end and no counters), after
+        the last records of every partition: the processor that reads each partition writes
+        its flows then, not after waiting for more."""
+        for partition in range(partitions):
+            while True:
+                try:
+                    self.producer.produce(self.topic, message, partition=partition,
+                                          on_delivery=self._on_delivery)
+                    break
+                except BufferError:  # waits, as the records before it did
+                    self.producer.poll(0.05)
+                except KafkaException as exc:
+                    log.warning("the end of the replay was not sent to partition %d: %s",
+                                partition, exc.args[0].str())
+                    break
+
     def close(self, timeout: float) -> int:
         """Deliver everything still queued; return how many messages could not be delivered."""
         deadline = time.monotonic() + timeout

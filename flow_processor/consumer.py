@@ -53,10 +53,13 @@ QUIET_S = 3.0
 # replay wait about 0.4 s (that poll, then an empty one) before its flows went to Redis.
 POLL_TIMEOUT_S = 0.05
 POLL_FILL_S = 0.2
-# Nothing read for this long: the flows go to Redis now, not at the next FLOW_WRITE_INTERVAL_MS
-# (a replay's end, a quiet network). Not on every empty poll: live traffic of a few messages a
-# second would make every poll gap a flush.
+# Nothing read for this long after a replay's end (capture marks it on every partition): the
+# flows go to Redis now, not at the next FLOW_WRITE_INTERVAL_MS. Without the mark (a quiet
+# network) after FLOWS_QUIET_LIVE_S: while capture is replaying a file, short gaps come and go
+# (two busy cores), and a flow write at each split most flows of a replay across two writes
+# (twice the Redis work); on live traffic of a few messages a second every poll gap would.
 FLOWS_QUIET_S = 0.1
+FLOWS_QUIET_LIVE_S = 1.0
 # Messages set aside are cut to this size: the dead-letter topic takes at most about 1 MB, and
 # the first bytes are what tells what the message was.
 MAX_SET_ASIDE_BYTES = 512 * 1024
@@ -86,6 +89,7 @@ class Processor:
         # for pipeline:processor
         self.unwritten = {"set_aside_failed": 0, "offset_resets": 0, "flows_evicted": 0}
         self.idle = False  # nothing to read for QUIET_S: the newest minute may close
+        self.replay_ended = False  # a replay's end was read since the last flow write
         self.writer = BackgroundWriter(sink)
         self.limits = TimeLimits(settings.live_time_window_s * NS, settings.max_time_ahead_s * NS)
         self.topic_id: str | None = None
@@ -274,8 +278,10 @@ class Processor:
         message_ns = ts_ms * 1_000_000 if ts_type != TIMESTAMP_NOT_AVAILABLE else None
         now_ns = time.time_ns()
         if value[:4] == STATS_MAGIC:
-            _source, ts_ns, counters = decode_stats(value, message_ns, now_ns, self.limits)
+            _source, ts_ns, counters, replay_end = decode_stats(value, message_ns, now_ns,
+                                                                self.limits)
             state.add_stats(ts_ns, counters)
+            self.replay_ended |= replay_end
             return
         records, meta = decode_batch(value, message_ns, now_ns, self.limits)
         if queue is not None:
@@ -604,8 +610,9 @@ class Processor:
                        or self.pending_records() >= s.max_pending_records or over)
                 # the flow part: every FLOW_WRITE_INTERVAL_MS, and whenever there is nothing
                 # to read (so a replay's or a quiet network's flows are complete right away)
+                quiet = FLOWS_QUIET_S if self.replay_ended else FLOWS_QUIET_LIVE_S
                 flows_due = (now >= next_flows or over
-                             or (not messages and now - last_message >= FLOWS_QUIET_S))
+                             or (not messages and now - last_message >= quiet))
                 if flows_due and not due:
                     flows_due = due = any(st.flows_pending for st in self.states.values())
                 big = [st for st in self.states.values()
@@ -617,6 +624,7 @@ class Processor:
                             next_flush = now + flush_every
                             if flows_due:
                                 next_flows = now + flows_every
+                                self.replay_ended = False
                         else:  # only the partitions with many flows to write
                             self.flush(big)
                         resumed = self.paused

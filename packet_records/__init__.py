@@ -268,15 +268,20 @@ STATS_COUNTERS = ("capture_frames", "capture_kernel_drops", "capture_malformed",
                   "capture_inspect_idle_expired")
 
 
-def encode_stats(source: str, ts_ns: int, counters: dict[str, int]) -> bytes:
-    body = STATS_MAGIC + bytes((VERSION,)) + orjson.dumps(
-        {"source": source, "ts_ns": ts_ns, "counters": counters})
+def encode_stats(source: str, ts_ns: int, counters: dict[str, int],
+                 replay_end: bool = False) -> bytes:
+    """A stats message; replay_end: the replay of a capture file ended (capture sends one to
+    every partition after its last records: the processor writes its flows at once)."""
+    fields = {"source": source, "ts_ns": ts_ns, "counters": counters}
+    if replay_end:
+        fields["replay_end"] = True
+    body = STATS_MAGIC + bytes((VERSION,)) + orjson.dumps(fields)
     return body + CHECKSUM.pack(zlib.crc32(body))
 
 
 def decode_stats(message: bytes, message_ns: int | None = None, now_ns: int | None = None,
-                 limits: TimeLimits | None = None) -> tuple[str, int, dict[str, int]]:
-    """(source, ts_ns, counter increments) of a validated stats message."""
+                 limits: TimeLimits | None = None) -> tuple[str, int, dict[str, int], bool]:
+    """(source, ts_ns, counter increments, replay end) of a validated stats message."""
     if message[:4] != STATS_MAGIC or message[4:5] != bytes((VERSION,)):
         raise MalformedMessage("not a stats message of this version")
     if len(message) > MAX_STATS_BYTES:
@@ -287,7 +292,8 @@ def decode_stats(message: bytes, message_ns: int | None = None, now_ns: int | No
     try:
         body = orjson.loads(message[5:len(message) - CHECKSUM.size])
         source, ts_ns, counters = body["source"], body["ts_ns"], body["counters"]
-    except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+        replay_end = body.get("replay_end", False)
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
         raise MalformedMessage(f"bad stats message: {exc}") from None
     if not (isinstance(source, str) and 0 < len(source) <= 255 and source.isprintable()):
         raise MalformedMessage("stats source is not a short printable name")
@@ -298,9 +304,11 @@ def decode_stats(message: bytes, message_ns: int | None = None, now_ns: int | No
     for value in counters.values():
         if type(value) is not int or not 0 <= value < MAX_COUNTER_INCREMENT:
             raise MalformedMessage("stats counter out of range")
+    if type(replay_end) is not bool:
+        raise MalformedMessage("stats replay_end is not true or false")
     if limits is not None:
         check_time(ts_ns, ts_ns, False, message_ns, now_ns, limits)
-    return source, ts_ns, counters
+    return source, ts_ns, counters, replay_end
 
 
 def partition_for(src: bytes, dst: bytes, sport: int, dport: int, proto: int,

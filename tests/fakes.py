@@ -10,6 +10,7 @@ class RecordingProducer:
     def __init__(self) -> None:
         self.sent: list[tuple[int, bytes, int]] = []  # (partition, message, records)
         self.stats: list[bytes] = []
+        self.replay_ends: list[tuple[bytes, int]] = []  # (message, partitions)
 
     def send(self, partition: int, message: bytes, records: int) -> bool:
         self.sent.append((partition, message, records))
@@ -20,3 +21,6 @@ class RecordingProducer:
 
     def send_stats(self, message: bytes) -> None:
         self.stats.append(message)
+
+    def send_replay_end(self, message: bytes, partitions: int) -> None:
+        self.replay_ends.append((message, partitions))

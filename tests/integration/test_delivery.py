@@ -11,7 +11,9 @@ import time
 
 import pytest
 import redis
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
+from packet_records import STATS_MAGIC, decode_batch, decode_stats
 from tests.pipeline import REPO, read_state, run_module
 from tests.reference import read_capture
 from tests.synthetic import write_synthetic_pcap
@@ -150,3 +152,34 @@ def test_redis_outage_pauses_and_resumes_exactly(stack, big_capture, tmp_path):
         assert_exact(env, ref)
     finally:
         rds.stop()
+
+
+def test_a_replay_ends_with_a_mark_on_every_partition_after_its_records(pipeline_env, tmp_path):
+    """capture --pcap sends, after the last records of each partition, a stats message with
+    replay_end and no counters: each processor writes its flows once it has read them all
+    (without it, after a second with nothing to read)."""
+    path = write_synthetic_pcap(tmp_path / "small.pcap", 5000, flows=200, seconds=5)
+    run_module("capture", pipeline_env, "--pcap", str(path))
+    topic = pipeline_env["KAFKA_TOPIC"]
+    consumer = Consumer({"bootstrap.servers": pipeline_env["KAFKA_BOOTSTRAP_SERVERS"],
+                         "group.id": "end-mark-reader", "enable.auto.commit": False})
+    partitions = len(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
+    ends = [consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+            for p in range(partitions)]
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
+    messages: list[list] = [[] for _ in range(partitions)]
+    deadline = time.monotonic() + 60
+    while sum(map(len, messages)) < sum(ends) and time.monotonic() < deadline:
+        for msg in consumer.consume(100, timeout=0.5):
+            if msg.error() is None:
+                messages[msg.partition()].append(msg.value())
+    consumer.close()
+    records = 0
+    for values in messages:
+        marks = [i for i, value in enumerate(values) if value[:4] == STATS_MAGIC
+                 and decode_stats(value)[3]]
+        assert marks == [len(values) - 1]  # one, the last
+        assert decode_stats(values[-1])[2] == {}  # the counters went with the final stats
+        records += sum(len(decode_batch(value)[0]) for value in values
+                       if value[:4] != STATS_MAGIC)
+    assert records == 5000

@@ -244,7 +244,9 @@ def test_replay_flag_round_trips():
 def test_stats_round_trip():
     counters = {name: 3 for name in STATS_COUNTERS}
     assert decode_stats(encode_stats("host:1", NOW, counters), NOW, NOW, LIMITS) == (
-        "host:1", NOW, counters)
+        "host:1", NOW, counters, False)
+    assert decode_stats(encode_stats("host:1", NOW, {}, replay_end=True), NOW, NOW, LIMITS) == (
+        "host:1", NOW, {}, True)
 
 
 BAD_STATS = {
@@ -260,6 +262,9 @@ BAD_STATS = {
     "not-json": with_checksum(b"DPIS\x02{"),
     "counters-a-list": with_checksum(b"DPIS\x02" + json.dumps(
         {"source": "h", "ts_ns": NOW, "counters": []}).encode()),
+    "replay-end-not-a-bool": with_checksum(b"DPIS\x02" + json.dumps(
+        {"source": "h", "ts_ns": NOW, "counters": {}, "replay_end": 1}).encode()),
+    "a-list": with_checksum(b"DPIS\x02" + json.dumps(["h", NOW, {}]).encode()),
 }
 
 
