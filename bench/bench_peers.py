@@ -77,6 +77,9 @@ class NullProducer:
     def send_stats(self, message: bytes) -> None:
         pass
 
+    def send_replay_end(self, message: bytes, partitions: int) -> None:
+        pass
+
 
 def cpu_self_children() -> float:
     total = 0.0

@@ -115,6 +115,9 @@ class NullProducer:
     def send_stats(self, message: bytes) -> None:
         pass
 
+    def send_replay_end(self, message: bytes, partitions: int) -> None:
+        pass
+
 
 def read_only(path: Path) -> int:
     """The file read as the service reads it (batches of frames, one a chunk)."""
