@@ -608,8 +608,8 @@ class Processor:
                 due = ((now >= next_flush and not behind)
                        or now >= next_flush + (BACKLOG_FLUSH_FACTOR - 1) * flush_every
                        or self.pending_records() >= s.max_pending_records or over)
-                # the flow part: every FLOW_WRITE_INTERVAL_MS, and whenever there is nothing
-                # to read (so a replay's or a quiet network's flows are complete right away)
+                # the flow part: every FLOW_WRITE_INTERVAL_MS, and when there is nothing to
+                # read (a replay's flows complete right away, a quiet network's within 1 s)
                 quiet = FLOWS_QUIET_S if self.replay_ended else FLOWS_QUIET_LIVE_S
                 flows_due = (now >= next_flows or over
                              or (not messages and now - last_message >= quiet))
