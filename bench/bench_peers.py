@@ -14,8 +14,9 @@ median of the rounds with [min-max]. Two workloads:
 Tools, each a subprocess per run:
 
   capture     capture.__main__.pump (the service's own loop, RecordBatcher as main() builds it,
-              inspection on) with a producer that drops the messages; wall and CPU time
-              (getrusage of that process) measured around pump, interpreter start and imports
+              inspection on, the file read and decoded by its reader process as main() does)
+              with a producer that drops the messages; wall and CPU time (getrusage of that
+              process and of the reader) measured around pump, interpreter start and imports
               left out;
   ndpiReader  `ndpiReader -i FILE -q` (Debian libndpi-bin, nDPI 4.2): wall time of the whole
               process, CPU from getrusage(RUSAGE_CHILDREN) deltas;
@@ -90,10 +91,10 @@ def cpu_self_children() -> float:
 
 
 def child_capture(path: str) -> dict:
-    from capture.__main__ import pump
+    from capture.__main__ import CHUNK_DECODE_BATCH, pump
     from capture.batching import RecordBatcher
     from capture.counters import CaptureCounters
-    from capture.pcapfile import read_chunks
+    from capture.reader_process import read_decoded
     from capture.settings import CaptureSettings
     from packet_records.runtime import tune_gc
 
@@ -105,8 +106,9 @@ def child_capture(path: str) -> dict:
                             inspect_idle_timeout_s=settings.inspect_idle_timeout_s,
                             fragments_held=settings.fragments_held)
     t0, c0 = time.perf_counter(), cpu_self_children()
-    # the file read as the service reads it: chunks decoded in place
-    pump(read_chunks(path), batcher, producer, counters, settings)  # type: ignore[arg-type]
+    # the file read as the service reads it: by a reader process that decodes it too
+    pump(read_decoded(path, CHUNK_DECODE_BATCH), batcher, producer, counters,
+         settings)  # type: ignore[arg-type]
     wall, cpu = time.perf_counter() - t0, cpu_self_children() - c0
     return {"wall": wall, "cpu": cpu, "frames": counters.frames, "records": producer.records}
 

@@ -20,8 +20,9 @@ import numpy as np
 from capture.batch_decode import decode_batch, decode_chunk
 from capture.batching import RecordBatcher
 from capture.counters import CaptureCounters
-from capture.pcapfile import CaptureFileError, FrameBatch, FrameChunk, read_chunks
+from capture.pcapfile import CaptureFileError, FrameBatch, FrameChunk
 from capture.producer import RecordProducer
+from capture.reader_process import DecodedChunk, read_decoded
 from capture.settings import CaptureSettings
 from packet_records import FLAG_MALFORMED, FLAG_UNSUPPORTED_LINK, encode_stats
 from packet_records.runtime import (
@@ -154,21 +155,23 @@ def pump(frames: Iterable, batcher: RecordBatcher, producer: RecordProducer,
                               linktypes if one_type else linktypes[i:]) if i else batch
         return True
 
-    def decode_chunk_of(chunk: FrameChunk) -> bool:
-        """Decode the frames of a chunk in place, in batches of at most CHUNK_DECODE_BATCH (of
-        about equal size: a small rest would cost as much numpy work as a full batch), with
-        the flushes, stats and stop checks between batches. False: stop requested."""
+    def decode_chunk_of(chunk: FrameChunk | DecodedChunk) -> bool:
+        """Decode the frames of a chunk in place, in batches of at most CHUNK_DECODE_BATCH
+        (FrameChunk.parts()), or take those a reader process decoded (DecodedChunk), with the
+        flushes, stats and stop checks between batches. False: stop requested."""
         nonlocal held
         if held is not None:  # frames before this chunk (pcapng) go first
             decode(*held)
             held = None
+        if type(chunk) is DecodedChunk:
+            chunk, parts = chunk
+        else:
+            parts = ((i, j, None) for i, j in chunk.parts(CHUNK_DECODE_BATCH))
         buf, starts, lengths, ts_ns, wire_lens, linktype = chunk
-        n = len(starts)
-        parts = -(-n // CHUNK_DECODE_BATCH)
-        for k in range(parts):
-            i, j = n * k // parts, n * (k + 1) // parts
-            added(ts_ns[i:j], wire_lens[i:j], chunk.frames(i, j), linktype,
-                  decode_chunk(buf, starts[i:j], lengths[i:j], linktype))
+        for i, j, decoded in parts:
+            if decoded is None:
+                decoded = decode_chunk(buf, starts[i:j], lengths[i:j], linktype)
+            added(ts_ns[i:j], wire_lens[i:j], chunk.frames(i, j), linktype, decoded)
             if not tick():
                 return False
         return True
@@ -192,10 +195,10 @@ def pump(frames: Iterable, batcher: RecordBatcher, producer: RecordProducer,
     items = iter(frames)
     try:
         first = next(items, _END)
-        if type(first) in (FrameBatch, FrameChunk):
+        if type(first) in (FrameBatch, FrameChunk, DecodedChunk):
             for batch in chain((first,), items):
-                if not (decode_chunk_of(batch) if type(batch) is FrameChunk
-                        else decode_full(batch)):
+                if not (decode_full(batch) if type(batch) is FrameBatch
+                        else decode_chunk_of(batch)):
                     break
         elif first is not _END:
             for item in chain((first,), items):
@@ -243,12 +246,13 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_level)
     Stop.install()
     counters = CaptureCounters()
-    file_error = None
+    file_error = reader = None
     try:
         if args.pcap:
-            frames = read_chunks(args.pcap)
-            first = next(frames, None)  # a bad file fails here, before we touch the broker
-            frames = chain([first], frames) if first is not None else iter(())
+            # (read and decoded by a second process, while this one does the rest)
+            reader = read_decoded(args.pcap, CHUNK_DECODE_BATCH)
+            first = next(reader, None)  # a bad file fails here, before we touch the broker
+            frames = chain([first], reader) if first is not None else iter(())
             source = None
         else:
             from capture.live import LiveSource
@@ -258,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         partitions = ensure_topics(settings.kafka_bootstrap_servers, settings.kafka_topic,
                       client_config=kafka_client_config(settings))
     except (StartupError, CaptureFileError) as exc:
+        if reader is not None:
+            reader.close()
         print(f"capture: {exc}", file=sys.stderr)
         return 2
     producer = RecordProducer(settings, counters, block=source is None)
@@ -272,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
         pump(frames, batcher, producer, counters, settings, source)
     except CaptureFileError as exc:
         file_error = exc  # every frame before the damage was sent; report it after delivery
+    finally:
+        if reader is not None:  # (stopped early: the reader process is stopped too)
+            reader.close()
     undelivered = producer.close(timeout=settings.delivery_timeout_ms / 1000)
     counters.log_summary("final")
     if file_error is not None:

@@ -108,8 +108,9 @@ class DecodedBatch:
     frame's captured length (len(frame)).
     """
 
-    __slots__ = ("ip_version", "ip_proto", "src", "dst", "sport", "dport", "tcp_flags", "flags",
-                 "frag_id", "l4_off", "ip_end", "fast", "fallback", "caplen")
+    COLUMNS = ("ip_version", "ip_proto", "src", "dst", "sport", "dport", "tcp_flags", "flags",
+               "frag_id", "l4_off", "ip_end", "fast", "caplen")
+    __slots__ = (*COLUMNS, "fallback")
 
     def __init__(self, n: int) -> None:
         self.ip_version = np.zeros(n, dtype=np.uint8)
@@ -126,6 +127,20 @@ class DecodedBatch:
         self.fast = np.zeros(n, dtype=bool)
         self.fallback: list[tuple[int, tuple]] = []
         self.caplen = np.zeros(n, dtype=np.int64)
+
+    @classmethod
+    def of_columns(cls, columns: list[np.ndarray], fallback: list[tuple[int, tuple]]
+                   ) -> DecodedBatch:
+        """The batch whose columns() are `columns` (used as they are), with `fallback`."""
+        batch = cls.__new__(cls)
+        for name, column in zip(cls.COLUMNS, columns, strict=True):
+            setattr(batch, name, column)
+        batch.fallback = fallback
+        return batch
+
+    def columns(self) -> list[np.ndarray]:
+        """Every column, in COLUMNS order."""
+        return [getattr(self, name) for name in self.COLUMNS]
 
     def __len__(self) -> int:
         return len(self.flags)

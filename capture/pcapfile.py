@@ -3,7 +3,8 @@
 read_frames() yields (ts_ns, wire_len, frame bytes, linktype) for every packet of the file, in
 file order; read_batches() yields the same packets as FrameBatch columns, one batch for the
 complete packets of each read; read_chunks() yields those of a classic pcap as FrameChunk
-instead (what `python -m capture --pcap` decodes): the read itself and where each frame lies
+instead (what `python -m capture --pcap` decodes, in the reader process of
+capture.reader_process): the read itself and where each frame lies
 in it, no bytes object or tuple per packet.
 Both classic pcap (micro- and nanosecond, either byte order) and pcapng (any number
 of sections and interfaces, each with its own link type and timestamp resolution) are read.
@@ -79,6 +80,13 @@ class FrameChunk(NamedTuple):
     def frames(self, i: int = 0, j: int | None = None) -> FrameSlices:
         """Frames i..j-1 (all by default), sliced from buf only when asked for."""
         return FrameSlices(self.buf, self.starts[i:j], self.lengths[i:j])
+
+    def parts(self, size: int) -> list[tuple[int, int]]:
+        """(i, j) of consecutive runs of at most `size` frames covering them all, of about
+        equal length (a small rest would cost a decoder as much as a full run)."""
+        n = len(self.starts)
+        count = -(-n // size)
+        return [(n * k // count, n * (k + 1) // count) for k in range(count)]
 
     def as_batch(self) -> FrameBatch:
         return FrameBatch(self.ts_ns.tolist(), self.wire_lens.tolist(), self.frames().pick(),

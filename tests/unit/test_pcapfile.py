@@ -621,3 +621,194 @@ def test_pump_of_a_cut_file_delivers_the_frames_before_the_damage(tmp_path, monk
     assert by_batches == by_frames
     assert pumped(read_chunks(path), 64, monkeypatch) == by_frames
     assert by_batches[1][0] == len(frames) - 1 and "cut short" in by_batches[2]
+
+
+# ----------------------------------------------------------------------------- reader process
+# `python -m capture --pcap` reads and decodes in a reader process (capture.reader_process):
+# it must hand over exactly what read_chunks() and decode_chunk() give in this process.
+def assert_same_decoded(got, expected, batch: int) -> None:
+    """A read_decoded() item equals a read_chunks() item decoded here in batches of `batch`."""
+    from capture.batch_decode import DecodedBatch, decode_chunk
+    from capture.reader_process import DecodedChunk
+
+    if type(expected) is not FrameChunk:  # pcapng
+        assert got == expected
+        return
+    assert type(got) is DecodedChunk
+    chunk = got.chunk
+    assert chunk.linktype == expected.linktype
+    for name in ("lengths", "ts_ns", "wire_lens"):
+        assert np.array_equal(getattr(chunk, name), getattr(expected, name)), name
+    assert list(chunk.frames()) == list(expected.frames())
+    assert [(i, j) for i, j, _ in got.parts] == expected.parts(batch)
+    for i, j, decoded in got.parts:
+        reference = decode_chunk(expected.buf, expected.starts[i:j], expected.lengths[i:j],
+                                 expected.linktype)
+        for name in DecodedBatch.COLUMNS:
+            assert np.array_equal(getattr(decoded, name), getattr(reference, name)), name
+        assert decoded.fallback == reference.fallback
+        assert decoded.tuples() == reference.tuples()
+
+
+def decoded_until_error(path, batch: int, pause: float = 0.0) -> tuple[list, str | None]:
+    """Every read_decoded() item compared with read_chunks() as it comes (a slot is handed back
+    once the next item is asked for); then the error both end with, if any."""
+    import time
+
+    from capture.reader_process import read_decoded
+
+    expected, error = list_until_error(read_chunks(path))
+    got, count = None, 0
+    try:
+        for item in read_decoded(path, batch):
+            time.sleep(pause)  # the reader runs ahead meanwhile: it must not touch this slot
+            assert_same_decoded(item, expected[count], batch)
+            count += 1
+    except CaptureFileError as exc:
+        got = str(exc)
+    assert count == len(expected)
+    assert got == error
+    return expected, error
+
+
+def list_until_error(items) -> tuple[list, str | None]:
+    out = []
+    try:
+        for item in items:
+            out.append(item)
+    except CaptureFileError as exc:
+        return out, str(exc)
+    return out, None
+
+
+@pytest.mark.parametrize("batch", [7, 16384])
+def test_reader_process_hands_over_what_is_read_and_decoded_here(sound_captures, batch):
+    for path in sound_captures:
+        decoded_until_error(path, batch)
+
+
+def test_reader_process_reuses_its_slots_only_once_handed_back(tmp_path, monkeypatch):
+    monkeypatch.setattr("capture.pcapfile.CHUNK", SMALL_CHUNK)
+    path, frames = big_capture(tmp_path, 2000)
+    expected, _ = decoded_until_error(path, 64, pause=0.002)
+    assert len(expected) > 4 * 4  # several times round the slots
+
+
+def test_reader_process_sends_a_read_too_big_for_a_slot_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr("capture.reader_process.SLOT_BYTES", 2 * SMALL_CHUNK)
+    monkeypatch.setattr("capture.pcapfile.CHUNK", SMALL_CHUNK)
+    frames = [bytes([i % 256]) * (60 + i % 90) for i in range(300)]
+    frames[100] = b"\x01" * (5 * SMALL_CHUNK)  # a read of its own, bigger than a slot
+    path = write_pcap(tmp_path / "big.pcap", 1, [(T0 + i, f, len(f))
+                                                 for i, f in enumerate(frames)])
+    expected, _ = decoded_until_error(path, 64)
+    assert max(len(chunk.buf) for chunk in expected) > 2 * SMALL_CHUNK
+
+
+@pytest.mark.parametrize("cut", [3 * SMALL_CHUNK + 5, 3 * SMALL_CHUNK + 24 + 8])
+def test_reader_process_of_a_cut_file_ends_with_the_same_error(tmp_path, monkeypatch, cut):
+    monkeypatch.setattr("capture.pcapfile.CHUNK", SMALL_CHUNK)
+    path, frames = big_capture(tmp_path)
+    path.write_bytes(path.read_bytes()[:cut])
+    expected, error = decoded_until_error(path, 64)
+    assert expected and "cut short" in error
+
+
+@pytest.mark.parametrize("content", [b"", b"not a capture at all", b"\x1f\x8b\x08\x00"])
+def test_reader_process_of_a_bad_file_fails_at_once(tmp_path, content):
+    from capture.reader_process import read_decoded
+
+    path = tmp_path / "bad.pcap"
+    path.write_bytes(content)
+    with pytest.raises(CaptureFileError) as raised:
+        next(read_decoded(path, 64))
+    with pytest.raises(CaptureFileError) as reference:
+        next(read_chunks(path))
+    assert str(raised.value) == str(reference.value)
+
+
+def child_pids() -> set[int]:
+    """The child processes of this process (the broker and Redis of other tests among them)."""
+    import os
+
+    children = set()
+    for task in os.listdir(f"/proc/{os.getpid()}/task"):
+        with open(f"/proc/{os.getpid()}/task/{task}/children") as fh:
+            children.update(int(pid) for pid in fh.read().split())
+    return children
+
+
+def test_reader_process_killed_ends_the_reading_with_one_error(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from capture.reader_process import read_decoded
+
+    monkeypatch.setattr("capture.pcapfile.CHUNK", SMALL_CHUNK)
+    path, frames = big_capture(tmp_path, 2000)
+    before = child_pids()
+    reader = read_decoded(path, 64)
+    next(reader)
+    (pid,) = child_pids() - before
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(CaptureFileError, match="killed by signal 9"):
+        for _ in reader:
+            pass
+
+
+def test_reader_process_stops_when_the_reading_is_given_up(tmp_path, monkeypatch):
+    import os
+
+    from capture.reader_process import read_decoded
+
+    monkeypatch.setattr("capture.pcapfile.CHUNK", SMALL_CHUNK)
+    path, frames = big_capture(tmp_path, 2000)
+    before = child_pids()
+    reader = read_decoded(path, 64)
+    next(reader)
+    (pid,) = child_pids() - before
+    reader.close()
+    assert not os.path.exists(f"/proc/{pid}")  # ended and reaped, not a zombie
+
+
+def test_a_fault_in_the_reader_process_is_reported_with_its_traceback(tmp_path, monkeypatch,
+                                                                      caplog):
+    from capture import reader_process
+
+    original, calls = reader_process.decode_chunk, []
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) > 2:
+            raise ValueError("decoder fault")
+        return original(*args)
+
+    monkeypatch.setattr(reader_process, "decode_chunk", failing)  # (before the fork)
+    monkeypatch.setattr("capture.pcapfile.CHUNK", SMALL_CHUNK)
+    path, frames = big_capture(tmp_path)
+    got = []
+    with pytest.raises(CaptureFileError, match="reading failed: ValueError: decoder fault"):
+        for item in reader_process.read_decoded(path, 1 << 20):  # a decoding a read
+            got += list(item.chunk.frames())
+    first_two = sum(len(chunk.starts) for chunk in list(read_chunks(path))[:2])
+    assert got == frames[:first_two]
+    assert "Traceback" in caplog.text and "decoder fault" in caplog.text
+
+
+@pytest.mark.parametrize("size", [7, 1024])
+def test_pump_of_what_the_reader_process_decoded_equals_pump_of_frames(
+        sound_captures, tmp_path, monkeypatch, size):
+    from itertools import chain
+
+    from capture.reader_process import read_decoded
+
+    paths = [write_pcap(tmp_path / "user.pcap", 147, recs()), *sound_captures[:40]]
+    frames = pumped(chain.from_iterable(map(read_frames, paths)), size, monkeypatch)
+    decoded = pumped(chain.from_iterable(read_decoded(path, size) for path in paths), size,
+                     monkeypatch)
+    assert frames[1][0] > 1000
+    assert decoded == frames
+    path, _ = big_capture(tmp_path)
+    path.write_bytes(path.read_bytes()[:-30])  # cut: the frames before the damage, the error
+    assert pumped(read_decoded(path, 64), 64, monkeypatch) == pumped(read_frames(path), 64,
+                                                                   monkeypatch)
