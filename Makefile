@@ -36,11 +36,12 @@ lint: install
 # The capture path in process (its end-to-end section left to bench_writepath; 6 inspection
 # samples a row instead of 40), live capture against tcpdump, and the write path on workloads
 # A, B and S with ndpiReader and nfstream beside it (every run for A and B, paired with
-# capture's run; once for S). 9-12 minutes on a host with two CPU cores (QUICK=1: under 3
-# minutes; bench/README.md).
+# capture's run; once for S), and capture's memory under a flood of unfinished TLS handshakes.
+# 7-12 minutes on a host with two CPU cores (QUICK=1: under 3 minutes; bench/README.md).
 bench: install
 	$(BIN)/python bench/bench_pipeline.py --no-e2e $(if $(QUICK),--quick --inspection-rounds 5,--inspection-rounds 6)
 	$(BIN)/python bench/bench_live.py $(if $(QUICK),--quick)
+	$(BIN)/python bench/bench_inspect_memory.py --only after $(if $(QUICK),--flows 20000)
 	$(BIN)/python bench/bench_writepath.py $(if $(QUICK),--quick --runs 1 --max-wait 5 --max-wait-alone 5)
 
 # capture --pcap against ndpiReader (Debian libndpi-bin) and nfstream 6.6.0 (installed by the

@@ -213,6 +213,10 @@ def main() -> None:
               f"{r['unfinished']:10} {opt(r['budget_evictions']):>10} "
               f"{opt(r['idle_expired']):>9} {opt(r['held_bytes'], mb):>7}M")
     after = results.get("after (working tree)")
+    if after and args.flows == 100_000 and args.segments == 11:
+        print(f"target: peak RSS <= 300 MB after 100,000 such flows: "
+              f"{after['hwm'] / mb:.0f} MB, {'met' if after['hwm'] <= 300 * mb else 'NOT met'} "
+              f"(RSS before the first frame, the baseline: {after['rss_start'] / mb:.0f} MB)")
     if after and "entry_bytes_done" in after:
         print(f"FlowCache entry (tracemalloc): {after['entry_bytes_done']:.0f} bytes once "
               f"inspection ended, {after['entry_bytes_with_idle_inspector']:.0f} bytes with an "
