@@ -3,7 +3,7 @@
 About a third of `python -m capture --pcap`'s work depends on nothing but the file: reading it,
 finding its records (capture.pcapfile.read_chunks) and decoding their headers
 (capture.batch_decode.decode_chunk). read_decoded() forks a reader process that does that work
-on another core, one read ahead of the capture process, which finds the flows, inspects and
+on another core, a few reads ahead of the capture process, which finds the flows, inspects and
 batches (on 20,000 heavy-tailed flows, the capture process's own work went from 0.80 to
 0.58 s a million frames).
 

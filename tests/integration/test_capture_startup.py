@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -157,6 +158,84 @@ def test_compressed_capture_streamed_through_stdin_is_replayed(pipeline_env, tmp
     stderr = proc.stderr.decode()
     assert proc.returncode == 0, stderr
     assert f"records_produced={frames} " in stderr.splitlines()[-1]
+
+
+# ----------------------------------------------------------------------------- the reader process
+# `--pcap` reads and decodes the file in a second process: it must stop with capture, and its
+# death must end capture with one line, not a hang or a traceback.
+def endless_stream(tmp_path: Path) -> tuple[Path, threading.Thread, list[int]]:
+    """A named pipe fed a pcap that never ends (the same frames over and over) until its
+    reader goes; returns the pipe, the feeding thread and [frames written]."""
+    fifo = tmp_path / "stream.pcap"
+    os.mkfifo(fifo)
+    pcap = write_captures(tmp_path)["eth_ipv4"].read_bytes()
+    head, records = pcap[:24], pcap[24:] * 50
+    count = sum(1 for _ in read_frames(write_captures(tmp_path)["eth_ipv4"])) * 50
+    written = [0]
+
+    def feed() -> None:
+        try:
+            with open(fifo, "wb") as out:
+                out.write(head)
+                while True:
+                    out.write(records)
+                    written[0] += count
+        except (BrokenPipeError, OSError):
+            pass  # capture has gone
+
+    thread = threading.Thread(target=feed, daemon=True)
+    thread.start()
+    return fifo, thread, written
+
+
+def child_pids(pid: int) -> set[int]:
+    children = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as fh:
+            children.update(int(child) for child in fh.read().split())
+    return children
+
+
+def final_counts(stderr: str) -> tuple[int, int]:
+    final = next(line for line in reversed(stderr.splitlines()) if "final frames=" in line)
+    return (int(final.split("final frames=")[1].split()[0]),
+            int(final.split("records_produced=")[1].split()[0]))
+
+
+def test_a_replay_stopped_midway_stops_its_reader_and_delivers_what_it_read(pipeline_env,
+                                                                          tmp_path):
+    fifo, feeder, written = endless_stream(tmp_path)
+    log = tmp_path / "capture.log"
+    capture = start_capture(pipeline_env, log, "--pcap", str(fifo))
+    readers = child_pids(capture.pid)
+    assert len(readers) == 1
+    while written[0] < 20_000:  # well into the stream
+        time.sleep(0.05)
+    stop_capture(capture, log)
+    frames, produced = final_counts(log.read_text())
+    assert 0 < frames == produced
+    for pid in readers:
+        assert not os.path.exists(f"/proc/{pid}")  # stopped and reaped
+    feeder.join(10)
+    assert not feeder.is_alive()
+
+
+def test_a_reader_process_killed_ends_capture_with_one_line(pipeline_env, tmp_path):
+    fifo, feeder, written = endless_stream(tmp_path)
+    log = tmp_path / "capture.log"
+    capture = start_capture(pipeline_env, log, "--pcap", str(fifo))
+    (reader,) = child_pids(capture.pid)
+    while written[0] < 20_000:
+        time.sleep(0.05)
+    os.kill(reader, signal.SIGKILL)
+    assert capture.wait(60) == 1
+    stderr = log.read_text()
+    assert stderr.splitlines()[-1] == (f"capture: {fifo}: the process reading it ended (killed "
+                                       "by signal 9) before the end of the file")
+    assert "Traceback" not in stderr
+    frames, produced = final_counts(stderr)
+    assert 0 < frames == produced  # what was read before is delivered
+    feeder.join(10)
 
 
 # ----------------------------------------------------------------------------- --help
