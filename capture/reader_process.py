@@ -58,10 +58,20 @@ def read_decoded(path: str | Path, batch: int) -> Iterator[DecodedChunk | FrameB
     batches of at most `batch` frames (FrameChunk.parts()), read and decoded by a reader
     process. Raises CaptureFileError as read_chunks() does, after the same items; also when
     the reader process fails or is killed."""
-    ring = mmap.mmap(-1, SLOTS * SLOT_BYTES)
-    data_r, data_w = os.pipe()
-    free_r, free_w = os.pipe()
-    pid = os.fork()
+    fds: list[int] = []
+    try:
+        ring = mmap.mmap(-1, SLOTS * SLOT_BYTES)
+        fds += os.pipe()
+        fds += os.pipe()
+        pid = os.fork()
+    except OSError as exc:  # no memory, files or processes to spare: read in this process
+        for fd in fds:
+            os.close(fd)
+        log.warning("reading %s in the capture process (no reader process: %s)", path,
+                    exc.strerror or exc)
+        yield from _decoded_here(path, batch)
+        return
+    data_r, data_w, free_r, free_w = fds
     if pid == 0:  # the reader: never returns
         os.close(data_r)
         os.close(free_w)
@@ -105,6 +115,16 @@ def read_decoded(path: str | Path, batch: int) -> Iterator[DecodedChunk | FrameB
             os.waitpid(pid, 0)
         # (the shared memory is not closed here: arrays of the last read may still view it,
         # and numpy does not keep an mmap from closing under them; it goes with the last one)
+
+
+def _decoded_here(path, batch: int) -> Iterator[DecodedChunk | FrameBatch]:
+    """What read_decoded() yields, read and decoded in this process."""
+    for item in read_chunks(path):
+        if type(item) is FrameChunk:
+            item = DecodedChunk(item, [
+                (i, j, decode_chunk(item.buf, item.starts[i:j], item.lengths[i:j],
+                                    item.linktype)) for i, j in item.parts(batch)])
+        yield item
 
 
 def _reader(path, batch: int, ring: mmap.mmap, data_w: int, free_r: int) -> None:

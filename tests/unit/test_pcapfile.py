@@ -812,3 +812,25 @@ def test_pump_of_what_the_reader_process_decoded_equals_pump_of_frames(
     path.write_bytes(path.read_bytes()[:-30])  # cut: the frames before the damage, the error
     assert pumped(read_decoded(path, 64), 64, monkeypatch) == pumped(read_frames(path), 64,
                                                                    monkeypatch)
+
+
+def test_without_a_reader_process_the_file_is_read_here_alike(tmp_path, monkeypatch, caplog):
+    """fork() refused (no memory or processes to spare): the same items, read in-process."""
+    import os
+
+    from capture.reader_process import read_decoded
+
+    def refused():
+        raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr("capture.pcapfile.CHUNK", SMALL_CHUNK)
+    path, frames = big_capture(tmp_path, 1000)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(os, "fork", refused)
+    expected, _ = list_until_error(read_chunks(path))
+    got = list(read_decoded(path, 64))
+    assert len(got) == len(expected) > 4
+    for item, chunk in zip(got, expected):
+        assert_same_decoded(item, chunk, 64)
+    assert "no reader process: Resource temporarily unavailable" in caplog.text
+    assert len(os.listdir("/proc/self/fd")) == fds_before  # its pipes closed
