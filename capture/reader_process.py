@@ -117,14 +117,17 @@ def read_decoded(path: str | Path, batch: int) -> Iterator[DecodedChunk | FrameB
         # and numpy does not keep an mmap from closing under them; it goes with the last one)
 
 
+def _decoded(chunk: FrameChunk, batch: int) -> DecodedChunk:
+    """The chunk decoded in this process, in batches of at most `batch` frames."""
+    return DecodedChunk(chunk, [(i, j, decode_chunk(chunk.buf, chunk.starts[i:j],
+                                                    chunk.lengths[i:j], chunk.linktype))
+                                for i, j in chunk.parts(batch)])
+
+
 def _decoded_here(path, batch: int) -> Iterator[DecodedChunk | FrameBatch]:
     """What read_decoded() yields, read and decoded in this process."""
     for item in read_chunks(path):
-        if type(item) is FrameChunk:
-            item = DecodedChunk(item, [
-                (i, j, decode_chunk(item.buf, item.starts[i:j], item.lengths[i:j],
-                                    item.linktype)) for i, j in item.parts(batch)])
-        yield item
+        yield _decoded(item, batch) if type(item) is FrameChunk else item
 
 
 def _reader(path, batch: int, ring: mmap.mmap, data_w: int, free_r: int) -> None:
@@ -140,14 +143,12 @@ def _reader(path, batch: int, ring: mmap.mmap, data_w: int, free_r: int) -> None
                 if type(item) is not FrameChunk:
                     _send(out, ("batch", item))
                     continue
-                parts = [decode_chunk(item.buf, item.starts[i:j], item.lengths[i:j],
-                                      item.linktype) for i, j in item.parts(batch)]
+                decoded = _decoded(item, batch)
                 columns = [item.starts, item.lengths, item.ts_ns, item.wire_lens]
-                for decoded in parts:
-                    columns += decoded.columns()
+                for _i, _j, part in decoded.parts:
+                    columns += part.columns()
                 if _placed_size(len(item.buf), columns) > SLOT_BYTES:
-                    _send(out, ("whole", DecodedChunk(item, [
-                        (i, j, decoded) for (i, j), decoded in zip(item.parts(batch), parts)])))
+                    _send(out, ("whole", decoded))
                     continue
                 if not free:  # wait for the capture process to hand one back
                     slot = os.read(free_r, 1)
@@ -157,7 +158,7 @@ def _reader(path, batch: int, ring: mmap.mmap, data_w: int, free_r: int) -> None
                 slot = free.pop()
                 layout = _place(ring, slot * SLOT_BYTES, item.buf, columns)
                 _send(out, ("slot", slot, layout, item.linktype,
-                            [decoded.fallback for decoded in parts]))
+                            [part.fallback for _i, _j, part in decoded.parts]))
             else:
                 _send(out, ("end",))
         except CaptureFileError as exc:

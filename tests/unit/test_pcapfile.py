@@ -738,18 +738,24 @@ def child_pids() -> set[int]:
     return children
 
 
-def test_reader_process_killed_ends_the_reading_with_one_error(tmp_path, monkeypatch):
-    import os
-    import signal
-
+def started_reader(tmp_path, monkeypatch) -> tuple:
+    """read_decoded() of a capture of many reads, its first item taken; and the reader's pid."""
     from capture.reader_process import read_decoded
 
     monkeypatch.setattr("capture.pcapfile.CHUNK", SMALL_CHUNK)
-    path, frames = big_capture(tmp_path, 2000)
+    path, _frames = big_capture(tmp_path, 2000)
     before = child_pids()
     reader = read_decoded(path, 64)
     next(reader)
     (pid,) = child_pids() - before
+    return reader, pid
+
+
+def test_reader_process_killed_ends_the_reading_with_one_error(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    reader, pid = started_reader(tmp_path, monkeypatch)
     os.kill(pid, signal.SIGKILL)
     with pytest.raises(CaptureFileError, match="killed by signal 9"):
         for _ in reader:
@@ -759,14 +765,7 @@ def test_reader_process_killed_ends_the_reading_with_one_error(tmp_path, monkeyp
 def test_reader_process_stops_when_the_reading_is_given_up(tmp_path, monkeypatch):
     import os
 
-    from capture.reader_process import read_decoded
-
-    monkeypatch.setattr("capture.pcapfile.CHUNK", SMALL_CHUNK)
-    path, frames = big_capture(tmp_path, 2000)
-    before = child_pids()
-    reader = read_decoded(path, 64)
-    next(reader)
-    (pid,) = child_pids() - before
+    reader, pid = started_reader(tmp_path, monkeypatch)
     reader.close()
     assert not os.path.exists(f"/proc/{pid}")  # ended and reaped, not a zombie
 
