@@ -110,7 +110,7 @@ class DecodedBatch:
 
     COLUMNS = ("ip_version", "ip_proto", "src", "dst", "sport", "dport", "tcp_flags", "flags",
                "frag_id", "l4_off", "ip_end", "fast", "caplen")
-    __slots__ = (*COLUMNS, "fallback")
+    __slots__ = (*COLUMNS, "fallback", "keys")
 
     def __init__(self, n: int) -> None:
         self.ip_version = np.zeros(n, dtype=np.uint8)
@@ -127,15 +127,17 @@ class DecodedBatch:
         self.fast = np.zeros(n, dtype=bool)
         self.fallback: list[tuple[int, tuple]] = []
         self.caplen = np.zeros(n, dtype=np.int64)
+        self.keys: np.ndarray | None = None  # flow_keys(self), when made ahead (a reader)
 
     @classmethod
-    def of_columns(cls, columns: list[np.ndarray], fallback: list[tuple[int, tuple]]
-                   ) -> DecodedBatch:
-        """The batch whose columns() are `columns` (used as they are), with `fallback`."""
+    def of_columns(cls, columns: list[np.ndarray], fallback: list[tuple[int, tuple]],
+                   keys: np.ndarray | None = None) -> DecodedBatch:
+        """The batch whose columns() are `columns` (used as they are), with `fallback` and
+        its flow_keys() when given."""
         batch = cls.__new__(cls)
         for name, column in zip(cls.COLUMNS, columns, strict=True):
             setattr(batch, name, column)
-        batch.fallback = fallback
+        batch.fallback, batch.keys = fallback, keys
         return batch
 
     def columns(self) -> list[np.ndarray]:

@@ -201,7 +201,7 @@ class RecordBatcher:
             for item in zip(ts.tolist(), wire.tolist(), frames, batch.tuples()):
                 add(*item)
             return wire_bytes
-        keys = flow_keys(batch)
+        keys = batch.keys if batch.keys is not None else flow_keys(batch)
         labels = flows.find_labels(keys.view(np.uint8).reshape(n, keys.dtype.itemsize))
         keys = keys.view(_FLOW_KEY_VOID)  # each row: the bytes of its FlowCache key
         # the turn of each frame: its partition (the record is packed), _LOOK (look again),

@@ -1,18 +1,19 @@
 """Reading and decoding a capture file in a second process, while this one does the rest.
 
 About a third of `python -m capture --pcap`'s work depends on nothing but the file: reading it,
-finding its records (capture.pcapfile.read_chunks) and decoding their headers
-(capture.batch_decode.decode_chunk). read_decoded() forks a reader process that does that work
-on another core, a few reads ahead of the capture process, which finds the flows, inspects and
-batches (on 20,000 heavy-tailed flows, the capture process's own work went from 0.80 to
-0.58 s a million frames).
+finding its records (capture.pcapfile.read_chunks), decoding their headers
+(capture.batch_decode.decode_chunk) and making their flow keys. read_decoded() forks a reader
+process that does that work on another core, a few reads ahead of the capture process, which
+finds the flows, inspects and batches (on 20,000 heavy-tailed flows, the capture process's own
+work went from 0.80 to 0.58 s a million frames).
 
 Each read of a classic pcap comes over in a slot of memory shared by both processes: the read's
-bytes, where each frame lies in it, and the decoded columns, with no copy on this side; a pipe
-carries only what says where they are (and the reference decoder's own tuples). A pcapng file's
-batches (frame bytes in lists) come over the pipe whole, decoded here as before. A slot is
-handed back once the capture process asks for the next read. The reader stops with the capture
-process: it ignores SIGINT (the capture process stops it), and a pipe that closes ends it.
+bytes, where each frame lies in it, the decoded columns and the flow keys, with no copy on this
+side; a pipe carries only what says where they are (and the reference decoder's own tuples). A
+pcapng file's batches (frame bytes in lists) come over the pipe whole, decoded here as before. A
+slot is handed back once the capture process asks for the next read. The reader stops with the
+capture process: it ignores SIGINT (the capture process stops it), and a pipe that closes ends
+it.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import BinaryIO, NamedTuple
 
 import numpy as np
 
-from capture.batch_decode import DecodedBatch, decode_chunk
+from capture.batch_decode import FLOW_KEY_DTYPE, DecodedBatch, decode_chunk, flow_keys
 from capture.pcapfile import CaptureFileError, FrameBatch, FrameChunk, read_chunks
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 SLOTS = 4
 SLOT_BYTES = 20 << 20
 _LENGTH = struct.Struct("<Q")
+_KEY_BYTES = np.dtype(f"V{FLOW_KEY_DTYPE.itemsize}")  # a flow key as plain bytes (a layout's dtype)
 _ALIGN = 64
 
 
@@ -146,7 +148,8 @@ def _reader(path, batch: int, ring: mmap.mmap, data_w: int, free_r: int) -> None
                 decoded = _decoded(item, batch)
                 columns = [item.starts, item.lengths, item.ts_ns, item.wire_lens]
                 for _i, _j, part in decoded.parts:
-                    columns += part.columns()
+                    part.keys = flow_keys(part)  # (what the capture process would make next)
+                    columns += [*part.columns(), part.keys.view(_KEY_BYTES)]
                 if _placed_size(len(item.buf), columns) > SLOT_BYTES:
                     _send(out, ("whole", decoded))
                     continue
@@ -180,9 +183,11 @@ def _in_slot(ring: mmap.mmap, base: int, layout: list[tuple[int, str, tuple]], l
     starts, lengths, ts_ns, wire_lens, *columns = (
         np.ndarray(shape, dtype, ring, base + at) for at, dtype, shape in layout)
     chunk = FrameChunk(ring, starts + base, lengths, ts_ns, wire_lens, linktype)
-    width = len(DecodedBatch.COLUMNS)
-    parts = [(i, j, DecodedBatch.of_columns(columns[k * width:(k + 1) * width], fallback))
-             for k, ((i, j), fallback) in enumerate(zip(chunk.parts(batch), fallbacks))]
+    width = len(DecodedBatch.COLUMNS) + 1  # a part's columns, then its flow keys
+    parts = []
+    for k, ((i, j), fallback) in enumerate(zip(chunk.parts(batch), fallbacks)):
+        *own, keys = columns[k * width:(k + 1) * width]
+        parts.append((i, j, DecodedBatch.of_columns(own, fallback, keys.view(FLOW_KEY_DTYPE))))
     return DecodedChunk(chunk, parts)
 
 

@@ -626,9 +626,10 @@ def test_pump_of_a_cut_file_delivers_the_frames_before_the_damage(tmp_path, monk
 # ----------------------------------------------------------------------------- reader process
 # `python -m capture --pcap` reads and decodes in a reader process (capture.reader_process):
 # it must hand over exactly what read_chunks() and decode_chunk() give in this process.
-def assert_same_decoded(got, expected, batch: int) -> None:
-    """A read_decoded() item equals a read_chunks() item decoded here in batches of `batch`."""
-    from capture.batch_decode import DecodedBatch, decode_chunk
+def assert_same_decoded(got, expected, batch: int, keys: bool = True) -> None:
+    """A read_decoded() item equals a read_chunks() item decoded here in batches of `batch`;
+    with keys, each batch's flow keys came with it (made by the reader) and are the same."""
+    from capture.batch_decode import FLOW_KEY_DTYPE, DecodedBatch, decode_chunk, flow_keys
     from capture.reader_process import DecodedChunk
 
     if type(expected) is not FrameChunk:  # pcapng
@@ -648,6 +649,11 @@ def assert_same_decoded(got, expected, batch: int) -> None:
             assert np.array_equal(getattr(decoded, name), getattr(reference, name)), name
         assert decoded.fallback == reference.fallback
         assert decoded.tuples() == reference.tuples()
+        if keys:
+            assert decoded.keys is not None and decoded.keys.dtype == FLOW_KEY_DTYPE
+            assert decoded.keys.tobytes() == flow_keys(reference).tobytes()
+        else:
+            assert decoded.keys is None
 
 
 def decoded_until_error(path, batch: int, pause: float = 0.0) -> tuple[list, str | None]:
@@ -830,6 +836,6 @@ def test_without_a_reader_process_the_file_is_read_here_alike(tmp_path, monkeypa
     got = list(read_decoded(path, 64))
     assert len(got) == len(expected) > 4
     for item, chunk in zip(got, expected):
-        assert_same_decoded(item, chunk, 64)
+        assert_same_decoded(item, chunk, 64, keys=False)  # (made by the batcher, as before)
     assert "no reader process: Resource temporarily unavailable" in caplog.text
     assert len(os.listdir("/proc/self/fd")) == fds_before  # its pipes closed
