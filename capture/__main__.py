@@ -17,12 +17,12 @@ from itertools import chain
 
 import numpy as np
 
-from capture.batch_decode import decode_batch, decode_chunk
+from capture.batch_decode import decode_batch
 from capture.batching import RecordBatcher
 from capture.counters import CaptureCounters
 from capture.pcapfile import CaptureFileError, FrameBatch, FrameChunk
 from capture.producer import RecordProducer
-from capture.reader_process import DecodedChunk, read_decoded
+from capture.reader_process import DecodedChunk, decode_read, read_decoded
 from capture.settings import CaptureSettings
 from packet_records import FLAG_MALFORMED, FLAG_UNSUPPORTED_LINK, encode_stats
 from packet_records.runtime import (
@@ -156,22 +156,19 @@ def pump(frames: Iterable, batcher: RecordBatcher, producer: RecordProducer,
         return True
 
     def decode_chunk_of(chunk: FrameChunk | DecodedChunk) -> bool:
-        """Decode the frames of a chunk in place, in batches of at most CHUNK_DECODE_BATCH
-        (FrameChunk.parts()), or take those a reader process decoded (DecodedChunk), with the
+        """Add the frames of a read decoded by a reader process (DecodedChunk), or decoded
+        here in place (FrameChunk), in batches of at most CHUNK_DECODE_BATCH, with the
         flushes, stats and stop checks between batches. False: stop requested."""
         nonlocal held
         if held is not None:  # frames before this chunk (pcapng) go first
             decode(*held)
             held = None
-        if type(chunk) is DecodedChunk:
-            chunk, parts = chunk
-        else:
-            parts = ((i, j, None) for i, j in chunk.parts(CHUNK_DECODE_BATCH))
-        buf, starts, lengths, ts_ns, wire_lens, linktype = chunk
+        if type(chunk) is FrameChunk:
+            chunk = decode_read(chunk, CHUNK_DECODE_BATCH)
+        read, parts = chunk
         for i, j, decoded in parts:
-            if decoded is None:
-                decoded = decode_chunk(buf, starts[i:j], lengths[i:j], linktype)
-            added(ts_ns[i:j], wire_lens[i:j], chunk.frames(i, j), linktype, decoded)
+            added(read.ts_ns[i:j], read.wire_lens[i:j], read.frames(i, j), read.linktype,
+                  decoded)
             if not tick():
                 return False
         return True

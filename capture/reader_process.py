@@ -119,8 +119,9 @@ def read_decoded(path: str | Path, batch: int) -> Iterator[DecodedChunk | FrameB
         # and numpy does not keep an mmap from closing under them; it goes with the last one)
 
 
-def _decoded(chunk: FrameChunk, batch: int) -> DecodedChunk:
-    """The chunk decoded in this process, in batches of at most `batch` frames."""
+def decode_read(chunk: FrameChunk, batch: int) -> DecodedChunk:
+    """A read decoded in this process, in batches of at most `batch` frames (FrameChunk.parts),
+    as the reader process hands it over."""
     return DecodedChunk(chunk, [(i, j, decode_chunk(chunk.buf, chunk.starts[i:j],
                                                     chunk.lengths[i:j], chunk.linktype))
                                 for i, j in chunk.parts(batch)])
@@ -129,7 +130,7 @@ def _decoded(chunk: FrameChunk, batch: int) -> DecodedChunk:
 def _decoded_here(path, batch: int) -> Iterator[DecodedChunk | FrameBatch]:
     """What read_decoded() yields, read and decoded in this process."""
     for item in read_chunks(path):
-        yield _decoded(item, batch) if type(item) is FrameChunk else item
+        yield decode_read(item, batch) if type(item) is FrameChunk else item
 
 
 def _reader(path, batch: int, ring: mmap.mmap, data_w: int, free_r: int) -> None:
@@ -145,7 +146,7 @@ def _reader(path, batch: int, ring: mmap.mmap, data_w: int, free_r: int) -> None
                 if type(item) is not FrameChunk:
                     _send(out, ("batch", item))
                     continue
-                decoded = _decoded(item, batch)
+                decoded = decode_read(item, batch)
                 columns = [item.starts, item.lengths, item.ts_ns, item.wire_lens]
                 for _i, _j, part in decoded.parts:
                     part.keys = flow_keys(part)  # (what the capture process would make next)
