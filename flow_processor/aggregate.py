@@ -121,6 +121,10 @@ class PartitionState:
         self.clock_ns = 0  # newest capture time seen on this partition
         self.topic_id: str | None = None  # id of the topic the offsets belong to, once known
         self.reset = False  # the partition restarts at the topic's earliest offset: store it
+        # messages read and validated, waiting to be aggregated together (consumer.py): their
+        # (message, value, records, meta), and how many records they hold
+        self.queued: list[tuple] = []
+        self.queued_records = 0
         self.clear()
         self.clear_flows()
 

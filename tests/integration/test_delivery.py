@@ -111,6 +111,19 @@ def test_kill_9_in_the_middle_then_restart_is_exact(pipeline_env, big_capture):
     assert_exact(env, ref)
 
 
+def test_records_of_many_small_polls_aggregated_together_are_exact(pipeline_env, big_capture):
+    # polls of 1,000 records: a partition's records wait until 20,000 of them are read (or a
+    # flush comes) and are aggregated together; 300,000 records over 12 partitions, all read
+    # before the first flush (10 s away), cross that bound on nearly every one, and the rest
+    # waits for the flush at the end of the replay
+    path, ref = big_capture
+    env = dict(pipeline_env, MAX_POLL_RECORDS="1000", FLUSH_INTERVAL_MS="10000")
+    run_module("capture", env, "--pcap", str(path))
+    run_module("flow_processor", env, "--exit-when-idle", "1")
+    assert written_records(env) == PACKETS
+    assert_exact(env, ref)
+
+
 def test_rebalance_and_kill_between_two_processors_is_exact(pipeline_env, big_capture, tmp_path):
     path, ref = big_capture
     log = tmp_path / "second.log"
