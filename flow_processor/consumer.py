@@ -47,8 +47,10 @@ BACKLOG_FLUSH_FACTOR = 5  # behind on a backlog, flush at most this many interva
 # data still coming for a closed minute costs five sorted-set updates instead of one.
 QUIET_S = 3.0
 # A poll waits this long for a full batch. A partial one is topped up by more polls, up to
-# POLL_FILL_S in all: records aggregated in bigger batches cost less (a flow many messages
-# touch is updated once a batch); the end of a replay waits at most that long more.
+# POLL_FILL_S in all, while the partitions hold messages not fetched yet: records aggregated in
+# bigger batches cost less (a flow many messages touch is updated once a batch), and the last
+# poll of a backlog (the end of a replay) goes on at once. One poll of 0.2 s made the end of a
+# replay wait about 0.4 s (that poll, then an empty one) before its flows went to Redis.
 POLL_TIMEOUT_S = 0.05
 POLL_FILL_S = 0.2
 # A partition's records wait until this many are read (or a flush comes) and are aggregated
@@ -56,6 +58,10 @@ POLL_FILL_S = 0.2
 # busy capture, a poll brings a few thousand records a partition: on 65,000 short flows read
 # while capture wrote them, 224 batches of about 4,500 records took 2.4 s, 74 batches 1.9 s.
 AGGREGATE_RECORDS = 20_000
+# ... or until the first of them has waited this long: records that come slowly (a scan, where
+# each is a flow of its own and waiting saves nothing) are not all left for the next flush,
+# which would then take longer to land
+AGGREGATE_WAIT_S = 0.25
 # Nothing read for this long after a replay's end (capture marks it on every partition): the
 # flows go to Redis now, not at the next FLOW_WRITE_INTERVAL_MS. Without the mark (a quiet
 # network) after FLOWS_QUIET_LIVE_S: while capture is replaying a file, short gaps come and go
@@ -209,17 +215,23 @@ class Processor:
         queued: dict[int, list] = {}
         for msg in messages:
             self.handle(msg, queued)
+        now = time.monotonic()
         for partition, items in queued.items():
             state = self.states.get(partition)
             if state is not None:
+                if not state.queued:
+                    state.queued_since = now
                 state.queued += items
                 state.queued_records += sum(len(item[2]) for item in items)
-                if state.queued_records >= AGGREGATE_RECORDS:
-                    self._aggregate_queued(state)
+        for state in self.states.values():
+            if state.queued and (state.queued_records >= AGGREGATE_RECORDS
+                                 or now - state.queued_since >= AGGREGATE_WAIT_S):
+                self._aggregate_queued(state)
 
     def _aggregate_queued(self, state: PartitionState) -> None:
         """Aggregate the messages waiting in the partition's queue (before a flush writes
-        the partition, or once there are AGGREGATE_RECORDS records)."""
+        the partition, once there are AGGREGATE_RECORDS records or they waited
+        AGGREGATE_WAIT_S)."""
         items = state.queued
         if items:
             state.queued, state.queued_records = [], 0
@@ -466,6 +478,23 @@ class Processor:
         self._count("flows_evicted", evicted)
         self.totals["flushes"] += 1
 
+    def _more_coming(self, messages: list) -> bool:
+        """Whether a partition holds messages after these, as far as the last fetches tell
+        (the watermarks librdkafka caches from them: no request to the broker)."""
+        read = {state.partition: state.next_offset or 0 for state in self.states.values()}
+        for msg in messages:
+            if msg.error() is None:
+                read[msg.partition()] = msg.offset() + 1
+        for partition, position in read.items():
+            try:
+                _low, high = self.consumer.get_watermark_offsets(
+                    TopicPartition(self.topic, partition), cached=True)
+            except KafkaException:
+                continue
+            if high > position:
+                return True
+        return False
+
     def _open_from(self) -> int | None:
         """The oldest minute of capture time a partition may still bring data for: one with
         records not written yet, or messages not read yet (as far as the last fetch tells),
@@ -588,9 +617,13 @@ class Processor:
                 batch = max(1, min(10000, int(s.max_poll_records / per_message)))
                 messages = self.consumer.consume(num_messages=batch, timeout=POLL_TIMEOUT_S)
                 fill_until = time.monotonic() + POLL_FILL_S - POLL_TIMEOUT_S
-                while 0 < len(messages) < batch and time.monotonic() < fill_until:
-                    messages += self.consumer.consume(num_messages=batch - len(messages),
-                                                      timeout=POLL_TIMEOUT_S)
+                while (0 < len(messages) < batch and time.monotonic() < fill_until
+                       and self._more_coming(messages)):
+                    more = self.consumer.consume(num_messages=batch - len(messages),
+                                                 timeout=POLL_TIMEOUT_S)
+                    if not more:
+                        break
+                    messages += more
                 self.handle_all(messages)
                 now = time.monotonic()
                 if messages:
@@ -606,12 +639,9 @@ class Processor:
                        or self.pending_records() >= s.max_pending_records or over)
                 # the flow part: every FLOW_WRITE_INTERVAL_MS, and when there is nothing to
                 # read (a replay's flows complete right away, a quiet network's within 1 s)
-                # (behind, up to BACKLOG_FLUSH_FACTOR intervals apart too: a flow that a
-                # backlog's reads touch again is written once, not once an interval)
                 quiet = FLOWS_QUIET_S if self.replay_ended else FLOWS_QUIET_LIVE_S
-                flows_due = ((now >= next_flows and not behind)
-                             or now >= next_flows + (BACKLOG_FLUSH_FACTOR - 1) * flows_every
-                             or over or (not messages and now - last_message >= quiet))
+                flows_due = (now >= next_flows or over
+                             or (not messages and now - last_message >= quiet))
                 if flows_due and not due:
                     flows_due = due = any(st.flows_pending for st in self.states.values())
                 big = [st for st in self.states.values()

@@ -25,8 +25,8 @@ class ProcessorSettings(KafkaSecuritySettings):
                                    description="How often aggregates and offsets go to Redis")
     flow_write_interval_ms: int = Field(
         5000, ge=10, le=600000, description="How often flow hashes, top-N sets and counters go "
-        "to Redis (also whenever there is nothing to read; up to five times this apart while "
-        "working through a backlog); the per-second series go every FLUSH_INTERVAL_MS")
+        "to Redis (also whenever there is nothing to read); the per-second series go every "
+        "FLUSH_INTERVAL_MS")
     max_pending_records: int = Field(500_000, ge=1000, le=50_000_000,
                                      description="Flush early once this many records are pending")
     flow_idle_timeout_s: int = Field(120, ge=1, le=86400,
