@@ -121,11 +121,6 @@ class PartitionState:
         self.clock_ns = 0  # newest capture time seen on this partition
         self.topic_id: str | None = None  # id of the topic the offsets belong to, once known
         self.reset = False  # the partition restarts at the topic's earliest offset: store it
-        # messages read and validated, waiting to be aggregated together (consumer.py): their
-        # (message, value, records, meta), how many records they hold, since when (monotonic)
-        self.queued: list[tuple] = []
-        self.queued_records = 0
-        self.queued_since = 0.0
         self.clear()
         self.clear_flows()
 

@@ -53,15 +53,6 @@ QUIET_S = 3.0
 # replay wait about 0.4 s (that poll, then an empty one) before its flows went to Redis.
 POLL_TIMEOUT_S = 0.05
 POLL_FILL_S = 0.2
-# A partition's records wait until this many are read (or a flush comes) and are aggregated
-# together: a flow that several polls touch is updated once, not once a poll. Caught up with a
-# busy capture, a poll brings a few thousand records a partition: on 65,000 short flows read
-# while capture wrote them, 224 batches of about 4,500 records took 2.4 s, 74 batches 1.9 s.
-AGGREGATE_RECORDS = 20_000
-# ... or until the first of them has waited this long: records that come slowly (a scan, where
-# each is a flow of its own and waiting saves nothing) are not all left for the next flush,
-# which would then take longer to land
-AGGREGATE_WAIT_S = 0.25
 # Nothing read for this long after a replay's end (capture marks it on every partition): the
 # flows go to Redis now, not at the next FLOW_WRITE_INTERVAL_MS. Without the mark (a quiet
 # network) after FLOWS_QUIET_LIVE_S: while capture is replaying a file, short gaps come and go
@@ -215,27 +206,10 @@ class Processor:
         queued: dict[int, list] = {}
         for msg in messages:
             self.handle(msg, queued)
-        now = time.monotonic()
         for partition, items in queued.items():
             state = self.states.get(partition)
             if state is not None:
-                if not state.queued:
-                    state.queued_since = now
-                state.queued += items
-                state.queued_records += sum(len(item[2]) for item in items)
-        for state in self.states.values():
-            if state.queued and (state.queued_records >= AGGREGATE_RECORDS
-                                 or now - state.queued_since >= AGGREGATE_WAIT_S):
-                self._aggregate_queued(state)
-
-    def _aggregate_queued(self, state: PartitionState) -> None:
-        """Aggregate the messages waiting in the partition's queue (before a flush writes
-        the partition, once there are AGGREGATE_RECORDS records or they waited
-        AGGREGATE_WAIT_S)."""
-        items = state.queued
-        if items:
-            state.queued, state.queued_records = [], 0
-            self._add_queued(state, items)
+                self._add_queued(state, items)
 
     def _add_queued(self, state: PartitionState, items: list) -> None:
         if len(items) == 1:
@@ -379,7 +353,6 @@ class Processor:
         """The documented policy for an offset that does not fit the topic: resume from the
         topic's earliest offset, say so loudly and count it. Returns that offset."""
         low = self.watermarks_of([state.partition], OffsetSpec.earliest())[state.partition]
-        self._aggregate_queued(state)  # read before the reset: they count as before
         log.error("partition %d: %s; the topic was recreated or its log reset: resuming from its "
                   "earliest offset %d (what was counted before stays in Redis)",
                   state.partition, why, low)
@@ -436,7 +409,7 @@ class Processor:
     # -- flushing --------------------------------------------------------------------------
 
     def pending_records(self) -> int:
-        return sum(s.records + s.queued_records for s in self.states.values())
+        return sum(s.records for s in self.states.values())
 
     def flows_in_memory(self) -> int:
         return sum(len(s.table) for s in self.states.values())
@@ -446,10 +419,8 @@ class Processor:
         for the previous flush to land (raising its Redis error, if any, to be retried), then
         build this one and send it on the writer thread while the loop reads on."""
         self.settle()
-        states = list(states if states is not None else self.states.values())
-        for state in states:
-            self._aggregate_queued(state)
-        targets = [s for s in states if s.series_pending or (flows and s.flows_pending)]
+        targets = [s for s in (states if states is not None else self.states.values())
+                   if s.series_pending or (flows and s.flows_pending)]
         if not targets:
             if self.idle:  # a quiet spell: the newest minute joins the top-N windows
                 self.sink.advance_windows(close_newest=True)

@@ -111,20 +111,6 @@ def test_kill_9_in_the_middle_then_restart_is_exact(pipeline_env, big_capture):
     assert_exact(env, ref)
 
 
-@pytest.mark.parametrize("poll_records", ["1000", "50000"])
-def test_records_aggregated_together_are_exact(pipeline_env, big_capture, poll_records):
-    # a partition's records wait until 20,000 of them are read (polls of 50,000 from a full
-    # topic: one partition's messages at a time) or the first waited 0.25 s (polls of 1,000),
-    # and are aggregated together; 300,000 records over 12 partitions, all read before the
-    # first flush (10 s away), and what waits at the end goes with the flush at the replay's end
-    path, ref = big_capture
-    env = dict(pipeline_env, MAX_POLL_RECORDS=poll_records, FLUSH_INTERVAL_MS="10000")
-    run_module("capture", env, "--pcap", str(path))
-    run_module("flow_processor", env, "--exit-when-idle", "1")
-    assert written_records(env) == PACKETS
-    assert_exact(env, ref)
-
-
 def test_rebalance_and_kill_between_two_processors_is_exact(pipeline_env, big_capture, tmp_path):
     path, ref = big_capture
     log = tmp_path / "second.log"
