@@ -11,7 +11,8 @@ capturers take turns on every rate (their order rotates between rounds):
 
   tcpdump       tcpdump -i lo -w /dev/null -B <ring KiB> 'udp and dst port P'
   ring          capture.live.LiveSource (the TPACKET_V3 ring) alone, counting frames
-  recvmsg (old) the recvmsg source of BASELINE_REV (git show), alone, counting frames
+  recvmsg (old) (with --recvmsg) the recvmsg source of BASELINE_REV (git show), alone,
+                counting frames: the source the ring replaced
   ring + pump   LiveSource into capture.__main__.pump with RecordBatcher and a producer that
                 drops the messages: the CPU path of `python -m capture` except Kafka
   python -m capture  (with --e2e) the service itself into a local broker (Tansu, started here),
@@ -279,6 +280,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--e2e", action="store_true",
                         help="also `python -m capture` into a local broker (Tansu)")
+    parser.add_argument("--recvmsg", action="store_true",
+                        help="also the recvmsg source the ring replaced (about 30 s more)")
     parser.add_argument("--baseline", default=BASELINE_REV,
                         help="git revision whose capture/live.py is the recvmsg baseline")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -307,7 +310,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         pcap = Path(tmp, "flood.pcap")
         write_pcap(pcap, port)
-        old_path = old_source(Path(tmp), args.baseline)
+        old_path = old_source(Path(tmp), args.baseline) if args.recvmsg else None
         methods = [m for m in METHODS if m != "recvmsg (old)" or old_path]
         kafka = None
         if args.e2e:
