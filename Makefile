@@ -37,7 +37,8 @@ lint: install
 # samples a row instead of 40), live capture against tcpdump, and the write path on workloads
 # A, B and S with ndpiReader and nfstream beside it (every run for A and B, paired with
 # capture's run; once for S), and capture's memory under a flood of unfinished TLS handshakes.
-# About 7 minutes on a host with two CPU cores (QUICK=1: under 3 minutes; bench/README.md).
+# 7-15 minutes on a host with two CPU cores, by how busy it is (QUICK=1: under 3 minutes;
+# bench/README.md).
 bench: install
 	$(BIN)/python bench/bench_pipeline.py --no-e2e $(if $(QUICK),--quick --inspection-rounds 5,--inspection-rounds 6)
 	$(BIN)/python bench/bench_live.py $(if $(QUICK),--quick)
