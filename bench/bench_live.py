@@ -74,8 +74,10 @@ def child(mode: str, port: int, ring_mb: int, old_path: str | None) -> None:
 
     def until_drained():
         """The source's items until it is idle after SIGTERM (Stop in capture.__main__ would
-        end pump() before the ring is drained)."""
-        for item in source.frames():
+        end pump() before the ring is drained): blocks of frames (LiveSource.batches()), or
+        frames one by one from the recvmsg source."""
+        items = source.frames() if mode == "recvmsg (old)" else source.batches()
+        for item in items:
             if item is None and stop:
                 return
             yield item
@@ -109,7 +111,7 @@ def child(mode: str, port: int, ring_mb: int, old_path: str | None) -> None:
         print("ready", flush=True)
         for item in until_drained():
             if item is not None:
-                frames += 1
+                frames += 1 if mode == "recvmsg (old)" else len(item.ts_ns)
         source.read_drops()
     cpu = _cpu() - cpu0
     print(json.dumps({"captured": frames, "kernel_drops": source.kernel_drops, "cpu": cpu}),

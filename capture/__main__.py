@@ -68,9 +68,10 @@ _END = object()  # pump(): no first item
 def pump(frames: Iterable, batcher: RecordBatcher, producer: RecordProducer,
          counters: CaptureCounters, settings: CaptureSettings, source=None) -> None:
     """Decode every frame into the batcher and hand full batches to the producer. `frames`
-    yields either frames (ts_ns, wire_len, frame, linktype) and None (live: no traffic for a
-    while), or FrameBatch / FrameChunk columns of frames (capture.pcapfile.read_batches,
-    read_chunks): one or the other, as its first item says."""
+    yields either frames (ts_ns, wire_len, frame, linktype), or FrameBatch / FrameChunk
+    columns of frames (capture.pcapfile.read_batches, read_chunks; capture.live's
+    LiveSource.batches()): one or the other, as its first frames say; and None when live
+    traffic paused for a while."""
     interval = settings.batch_interval_ms / 1000
     now = time.monotonic()
     next_flush, next_stats = now + interval, now + settings.stats_interval_s
@@ -142,6 +143,9 @@ def pump(frames: Iterable, batcher: RecordBatcher, producer: RecordProducer,
         ts_ns, wire_lens, frame_list, linktypes = batch
         n = len(frame_list)
         one_type = isinstance(linktypes, int)
+        if live:  # nothing is held: live frames would wait for the next traffic
+            decode(ts_ns, wire_lens, frame_list, linktypes)
+            return tick()
         for i in range(0, n - DECODE_BATCH + 1, DECODE_BATCH):
             j = i + DECODE_BATCH
             decode(ts_ns[i:j], wire_lens[i:j], frame_list[i:j],
@@ -192,12 +196,19 @@ def pump(frames: Iterable, batcher: RecordBatcher, producer: RecordProducer,
     items = iter(frames)
     try:
         first = next(items, _END)
+        while first is None and tick():  # live, no traffic yet
+            first = next(items, _END)
         if type(first) in (FrameBatch, FrameChunk, DecodedChunk):
             for batch in chain((first,), items):
-                if not (decode_full(batch) if type(batch) is FrameBatch
-                        else decode_chunk_of(batch)):
+                if batch is None:
+                    going = tick()
+                elif type(batch) is FrameBatch:
+                    going = decode_full(batch)
+                else:
+                    going = decode_chunk_of(batch)
+                if not going:
                     break
-        elif first is not _END:
+        elif first is not _END and first is not None:
             for item in chain((first,), items):
                 if item is not None:
                     pending.append(item)
@@ -255,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             from capture.live import LiveSource
 
             source = LiveSource(settings.iface, settings.bpf_filter, settings.socket_buffer_mb)
-            frames = source.frames()
+            frames = source.batches()
         partitions = ensure_topics(settings.kafka_bootstrap_servers, settings.kafka_topic,
                       client_config=kafka_client_config(settings))
     except (StartupError, CaptureFileError) as exc:

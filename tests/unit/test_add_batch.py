@@ -27,7 +27,7 @@ from capture.counters import CaptureCounters
 from capture.decode import decode_frame
 from capture.flowcache import NOT_CACHED, FlowCache, label_of
 from capture.inspect.flow import FlowInspector
-from capture.pcapfile import CaptureFileError, read_frames
+from capture.pcapfile import CaptureFileError, FrameBatch, FrameChunk, read_frames
 from packet_records import FLAG_MALFORMED, FLAG_UNSUPPORTED_LINK, MAX_WIRE_LEN
 from packet_records import decode_batch as decode_message
 from tests.captures import write_captures
@@ -370,6 +370,51 @@ def test_pump_gives_the_messages_and_counters_of_add_per_frame(crafted, syntheti
     warnings = [r.getMessage() for r in caplog.records if "is not supported" in r.getMessage()]
     assert sorted(warnings) == sorted(f"link type {lt} is not supported: its frames count as "
                                       "OTHER" for lt in unsupported)
+
+
+class PausedSource:
+    """What pump() asks of a live source besides its items: its kernel drop count."""
+
+    kernel_drops = 0
+
+    def read_drops(self) -> int:
+        return 0
+
+
+def as_blocks(items: list, rnd: random.Random) -> list:
+    """The frames as a live source yields them (capture.live.LiveSource.batches()): blocks of
+    varied sizes, as FrameChunk columns over one buffer when the frames share a link type, as
+    FrameBatch otherwise or at random, and None (traffic paused) between some, first too."""
+    out, i = [None], 0
+    while i < len(items):
+        block = items[i:i + rnd.choice([1, 2, 7, 300, 1500, 5000])]
+        i += len(block)
+        ts, wire, frames, linktypes = (list(column) for column in zip(*block))
+        if len(set(linktypes)) == 1 and rnd.random() < 0.8:
+            starts = np.cumsum([0] + [len(f) + 3 for f in frames[:-1]], dtype=np.int64)
+            buf = b"".join(f + b"pad" for f in frames)
+            out.append(FrameChunk(buf, starts, np.array([len(f) for f in frames], np.int64),
+                                  np.array(ts, np.int64), np.array(wire, np.int64),
+                                  linktypes[0]))
+        else:
+            out.append(FrameBatch(ts, wire, frames, linktypes))
+        if rnd.random() < 0.3:
+            out.append(None)
+    return out
+
+
+def test_pump_of_live_blocks_and_pauses_gives_the_messages_of_add_per_frame(crafted, synthetic):
+    """Live capture hands pump() a block of frames at a time (and None when traffic pauses):
+    the same messages and counters as add() frame by frame."""
+    items = crafted + synthetic[:20000] + garbled(8, 2000) + fragmented(9, 500) + crafted
+    settings = SimpleNamespace(batch_interval_ms=10**9, stats_interval_s=10**9)
+    producer, counters = RecordingProducer(), CaptureCounters()
+    capture_main.pump(iter(as_blocks(items, random.Random(5))), make_batcher({}, None),
+                      producer, counters, settings, PausedSource())
+    ref, _, _ = run(items, len(items), {}, None, batched=False)
+    assert producer.sent == ref
+    assert counters.frames == len(items)
+    assert counters.bytes == sum(w for _, w, _, _ in items)
 
 
 def test_wire_lengths_that_lie_are_not_believed():
