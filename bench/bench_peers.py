@@ -107,8 +107,8 @@ def child_capture(path: str) -> dict:
                             fragments_held=settings.fragments_held)
     t0, c0 = time.perf_counter(), cpu_self_children()
     # the file read as the service reads it: by a reader process that decodes it too
-    pump(read_decoded(path, CHUNK_DECODE_BATCH), batcher, producer, counters,
-         settings)  # type: ignore[arg-type]
+    pump(read_decoded(path, CHUNK_DECODE_BATCH, settings.inspect_payloads), batcher, producer,
+         counters, settings)  # type: ignore[arg-type]
     wall, cpu = time.perf_counter() - t0, cpu_self_children() - c0
     return {"wall": wall, "cpu": cpu, "frames": counters.frames, "records": producer.records}
 

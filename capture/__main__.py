@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.pcap:
             # (read and decoded by a second process, while this one does the rest)
-            reader = read_decoded(args.pcap, CHUNK_DECODE_BATCH)
+            reader = read_decoded(args.pcap, CHUNK_DECODE_BATCH, settings.inspect_payloads)
             first = next(reader, None)  # a bad file fails here, before we touch the broker
             frames = chain([first], reader) if first is not None else iter(())
             source = None

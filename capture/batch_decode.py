@@ -110,7 +110,7 @@ class DecodedBatch:
 
     COLUMNS = ("ip_version", "ip_proto", "src", "dst", "sport", "dport", "tcp_flags", "flags",
                "frag_id", "l4_off", "ip_end", "fast", "caplen")
-    __slots__ = (*COLUMNS, "fallback", "keys")
+    __slots__ = (*COLUMNS, "fallback", "keys", "learned")
 
     def __init__(self, n: int) -> None:
         self.ip_version = np.zeros(n, dtype=np.uint8)
@@ -128,6 +128,9 @@ class DecodedBatch:
         self.fallback: list[tuple[int, tuple]] = []
         self.caplen = np.zeros(n, dtype=np.int64)
         self.keys: np.ndarray | None = None  # flow_keys(self), when made ahead (a reader)
+        # FlowInspector.first_payload() of some frames, by index, when inspected ahead (a
+        # reader: capture.flowcache.inspect_ahead)
+        self.learned: dict[int, tuple] | None = None
 
     @classmethod
     def of_columns(cls, columns: list[np.ndarray], fallback: list[tuple[int, tuple]],
@@ -137,7 +140,7 @@ class DecodedBatch:
         batch = cls.__new__(cls)
         for name, column in zip(cls.COLUMNS, columns, strict=True):
             setattr(batch, name, column)
-        batch.fallback, batch.keys = fallback, keys
+        batch.fallback, batch.keys, batch.learned = fallback, keys, None
         return batch
 
     def columns(self) -> list[np.ndarray]:

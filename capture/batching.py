@@ -232,6 +232,8 @@ class RecordBatcher:
         else:
             firsts, ends = deferred.tolist(), None
         find = flows.flows.get
+        # first payloads inspected ahead (capture.reader_process), by frame
+        learned = batch.learned or {}
         start = 0  # the records from here on are not placed in their batches yet
         meta: list[tuple[int, int, str]] = []  # (row, kind, text) of the records from start
         rows: list[int] = []  # frames looked at again since start: their flows' labels
@@ -274,10 +276,10 @@ class RecordBatcher:
             if flow is None:
                 flow, names = self._flow_of(t, decoded[1], decoded[2], decoded[3], decoded[4],
                                             decoded[5], frame if decoded[9] >= 0 else None,
-                                            decoded)
+                                            decoded, learned.get(i))
             elif (frame is not None and decoded[9] >= 0
                   and payload_of(frame, decoded) is not None):  # (its inspector is there)
-                names = flows.inspect(flow, frame, decoded, t)
+                names = flows.inspect(flow, frame, decoded, t, learned.get(i))
             if names:
                 flag |= FLAG_HAS_META
                 meta.extend((i, kind, safe_name(raw)) for kind, raw in names)
@@ -348,12 +350,13 @@ class RecordBatcher:
         closed.sort(key=lambda c: c[0])
         self.ready.extend((p, message, limit) for _, p, message in closed)
 
-    def _flow_of(self, ts_ns, proto, src, dst, sport, dport, frame, decoded):
+    def _flow_of(self, ts_ns, proto, src, dst, sport, dport, frame, decoded, learned=None):
         """The flow of a record (entered in the cache if new) and the meta entries (kind, raw
-        bytes) its inspector found in `frame`, when given (a packet with an L4 header)."""
+        bytes) its inspector found in `frame`, when given (a packet with an L4 header);
+        `learned`: FlowCache.inspect()'s."""
         flow = self.flows.get(proto, src, sport, dst, dport)
         if flow.inspector is not None and frame is not None:
-            return flow, self.flows.inspect(flow, frame, decoded, ts_ns)
+            return flow, self.flows.inspect(flow, frame, decoded, ts_ns, learned)
         return flow, None
 
     def _emit(self, ts_ns, wire_len, ipver, proto, src, dst, tcp_flags, flags, sport, dport,

@@ -40,7 +40,8 @@ from itertools import islice
 
 import numpy as np
 
-from capture.batch_decode import FLOW_KEY_DTYPE
+from capture.batch_decode import FLOW_KEY_DTYPE, DecodedBatch, flow_keys
+from capture.inspect import quic
 from capture.inspect.flow import FlowInspector
 from packet_records import APP_GUESS, META_FINGERPRINT, META_SERVER_NAME, partition_for
 from packet_records.apps import APP_ID
@@ -79,6 +80,56 @@ def payload_of(frame: bytes, decoded: tuple) -> tuple[int, int] | None:
         if udp_len >= 8 and l4_off + udp_len < end:
             end = l4_off + udp_len
     return (start, end) if end > start else None
+
+
+# QUIC versions whose long-header Initials FlowInspector reads (inspect_ahead() looks for them)
+_QUIC_VERSIONS = np.array(sorted(quic.known_versions()), dtype=np.uint32)
+
+
+def inspect_ahead(batch: DecodedBatch, buf: bytes, starts: np.ndarray,
+                  lengths: np.ndarray) -> dict[int, tuple]:
+    """FlowInspector.first_payload() of the frames (buf[starts[i]:starts[i] + lengths[i]],
+    decoded in `batch`) that may be a flow's first payload and cost the most to inspect: TLS
+    ClientHellos and QUIC Initials (key derivation, decryption), the first one of each flow in
+    the batch; by frame index, those done after it. A reader process works these out while
+    the capture process does the rest: RecordBatcher.add_batch hands them to
+    FlowCache.inspect(), which uses one only where that frame is the client's first payload
+    to the flow's inspector, so the labels are those of inspecting it there."""
+    u8 = np.frombuffer(buf, np.uint8)
+    l4, proto = batch.l4_off, batch.ip_proto
+    tcp = (proto == 6) & (l4 >= 0) & (l4 + 20 <= lengths)
+    udp = (proto == 17) & (l4 >= 0) & (l4 + 8 <= lengths)
+    if not len(u8) or not (tcp | udp).any():
+        return {}
+    # (every byte read is inside its frame; 0 stands for the others: read, then not used)
+    data_offset = u8[np.where(tcp, starts + l4 + 12, 0)] >> 4
+    offset = np.where(tcp, l4 + data_offset.astype(np.int64) * 4, l4 + 8)
+    room = np.minimum(batch.ip_end, lengths) - offset  # payload bytes (about: payload_of)
+    some = (tcp | udp) & (room >= 6)
+    at = np.where(some, starts + offset, 0)
+    first, sixth = u8[at], u8[np.where(some, at + 5, 0)]
+    hello = tcp & some & (first == 0x16) & (sixth == 1)
+    version = np.zeros(len(at), dtype=np.uint32)
+    for k in (1, 2, 3, 4):
+        version |= u8[np.where(some, at + k, 0)].astype(np.uint32) << (32 - 8 * k)
+    initial = udp & some & ((first & 0xC0) == 0xC0) & np.isin(version, _QUIC_VERSIONS)
+    rows = np.flatnonzero(hello | initial)
+    if not len(rows):
+        return {}
+    keys = batch.keys if batch.keys is not None else flow_keys(batch)
+    _, firsts = np.unique(keys.view(f"V{keys.dtype.itemsize}")[rows], return_index=True)
+    rows = rows[np.sort(firsts)]
+    learned = {}
+    for row, decoded, start, length in zip(rows.tolist(), batch.tuples(rows),
+                                           starts[rows].tolist(), lengths[rows].tolist()):
+        frame = buf[start:start + length]
+        span = payload_of(frame, decoded)
+        if span is not None:
+            got = FlowInspector.first_payload(decoded[1], decoded[4], decoded[5],
+                                              frame[span[0]:span[1]])
+            if got is not None:
+                learned[row] = got
+    return learned
 
 
 class CachedFlow:
@@ -329,19 +380,24 @@ class FlowCache:
         while self.held_bytes > self.memory_bytes:
             self._give_up(True)
 
-    def inspect(self, flow: CachedFlow, frame: bytes, decoded: tuple,
-                ts_ns: int = 0) -> list | None:
+    def inspect(self, flow: CachedFlow, frame: bytes, decoded: tuple, ts_ns: int = 0,
+                learned: tuple | None = None) -> list | None:
         """Feed one packet's payload to the flow's inspector; return new meta entries as
         (kind, bytes), or None. The bytes are those taken from the packet (the JA4, made here,
-        as ASCII): RecordBatcher turns each into text with names.safe_name()."""
+        as ASCII): RecordBatcher turns each into text with names.safe_name(). `learned`: what
+        FlowInspector.first_payload() learned of this packet's payload, when known (used if
+        it is the client's first payload to the inspector)."""
         span = payload_of(frame, decoded)
         if span is None:
             return None  # no payload (a TCP handshake or ACK): the common case
-        start, end = span
-        seq = _U32(frame, decoded[9] + 4)[0] if decoded[1] == 6 else None
         inspector = flow.inspector
         from_client = decoded[4] == flow.client_port and decoded[2] == flow.client_addr
-        changed = inspector.feed(frame[start:end], from_client, seq)
+        if learned is not None and from_client and inspector.fresh:
+            changed = inspector.take_first(learned)
+        else:
+            start, end = span
+            seq = _U32(frame, decoded[9] + 4)[0] if decoded[1] == 6 else None
+            changed = inspector.feed(frame[start:end], from_client, seq)
         if inspector.done:
             flow.inspector = None  # its label stays on the flow; its buffers go
             if flow.held:

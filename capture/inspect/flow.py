@@ -204,6 +204,38 @@ class FlowInspector:
             self._bufs = self._quic = None
         return (self.app, self.guess, self.raw_name, self.fingerprint) != before
 
+    @classmethod
+    def first_payload(cls, proto: int, client_port: int, server_port: int,
+                      payload: bytes) -> tuple | None:
+        """What a new inspector of this flow learns from the client's first payload, when it
+        is done after it (nearly every flow's ClientHello or QUIC Initial): the (app, guess,
+        raw_name, fingerprint) that take_first() gives an inspector that has seen no payload
+        yet, instead of parsing it again. None when that inspection goes on (or fails: feed()
+        counts the error where the flow is inspected). capture.reader_process computes these
+        ahead, in the process that reads the file."""
+        inspector = cls(proto, client_port, server_port)
+        errors = cls.errors
+        inspector.feed(payload, True, None)
+        if not inspector.done or cls.errors != errors:
+            cls.errors = errors
+            return None
+        return inspector.app, inspector.guess, inspector.raw_name, inspector.fingerprint
+
+    @property
+    def fresh(self) -> bool:
+        """No payload fed yet: feed() of the client's first payload is first_payload()'s."""
+        return self._packets == 0 and not self.done
+
+    def take_first(self, learned: tuple) -> bool:
+        """feed() of the client's first payload to a fresh inspector, from what
+        first_payload() learned of it (the same payload, the same ports): done after it."""
+        before = (self.app, self.guess, self.raw_name, self.fingerprint)
+        self.app, self.guess, self.raw_name, self.fingerprint = learned
+        self._packets = 1
+        self.done = True
+        self._bufs = self._quic = None
+        return learned != before
+
     def _decide(self, app: str) -> None:
         self.app = app
         self.guess = False

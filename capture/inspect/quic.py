@@ -87,6 +87,12 @@ def _build_versions() -> dict[int, _Version]:
 
 _VERSIONS = _build_versions()
 
+
+def known_versions() -> set[int]:
+    """The versions whose long-header Initials this module reads (the legacy gQUIC public
+    header aside)."""
+    return set(_VERSIONS) | {Q046}
+
 # NamedTuple construction through its Python-level __new__ costs twice tuple.__new__
 _new = tuple.__new__
 _U16 = struct.Struct("!H").unpack_from

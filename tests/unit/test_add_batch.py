@@ -25,7 +25,7 @@ from capture.batch_decode import decode_batch, flow_keys
 from capture.batching import RecordBatcher
 from capture.counters import CaptureCounters
 from capture.decode import decode_frame
-from capture.flowcache import NOT_CACHED, FlowCache, label_of
+from capture.flowcache import NOT_CACHED, FlowCache, inspect_ahead, label_of
 from capture.inspect.flow import FlowInspector
 from capture.pcapfile import CaptureFileError, FrameBatch, FrameChunk, read_frames
 from packet_records import FLAG_MALFORMED, FLAG_UNSUPPORTED_LINK, MAX_WIRE_LEN
@@ -83,6 +83,13 @@ def state(batcher: RecordBatcher) -> dict:
             "given_up": (FlowInspector.budget_evictions, FlowInspector.idle_expired)}
 
 
+def learned_ahead(decoded, frames: list[bytes]) -> dict[int, tuple]:
+    """inspect_ahead() of a batch, as a reader process works it out on a read of a file."""
+    lengths = np.array([len(f) for f in frames], dtype=np.int64)
+    starts = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64)
+    return inspect_ahead(decoded, b"".join(frames), starts, lengths)
+
+
 def run(items: list, size: int, kwargs: dict, max_flows: int | None, batched: bool,
         flush_every: int = 0) -> tuple[list, dict, int]:
     """Every frame through add() (decode_frame) or add_batch() (decode_batch) in batches of
@@ -104,7 +111,10 @@ def run(items: list, size: int, kwargs: dict, max_flows: int | None, batched: bo
         chunk = items[i:i + size]
         if batched:
             ts, wire, frames, linktypes = zip(*chunk)
-            batcher.add_batch(ts, wire, frames, decode_batch(frames, linktypes))
+            decoded = decode_batch(frames, linktypes)
+            if k % 2 == 0:  # every other batch with its first payloads inspected ahead
+                decoded.learned = learned_ahead(decoded, frames)
+            batcher.add_batch(ts, wire, frames, decoded)
             out += batcher.take()
         else:
             for ts, wire, frame, linktype in chunk:
@@ -248,6 +258,24 @@ def test_synthetic_capture(synthetic):
             where="synthetic, flushed")
     # the default settings leave most frames to the batch path itself
     assert shares[0] < 0.5 and shares[2] < 0.5  # (default and inspect off, batches of 256)
+
+
+def test_first_payloads_inspected_ahead_give_the_labels_of_inspecting_them_here(
+        crafted, synthetic, monkeypatch):
+    """A reader process inspects the ClientHellos and QUIC Initials of a batch ahead
+    (inspect_ahead); the capture process takes what it learned where that payload is the
+    first its flow's inspector gets: the same messages and state as add() frame by frame,
+    with many flows' inspection taken from the reader."""
+    taken = []
+    take_first = FlowInspector.take_first
+    monkeypatch.setattr(FlowInspector, "take_first",
+                        lambda self, learned: taken.append(learned) or take_first(self, learned))
+    items = crafted + synthetic[:30000] + crafted
+    settings = [SETTINGS[0], SETTINGS[3], SETTINGS[5]]  # with evictions and a tight budget
+    compare(items, sizes=(1024, 16384), settings=settings, where="inspected ahead")
+    assert len(taken) > 100
+    assert {learned[0] for learned in taken} >= {"TLS", "QUIC"}
+    assert any(learned[2] for learned in taken) and any(learned[3] for learned in taken)
 
 
 def test_garbled_frames():

@@ -693,6 +693,39 @@ def test_reader_process_hands_over_what_is_read_and_decoded_here(sound_captures,
         decoded_until_error(path, batch)
 
 
+def test_reader_process_inspects_first_payloads_ahead_while_the_capture_process_is_slower(
+        tmp_path, monkeypatch):
+    """With inspection on, a reader whose capture process holds every slot (it is the slower
+    one) inspects each batch's ClientHellos and QUIC Initials ahead: what inspect_ahead()
+    gives here; a capture process that keeps up takes none (it would wait for them)."""
+    import time
+
+    from capture.flowcache import inspect_ahead
+    from capture.reader_process import read_decoded
+    from tests.synthetic import write_synthetic_pcap
+
+    monkeypatch.setattr("capture.pcapfile.CHUNK", 1 << 16)
+    path = write_synthetic_pcap(tmp_path / "hellos.pcap", 6000, flows=600, real_payloads=True)
+    expected, _ = list_until_error(read_chunks(path))
+    for pause in (0.05, 0.0):
+        learned = []
+        for k, item in enumerate(read_decoded(path, 512, inspect=True)):
+            time.sleep(pause)  # slower than the reader: it gets no slot back meanwhile
+            assert_same_decoded(item, expected[k], 512)
+            chunk = expected[k]
+            for i, j, decoded in item.parts:
+                if decoded.learned is not None:
+                    assert decoded.learned == inspect_ahead(decoded, chunk.buf,
+                                                            chunk.starts[i:j],
+                                                            chunk.lengths[i:j])
+                    learned.append(decoded.learned)
+        if pause:
+            assert len(learned) >= len(expected) - 4  # all but the reads of the first slots
+            assert sum(map(len, learned)) > 20
+            hello = [v for part in learned for v in part.values()]
+            assert {v[0] for v in hello} >= {"TLS", "QUIC"}
+
+
 def test_reader_process_reuses_its_slots_only_once_handed_back(tmp_path, monkeypatch):
     monkeypatch.setattr("capture.pcapfile.CHUNK", SMALL_CHUNK)
     path, frames = big_capture(tmp_path, 2000)
