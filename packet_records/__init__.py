@@ -153,13 +153,15 @@ def _check_sum(message: bytes, what: str) -> None:
 class DecodedRecords:
     """The records of a validated batch: iterating gives plain tuples (RECORD field order, as
     RECORD.iter_unpack does), `array` is the same records as a RECORD_DTYPE array (a view of
-    the message, no copy) for column-wise work (flow_processor.aggregate)."""
+    the message, no copy) for column-wise work (flow_processor.aggregate). `replay`: the batch
+    comes from a capture file (BATCH_REPLAY)."""
 
-    __slots__ = ("array", "_view")
+    __slots__ = ("array", "_view", "replay")
 
-    def __init__(self, array: np.ndarray, view: memoryview):
+    def __init__(self, array: np.ndarray, view: memoryview, replay: bool = False):
         self.array = array
         self._view = view
+        self.replay = replay
 
     def __iter__(self) -> Iterator[tuple]:
         return RECORD.iter_unpack(self._view)
@@ -193,9 +195,10 @@ def decode_batch(message: bytes, message_ns: int | None = None, now_ns: int | No
         raise MalformedMessage(f"unknown batch flags {batch_flags:#x}")
     meta = _decode_meta(message, end, count)
     batch = np.frombuffer(message, RECORD_DTYPE, count, HEADER.size)
+    replay = bool(batch_flags & BATCH_REPLAY)
     if count:
-        _check_records(batch, bool(batch_flags & BATCH_REPLAY), message_ns, now_ns, limits)
-    return DecodedRecords(batch, memoryview(message)[HEADER.size:end]), meta
+        _check_records(batch, replay, message_ns, now_ns, limits)
+    return DecodedRecords(batch, memoryview(message)[HEADER.size:end], replay), meta
 
 
 def _check_records(batch: np.ndarray, replay: bool, message_ns: int | None, now_ns: int | None,

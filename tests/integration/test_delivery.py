@@ -180,6 +180,7 @@ def test_a_replay_ends_with_a_mark_on_every_partition_after_its_records(pipeline
                  and decode_stats(value)[3]]
         assert marks == [len(values) - 1]  # one, the last
         assert decode_stats(values[-1])[2] == {}  # the counters went with the final stats
-        records += sum(len(decode_batch(value)[0]) for value in values
-                       if value[:4] != STATS_MAGIC)
+        batches = [decode_batch(value)[0] for value in values if value[:4] != STATS_MAGIC]
+        assert all(batch.replay for batch in batches)  # (flows are written at the mark)
+        records += sum(map(len, batches))
     assert records == 5000

@@ -111,6 +111,14 @@ def test_encode_packed_gives_the_messages_of_the_reference_encoder():
             assert encode_packed(len(records), records, meta, replay) == expected
 
 
+def test_a_batch_says_whether_it_comes_from_a_capture_file():
+    """The processor writes a replay's flows at its end rather than every interval."""
+    for replay in (False, True):
+        for records in ([], packed(RECORDS[:3])):
+            decoded, _ = decode_batch(encode_batch(records, replay=replay), limits=None)
+            assert decoded.replay is replay
+
+
 def test_round_trip_without_meta_and_without_records():
     records, meta = decode_batch(encode_batch([]))
     assert (list(records), meta) == ([], [])
