@@ -168,8 +168,14 @@ def _reader(path, batch: int, inspect: bool, ring: mmap.mmap, data_w: int,
                 for i, j, part in decoded.parts:
                     part.keys = flow_keys(part)  # (what the capture process would make next)
                     if ahead:
-                        part.learned = inspect_ahead(part, item.buf, item.starts[i:j],
-                                                     item.lengths[i:j])
+                        try:
+                            part.learned = inspect_ahead(part, item.buf, item.starts[i:j],
+                                                         item.lengths[i:j])
+                        except Exception:  # noqa: BLE001 - a bug of ours: the capture
+                            # process inspects these itself (the labels are the same)
+                            log.exception("inspecting ahead failed: the capture process "
+                                          "inspects every payload from here on")
+                            inspect = ahead = False
                     columns += [*part.columns(), part.keys.view(_KEY_BYTES)]
                 if _placed_size(len(item.buf), columns) > SLOT_BYTES:
                     _send(out, ("whole", decoded))

@@ -872,3 +872,38 @@ def test_without_a_reader_process_the_file_is_read_here_alike(tmp_path, monkeypa
         assert_same_decoded(item, chunk, 64, keys=False)  # (made by the batcher, as before)
     assert "no reader process: Resource temporarily unavailable" in caplog.text
     assert len(os.listdir("/proc/self/fd")) == fds_before  # its pipes closed
+
+
+def test_a_failure_inspecting_ahead_leaves_the_inspection_to_the_capture_process(
+        tmp_path, monkeypatch, capfd):
+    """inspect_ahead() only saves the capture process work: if it fails (a bug), the reader
+    says so once and goes on without it, and every read still comes over whole."""
+    import logging
+    import sys
+    import time
+
+    from capture.reader_process import read_decoded
+    from tests.synthetic import write_synthetic_pcap
+
+    def broken(*_args):
+        raise ValueError("broken on purpose")
+
+    monkeypatch.setattr("capture.reader_process.inspect_ahead", broken)
+    monkeypatch.setattr("capture.pcapfile.CHUNK", 1 << 16)
+    path = write_synthetic_pcap(tmp_path / "hellos.pcap", 3000, flows=300, real_payloads=True)
+    expected, _ = list_until_error(read_chunks(path))
+    count = 0
+    # (the reader's log lines reach the file descriptor, as the service logs to stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    reader_log = logging.getLogger("capture.reader_process")
+    reader_log.addHandler(handler)
+    try:
+        for k, item in enumerate(read_decoded(path, 512, inspect=True)):
+            time.sleep(0.05)  # the capture process is the slower one: the reader inspects ahead
+            assert_same_decoded(item, expected[k], 512)
+            assert all(decoded.learned is None for _i, _j, decoded in item.parts)
+            count += 1
+    finally:
+        reader_log.removeHandler(handler)
+    assert count == len(expected) > 4
+    assert capfd.readouterr().err.count("inspecting ahead failed") == 1
