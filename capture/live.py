@@ -29,7 +29,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from capture.decode import LINKTYPE_ETHERNET, LINKTYPE_RAW
-from capture.pcapfile import FrameBatch, FrameChunk
+from capture.pcapfile import FrameBatch, FrameChunk, frames_of
 from packet_records.runtime import StartupError
 
 log = logging.getLogger(__name__)
@@ -234,7 +234,6 @@ class LiveSource:
             for k in range(count):
                 offsets[k] = offset
                 offset += next_offset(ring, base + offset)[0]
-            block = b""
             if count:
                 last = offsets[-1]
                 header = unpack_frame(ring, base + last)
@@ -257,12 +256,7 @@ class LiveSource:
             if batch is None:
                 yield None
                 continue
-            if type(batch) is FrameChunk:
-                batch = batch.as_batch()
-            linktypes = batch.linktypes
-            if isinstance(linktypes, int):
-                linktypes = [linktypes] * len(batch.frames)
-            rest.extend(zip(batch.ts_ns, batch.wire_lens, batch.frames, linktypes))
+            rest.extend(frames_of(batch))
             rest.reverse()
             while rest:
                 yield rest.pop()

@@ -126,9 +126,17 @@ class CaptureFileError(Exception):
 
 
 def read_frames(path: str | Path) -> Iterator[Frame]:
-    for ts_ns, wire_lens, frames, linktypes in read_batches(path):
-        types = repeat(linktypes) if isinstance(linktypes, int) else linktypes
-        yield from zip(ts_ns, wire_lens, frames, types)
+    for batch in read_batches(path):
+        yield from frames_of(batch)
+
+
+def frames_of(batch: FrameBatch | FrameChunk) -> Iterator[Frame]:
+    """(ts_ns, wire_len, frame, linktype) of every packet of a batch, in order."""
+    if type(batch) is FrameChunk:
+        batch = batch.as_batch()
+    ts_ns, wire_lens, frames, linktypes = batch
+    types = repeat(linktypes) if isinstance(linktypes, int) else linktypes
+    return zip(ts_ns, wire_lens, frames, types)
 
 
 def read_batches(path: str | Path) -> Iterator[FrameBatch]:

@@ -23,7 +23,7 @@ from capture.live import (
     block_batch,
     block_frames,
 )
-from capture.pcapfile import FrameBatch, FrameChunk
+from capture.pcapfile import FrameBatch, FrameChunk, frames_of
 
 ARPHRD_NONE = 0xFFFE  # tun
 MAC_OFFSET = 66  # where the kernel puts an Ethernet frame after its headers (a 2-byte pad)
@@ -59,12 +59,7 @@ def frame(rnd: random.Random, **over) -> dict:
 
 def batch_frames(batch) -> list[tuple]:
     """(ts_ns, wire_len, frame, linktype) of each frame of a FrameChunk or FrameBatch."""
-    if type(batch) is FrameChunk:
-        batch = batch.as_batch()
-    linktypes = batch.linktypes
-    if isinstance(linktypes, int):
-        linktypes = [linktypes] * len(batch.frames)
-    return list(zip(batch.ts_ns, batch.wire_lens, batch.frames, linktypes))
+    return list(frames_of(batch))
 
 
 def test_a_block_of_ethernet_frames_is_read_in_place():
