@@ -13,6 +13,7 @@ import pytest
 from capture.batching import RecordBatcher
 from capture.decode import decode_frame
 from capture.pcapfile import read_frames
+from flow_processor import aggregate
 from flow_processor.aggregate import PartitionState
 from flow_processor.flows import KEY_FORMAT, Flow, FlowTable, flow_id
 from packet_records import (
@@ -507,8 +508,10 @@ def snapshot(state: PartitionState) -> dict:
     """Everything add_records touches, flows by key, dicts as lists (their order counts)."""
     state.sync_flows()  # the flows' sums up to date, as every flush brings them
 
-    def fields(flow: Flow) -> dict:  # (uid: a number of the process, not of the state)
-        return {name: getattr(flow, name) for name in Flow.__slots__ if name != "uid"}
+    def fields(flow: Flow) -> dict:  # (uid: a number of the process, not of the state; row:
+        # its place in the table's index, which only add_records keeps)
+        return {name: getattr(flow, name) for name in Flow.__slots__
+                if name not in ("uid", "row")}
 
     return {
         "global": list(state.global_.items()),
@@ -676,6 +679,21 @@ def test_matches_the_per_record_loop_on_random_records(seed):
     # before a check or flush brings them into the flows)
     compare_on(messages, max_flows=rnd.choice([5, 1000]), flush_every=rnd.choice([0, 2, 5]),
                tuples_every=rnd.choice([0, 3]), check_every=rnd.choice([1, 4]))
+
+
+@pytest.mark.parametrize("buckets", [1, 3])
+def test_matches_the_per_record_loop_when_flow_key_hashes_collide(monkeypatch, buckets):
+    """The table's index only caches the dict: keys whose hashes collide (here all of them, or
+    three hashes for all keys) are found through the dict, and flows that leave the table and
+    come back are found again."""
+    monkeypatch.setattr(aggregate, "key_hashes",
+                        lambda *columns: columns[1] % np.uint64(buckets) if buckets > 1
+                        else np.zeros(len(columns[0]), np.uint64))
+    for seed in range(4):
+        rnd = random.Random(100 + seed)
+        messages = [random_message(rnd, T + k * S, rnd.choice([3, 20, 200]), 300)
+                    for k in range(20)]
+        compare_on(messages, max_flows=rnd.choice([5, 1000]), flush_every=3)
 
 
 def test_matches_the_per_record_loop_on_label_sequences():
