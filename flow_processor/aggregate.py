@@ -131,7 +131,7 @@ class PartitionState:
     def clear_flows(self) -> None:
         """Forget the flow part (after it was written)."""
         self.flow_updates: list[Flow] = []  # flows with bytes, labels or a first write to write
-        # (flow uid, minute, bytes, packets) column chunks, one a fold (flow_minutes sums them)
+        # (flow uid, minute, bytes, packets) column chunks, one a fold (minute_bytes() sums them)
         self.minute_cells: list[tuple[np.ndarray, ...]] = []
         self.no_flow_minutes: dict[int, int] = {}  # minute -> bytes without a 5-tuple
         # (flow, minute) -> bytes of flows held back before (hold_back_probes) that get their
@@ -203,7 +203,7 @@ class PartitionState:
         self.folded = True
         dirty = self.dirty_flows
         slot, sec, nbytes, packets = self.cells()
-        if len(slot):  # summed once, by the flow write (flow_minutes), not once a flush
+        if len(slot):  # summed once, by the flow write (minute_bytes()), not once a flush
             uid = _column(dirty, _UID, np.int64)
             self.minute_cells.append((uid[slot], sec // 60, nbytes, packets))
         no_flow = self.no_flow_minutes
@@ -214,17 +214,19 @@ class PartitionState:
         counted["malformed_frames"] += self.malformed_frames
         counted["malformed_messages"] += self.malformed_messages
 
-    @property
-    def flow_minutes(self) -> dict[tuple[Flow, int], int]:
-        """(flow, minute of capture time) -> bytes of the flow part, by flow (in the order
-        they entered the table), then minute."""
+    def minute_bytes(self) -> list[tuple[Flow, int, int]]:
+        """The flow part's bytes per flow and minute of capture time, (flow, minute, bytes),
+        by flow (in the order they entered the table), then minute."""
         if not self.minute_cells:
-            return {}
+            return []
         uid, minute, nbytes, packets = (np.concatenate(c) for c in zip(*self.minute_cells))
         self.minute_cells = [(uid, minute, nbytes, packets)]
-        flow_of = {f.uid: f for f in self.flow_updates}
-        return {(flow_of[u], m): b
-                for u, m, b, _p in zip(*sum_by_key(uid, minute, nbytes, packets))}
+        uids, minutes, sums, _packets = sum_by_key(uid, minute, nbytes, packets)
+        updates = self.flow_updates  # (every flow with bytes here is among them)
+        known = _column(updates, _UID, np.int64)
+        by_uid = np.argsort(known)
+        at = by_uid[np.searchsorted(known, np.array(uids, np.int64), sorter=by_uid)]
+        return list(zip(map(updates.__getitem__, at.tolist()), minutes, sums))
 
     def replayed(self) -> None:
         """What was aggregated so far came from messages before series_from, read again for
@@ -348,25 +350,35 @@ class PartitionState:
         hashes = key_hashes(a_hi[first], a_lo[first], b_hi[first], b_lo[first], small[first])
         rows = index.find(keys, hashes)
         missing = np.flatnonzero(rows < 0)
-        if len(missing):
-            rows[missing] = self._find_or_create(missing, keys, hashes, batch[first], ts[first])
-        flows = index.flows[rows]
+        if len(missing) == len(rows):  # (a scan's batches: every flow new)
+            flows = self._find_or_create(missing, keys, hashes, batch[first], ts[first])
+            rows[:] = [f.row for f in flows]
+        else:
+            flows = index.flows[rows].tolist()  # (where rows is -1, replaced just below)
+            if len(missing):
+                found = self._find_or_create(missing, keys, hashes, batch[first], ts[first])
+                for j, flow in zip(missing.tolist(), found):
+                    flows[j] = flow
+                rows[missing] = [f.row for f in found]
         # the flows not dirty yet take the next slots; the sums go by slot (sync_flows()).
-        # index.mark holds series_mark for the flows dirty in this series part, index.slot
-        # their slot: no Python a flow a message for those
-        fresh = np.flatnonzero(index.mark[rows] != self.series_mark)
+        # index.mark holds series_mark for the indexed flows dirty in this series part,
+        # index.slot their slot: no Python a flow a message for those
+        slots = index.slot[rows]
+        fresh = np.flatnonzero((rows < 0) | (index.mark[rows] != self.series_mark))
         dirty, updates = self.dirty_flows, self.flow_updates
         if len(fresh):
-            index.slot[rows[fresh]] = np.arange(len(dirty), len(dirty) + len(fresh))
-            index.mark[rows[fresh]] = self.series_mark
-            for flow in flows[fresh].tolist():
+            slots[fresh] = np.arange(len(dirty), len(dirty) + len(fresh))
+            indexed = fresh[rows[fresh] >= 0]
+            index.slot[rows[indexed]] = slots[indexed]
+            index.mark[rows[indexed]] = self.series_mark
+            for flow in (flows if len(fresh) == len(flows) else map(flows.__getitem__,
+                                                                      fresh.tolist())):
                 flow.dirty = True
                 flow.slot = len(dirty)
                 dirty.append(flow)
                 if not flow.updated:  # cleared with dirty or before (a flow write is a flush)
                     flow.updated = True
                     updates.append(flow)
-        slots = index.slot[rows]
         self.slot_sums.add(slots, len(dirty), nbytes, packets, oldest, newest)
         # (flow, second) cells as columns: no Python object a cell
         self.flow_cells.append((slots[sorted_flow[cell_starts]], s_sec[cell_starts],
@@ -406,11 +418,11 @@ class PartitionState:
         return self.flow_cells[0]
 
     def _find_or_create(self, missing: np.ndarray, keys: np.ndarray, hashes: np.ndarray,
-                        first: np.ndarray, first_ts: np.ndarray) -> np.ndarray:
-        """The index rows of the flows at `missing` (positions in keys, hashes, first) that the
-        table's index did not find: looked up in the table, created when not there (in the
-        order of their first records: first, the records, and first_ts, their times, give
-        the sender and time), and indexed unless they are."""
+                        first: np.ndarray, first_ts: np.ndarray) -> list[Flow]:
+        """The flows at `missing` (positions in keys, hashes, first) that the table's index
+        did not find: looked up in the table, or created (in the order of their first
+        records: first, the records, and first_ts, their times, give the sender and time). A
+        flow is indexed when it is seen again: most of a scan's never are."""
         table, index = self.table.flows, self.table.index
         found, unindexed = [], []  # (unindexed: positions in found)
         for key, ipver, proto, src, sport, dst, dport, ts in zip(
@@ -421,13 +433,15 @@ class PartitionState:
             flow = table.get(key)
             if flow is None:
                 table[key] = flow = Flow(key, ipver, proto, src, sport, dst, dport, ts)
-            if flow.row < 0:  # (one with a row here has a hash another key has too)
+            elif flow.row < 0:  # (one with a row has a hash another key has too)
                 unindexed.append(len(found))
             found.append(flow)
         if unindexed:
+            again = [found[j] for j in unindexed]
             at = missing[unindexed]
-            index.add([found[j] for j in unindexed], keys[at], hashes[at])
-        return np.fromiter((f.row for f in found), np.int64, len(found))
+            index.add(again, keys[at], hashes[at],
+                      [self.series_mark if f.dirty else 0 for f in again], [f.slot for f in again])
+        return found
 
     @staticmethod
     def _label_flows(flows: list[Flow], record_flow: np.ndarray, app: np.ndarray,

@@ -244,11 +244,12 @@ class FlowIndex:
     def __init__(self) -> None:
         self.hashes = np.empty(0, np.uint64)  # sorted
         self.hash_rows = np.empty(0, np.int64)  # the row of each
-        self.keys = np.zeros(0, KEY_BYTES)  # by row; zeros: no flow (no key is all zeros)
-        self.flows = np.empty(0, object)  # by row
-        self.row_hashes = np.empty(0, np.uint64)
-        self.mark = np.zeros(0, np.int64)
-        self.slot = np.zeros(0, np.int64)
+        # by row (room for a few from the start: a row of -1 reads the last)
+        self.keys = np.zeros(64, KEY_BYTES)  # zeros: no flow (no key is all zeros)
+        self.flows = np.empty(64, object)
+        self.row_hashes = np.empty(64, np.uint64)
+        self.mark = np.zeros(64, np.int64)
+        self.slot = np.zeros(64, np.int64)
         self.used = self.dead = 0  # rows taken (those of flows gone too), rows of flows gone
 
     def find(self, keys: np.ndarray, hashes: np.ndarray) -> np.ndarray:
@@ -260,7 +261,8 @@ class FlowIndex:
         found = (self.hashes[at] == hashes) & (self.keys[rows] == keys)
         return np.where(found, rows, -1)
 
-    def add(self, flows: list[Flow], keys: np.ndarray, hashes: np.ndarray) -> np.ndarray:
+    def add(self, flows: list[Flow], keys: np.ndarray, hashes: np.ndarray, marks: list[int],
+            slots: list[int]) -> np.ndarray:
         """Give these flows of the table (not indexed yet) rows; returns the rows."""
         n = len(flows)
         if self.used + n > len(self.keys):
@@ -268,8 +270,8 @@ class FlowIndex:
         rows = np.arange(self.used, self.used + n)
         self.used += n
         self.keys[rows], self.row_hashes[rows] = keys, hashes
-        self.flows[rows] = flows
-        self.mark[rows] = 0
+        self.flows[rows] = np.fromiter(flows, object, n)  # (a list would be probed a flow)
+        self.mark[rows], self.slot[rows] = marks, slots
         for flow, row in zip(flows, rows.tolist()):
             flow.row = row
         order = np.argsort(hashes, kind="stable")

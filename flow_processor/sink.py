@@ -494,8 +494,8 @@ class RedisSink:
         now = time.monotonic()
         refresh_before = now - ttl / 4
         state.fold()  # the series part's flow bytes and counts join the flow part
-        flow_minutes = state.flow_minutes
-        newest = max(max((minute for _flow, minute in flow_minutes), default=0),
+        minute_bytes = state.minute_bytes()
+        newest = max(max((minute for _flow, minute, _b in minute_bytes), default=0),
                      max(state.no_flow_minutes, default=0))
         # the flows with keys of their own (hashes, flows:top sets); every flow's bytes count
         # for its hosts, application and domain
@@ -506,7 +506,7 @@ class RedisSink:
         entry_of = {f: i // JOURNAL_FLOWS for i, f in enumerate(flows)}
         label_of = {f: f.label for f in flows}  # (made per call: one each)
         apps = APPS
-        for (f, minute), b in flow_minutes.items():
+        for f, minute, b in minute_bytes:
             sets = shared.get(minute)
             if sets is None:
                 shared[minute] = sets = ({}, {}, {})

@@ -392,13 +392,13 @@ def test_a_series_only_write_keeps_the_flow_part_for_a_later_one():
     assert (state.base_offset, state.flow_base) == (12, 10)
     assert not state.series_pending and state.flows_pending
     assert not flow.dirty and flow.updated and flow.new and flow.delta_bytes == 150
-    assert state.flow_minutes == {(flow, SEC0 // 60): 150} and state.counted["records"] == 2
+    assert state.minute_bytes() == [(flow, SEC0 // 60, 150)] and state.counted["records"] == 2
     state.add_records(iter([rec(T + 2 * S, 25)]))
     state.next_offset = 13
     state.written(flows=True)
     assert (state.base_offset, state.flow_base) == (13, 13) and not state.pending
     assert not flow.updated and not flow.new and flow.total_bytes == 175
-    assert state.flow_updates == [] and state.flow_minutes == {}
+    assert state.flow_updates == [] and state.minute_bytes() == []
 
 
 def test_messages_before_the_series_offset_count_for_the_flow_part_only():
@@ -419,7 +419,7 @@ def test_messages_before_the_series_offset_count_for_the_flow_part_only():
     state.sync_flows()
     assert flow.delta_bytes == 175 and flow.delta_packets == 3
     state.fold()
-    assert state.counted["records"] == 3 and state.flow_minutes == {(flow, SEC0 // 60): 175}
+    assert state.counted["records"] == 3 and state.minute_bytes() == [(flow, SEC0 // 60, 175)]
 
 
 # ----------------------------------------------------------------------------- differential

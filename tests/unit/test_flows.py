@@ -215,7 +215,7 @@ def test_flow_index_finds_what_the_table_holds_through_removals_and_renumbering(
         new = [i for i in rnd.choice(3000, 200, replace=False).tolist() if i not in table]
         flows = [Flow((4, 6, bytes(16), i % 65536, bytes(16), 0), 4, 6, bytes(16), 0,
                       bytes(16), 0, 0) for i in new]
-        index.add(flows, packed(new), hashes[new])
+        index.add(flows, packed(new), hashes[new], [0] * len(new), [0] * len(new))
         table.update(zip(new, flows))
         gone = [i for i in table if rnd.random() < 0.3]
         index.remove([table.pop(i) for i in gone])
@@ -236,6 +236,6 @@ def test_flow_index_key_compare_guards_every_hit():
     key = np.frombuffer(b"\x04" + bytes(37), KEY_BYTES)
     other = np.frombuffer(b"\x06" + bytes(37), KEY_BYTES)
     same_hash = np.array([5], np.uint64)
-    index.add([flow], key, same_hash)
+    index.add([flow], key, same_hash, [0], [0])
     assert index.find(key, same_hash).tolist() == [flow.row]
     assert index.find(other, same_hash).tolist() == [-1]
