@@ -9,14 +9,12 @@ sink.py). The flow part's offset is never after the series part's.
 
 from __future__ import annotations
 
-import itertools
 import operator
 import struct
-from itertools import compress, repeat
 
 import numpy as np
 
-from flow_processor.flows import KEY_BYTES, KEY_FORMAT, Flow, FlowTable, key_hashes, sum_by_key
+from flow_processor.flows import KEY_FORMAT, Flow, FlowTable, sum_by_key
 from packet_records import (
     APP_GUESS,
     FLAG_HAS_META,
@@ -30,10 +28,8 @@ from packet_records import (
 )
 
 NS = 1_000_000_000
+_SLOT = operator.attrgetter("slot")
 _UID = operator.attrgetter("uid")
-_SERIES, _UNSTORED = operator.attrgetter("series"), operator.attrgetter("unstored")
-_QUALIFIES, _HELD_ROWS = operator.attrgetter("qualifies"), operator.attrgetter("held_rows")
-_TOTAL, _DELTA = operator.attrgetter("total_bytes"), operator.attrgetter("delta_bytes")
 # L4 bucket of each IP protocol number as an index into PROTOCOLS (records with a 5-tuple)
 _OTHER = PROTOCOLS.index("OTHER")
 _PROTO_CODE = np.full(256, _OTHER, dtype=np.int64)
@@ -48,7 +44,8 @@ _ADDRESS_HALVES = np.dtype({
 # A flow table key: the canonical 5-tuple packed as flows.KEY_FORMAT (what its id digests)
 _KEY = np.dtype([("ipver", "u1"), ("proto", "u1"), ("a", "V16"), ("aport", ">u2"),
                  ("b", "V16"), ("bport", ">u2")])
-assert _KEY.itemsize == KEY_BYTES.itemsize == struct.calcsize(KEY_FORMAT)
+_KEY_BYTES = np.dtype(f"V{_KEY.itemsize}")
+assert _KEY.itemsize == struct.calcsize(KEY_FORMAT)
 
 
 class SlotSums:
@@ -104,7 +101,6 @@ class SlotSums:
 
 
 _NO_FIRST, _NO_LAST = np.iinfo(np.int64).max, np.iinfo(np.int64).min
-_SERIES_PARTS = itertools.count(1)
 
 
 class PartitionState:
@@ -131,8 +127,7 @@ class PartitionState:
     def clear_flows(self) -> None:
         """Forget the flow part (after it was written)."""
         self.flow_updates: list[Flow] = []  # flows with bytes, labels or a first write to write
-        # (flow uid, minute, bytes, packets) column chunks, one a fold (minute_bytes() sums them)
-        self.minute_cells: list[tuple[np.ndarray, ...]] = []
+        self.flow_minutes: dict[tuple[Flow, int], int] = {}  # (flow, minute) -> bytes
         self.no_flow_minutes: dict[int, int] = {}  # minute -> bytes without a 5-tuple
         # (flow, minute) -> bytes of flows held back before (hold_back_probes) that get their
         # keys with this write: their first packet, counted in the host, app and domain sets
@@ -151,7 +146,6 @@ class PartitionState:
         self.cells_summed = False  # flow_cells is one chunk, a cell a row, by slot and second
         self.no_flow: dict[int, list[int]] = {}  # second -> [b, p] of frames without a 5-tuple
         self.dirty_flows: list[Flow] = []
-        self.series_mark = next(_SERIES_PARTS)  # (the table index's mark of its dirty flows)
         # their bytes, packets and capture times since sync_flows() (taken by every flush)
         self.slot_sums = SlotSums()
         self.health: dict[tuple[str, int], int] = {}  # (ts:health name, second) -> increment
@@ -201,11 +195,11 @@ class PartitionState:
         if self.folded:
             return
         self.folded = True
-        dirty = self.dirty_flows
+        minutes, dirty = self.flow_minutes, self.dirty_flows
         slot, sec, nbytes, packets = self.cells()
-        if len(slot):  # summed once, by the flow write (minute_bytes()), not once a flush
-            uid = _column(dirty, _UID, np.int64)
-            self.minute_cells.append((uid[slot], sec // 60, nbytes, packets))
+        for s, minute, b, _p in zip(*sum_by_key(slot, sec // 60, nbytes, packets)):
+            key = (dirty[s], minute)
+            minutes[key] = minutes.get(key, 0) + b
         no_flow = self.no_flow_minutes
         for sec, cell in self.no_flow.items():
             no_flow[sec // 60] = no_flow.get(sec // 60, 0) + cell[0]
@@ -213,20 +207,6 @@ class PartitionState:
         counted["records"] += self.records
         counted["malformed_frames"] += self.malformed_frames
         counted["malformed_messages"] += self.malformed_messages
-
-    def minute_bytes(self) -> list[tuple[Flow, int, int]]:
-        """The flow part's bytes per flow and minute of capture time, (flow, minute, bytes),
-        by flow (in the order they entered the table), then minute."""
-        if not self.minute_cells:
-            return []
-        uid, minute, nbytes, packets = (np.concatenate(c) for c in zip(*self.minute_cells))
-        self.minute_cells = [(uid, minute, nbytes, packets)]
-        uids, minutes, sums, _packets = sum_by_key(uid, minute, nbytes, packets)
-        updates = self.flow_updates  # (every flow with bytes here is among them)
-        known = _column(updates, _UID, np.int64)
-        by_uid = np.argsort(known)
-        at = by_uid[np.searchsorted(known, np.array(uids, np.int64), sorter=by_uid)]
-        return list(zip(map(updates.__getitem__, at.tolist()), minutes, sums))
 
     def replayed(self) -> None:
         """What was aggregated so far came from messages before series_from, read again for
@@ -345,40 +325,21 @@ class PartitionState:
         packed["ipver"], packed["proto"] = ipver[first], proto[first]
         packed["a"], packed["aport"] = np.where(fwd, src, dst), np.where(fwd, sp, dp)
         packed["b"], packed["bport"] = np.where(fwd, dst, src), np.where(fwd, dp, sp)
-        keys = packed.view(KEY_BYTES)
-        index = self.table.index
-        hashes = key_hashes(a_hi[first], a_lo[first], b_hi[first], b_lo[first], small[first])
-        rows = index.find(keys, hashes)
-        missing = np.flatnonzero(rows < 0)
-        if len(missing) == len(rows):  # (a scan's batches: every flow new)
-            flows = self._find_or_create(missing, keys, hashes, batch[first], ts[first])
-            rows[:] = [f.row for f in flows]
-        else:
-            flows = index.flows[rows].tolist()  # (where rows is -1, replaced just below)
-            if len(missing):
-                found = self._find_or_create(missing, keys, hashes, batch[first], ts[first])
-                for j, flow in zip(missing.tolist(), found):
-                    flows[j] = flow
-                rows[missing] = [f.row for f in found]
-        # the flows not dirty yet take the next slots; the sums go by slot (sync_flows()).
-        # index.mark holds series_mark for the indexed flows dirty in this series part,
-        # index.slot their slot: no Python a flow a message for those
-        slots = index.slot[rows]
-        fresh = np.flatnonzero((rows < 0) | (index.mark[rows] != self.series_mark))
+        keys = packed.view(_KEY_BYTES).tolist()
+        table = self.table.flows
+        flows: list[Flow] = list(map(table.get, keys))
+        if None in flows:
+            self._create_flows(flows, keys, batch[first], ts[first])
+        # the flows not dirty yet take the next slots; the sums go by slot (sync_flows())
         dirty, updates = self.dirty_flows, self.flow_updates
-        if len(fresh):
-            slots[fresh] = np.arange(len(dirty), len(dirty) + len(fresh))
-            indexed = fresh[rows[fresh] >= 0]
-            index.slot[rows[indexed]] = slots[indexed]
-            index.mark[rows[indexed]] = self.series_mark
-            for flow in (flows if len(fresh) == len(flows) else map(flows.__getitem__,
-                                                                      fresh.tolist())):
-                flow.dirty = True
-                flow.slot = len(dirty)
-                dirty.append(flow)
-                if not flow.updated:  # cleared with dirty or before (a flow write is a flush)
-                    flow.updated = True
-                    updates.append(flow)
+        for flow in [flow for flow in flows if not flow.dirty]:
+            flow.dirty = True
+            flow.slot = len(dirty)
+            dirty.append(flow)
+            if not flow.updated:  # cleared with dirty or before (a flow write is a flush)
+                flow.updated = True
+                updates.append(flow)
+        slots = np.fromiter(map(_SLOT, flows), np.int64, len(flows))
         self.slot_sums.add(slots, len(dirty), nbytes, packets, oldest, newest)
         # (flow, second) cells as columns: no Python object a cell
         self.flow_cells.append((slots[sorted_flow[cell_starts]], s_sec[cell_starts],
@@ -417,31 +378,19 @@ class PartitionState:
             self.cells_summed = True
         return self.flow_cells[0]
 
-    def _find_or_create(self, missing: np.ndarray, keys: np.ndarray, hashes: np.ndarray,
-                        first: np.ndarray, first_ts: np.ndarray) -> list[Flow]:
-        """The flows at `missing` (positions in keys, hashes, first) that the table's index
-        did not find: looked up in the table, or created (in the order of their first
-        records: first, the records, and first_ts, their times, give the sender and time). A
-        flow is indexed when it is seen again: most of a scan's never are."""
-        table, index = self.table.flows, self.table.index
-        found, unindexed = [], []  # (unindexed: positions in found)
-        for key, ipver, proto, src, sport, dst, dport, ts in zip(
-                keys[missing].tolist(), first["ip_version"][missing].tolist(),
+    def _create_flows(self, flows: list, keys: list[bytes], first: np.ndarray,
+                      first_ts: np.ndarray) -> None:
+        """Create the flows not in the table (None in flows), in the order of their first
+        records: first (the records) and first_ts (their times) give the sender and time."""
+        table = self.table.flows
+        missing = [i for i, flow in enumerate(flows) if flow is None]
+        for i, ipver, proto, src, sport, dst, dport, ts in zip(
+                missing, first["ip_version"][missing].tolist(),
                 first["ip_proto"][missing].tolist(), first["src"][missing].tolist(),
                 first["sport"][missing].tolist(), first["dst"][missing].tolist(),
                 first["dport"][missing].tolist(), first_ts[missing].tolist()):
-            flow = table.get(key)
-            if flow is None:
-                table[key] = flow = Flow(key, ipver, proto, src, sport, dst, dport, ts)
-            elif flow.row < 0:  # (one with a row has a hash another key has too)
-                unindexed.append(len(found))
-            found.append(flow)
-        if unindexed:
-            again = [found[j] for j in unindexed]
-            at = missing[unindexed]
-            index.add(again, keys[at], hashes[at],
-                      [self.series_mark if f.dirty else 0 for f in again], [f.slot for f in again])
-        return found
+            key = keys[i]
+            table[key] = flows[i] = Flow(key, ipver, proto, src, sport, dst, dport, ts)
 
     @staticmethod
     def _label_flows(flows: list[Flow], record_flow: np.ndarray, app: np.ndarray,
@@ -507,43 +456,38 @@ class PartitionState:
         Deterministic for a given state: a flush retried after an error decides the same
         way."""
         self.sync_flows()
-        dirty = self.dirty_flows
-        n = len(dirty)
-        # the flows without series, as a mask over dirty_flows (columns read in C, not a
-        # Python loop a flow: this runs every flush)
-        open_ = ~(_column(dirty, _SERIES, bool) | _column(dirty, _UNSTORED, bool))
-        if not open_.any():
+        flows = [f for f in self.dirty_flows if not (f.series or f.unstored)]
+        if not flows:
             return
         if policy == "all":
-            for f in compress(dirty, open_.tolist()):
+            for f in flows:
                 f.qualifies = True
             return
-        totals = _column(dirty, _TOTAL, np.int64) + _column(dirty, _DELTA, np.int64)
-        qualifies = totals >= min_bytes
-        if top_n:  # a total above `beat` ranks among the top_n
-            ranked = np.concatenate([np.asarray(top_scores, np.float64),
-                                     totals[open_].astype(np.float64)])
-            beat = (-np.partition(-ranked, top_n)[top_n] if len(ranked) > top_n
-                    else -1)  # few flows: all in the top
-            qualifies |= totals > beat
+        totals = [f.total_bytes + f.delta_bytes for f in flows]
+        ranked = sorted([*top_scores, *totals], reverse=True)
+        beat = None  # a total above this ranks among the top_n
+        if top_n:
+            beat = ranked[top_n] if len(ranked) > top_n else -1  # few flows: all in the top
         # seconds held with this flush's: counted one by one only for the flows whose held rows
         # and cells of this flush could pass max_held (a second held from two flushes is two
         # rows)
+        near: dict[Flow, int] = {}
         if max_held:
             slot, sec, _b, _p = self.cells()
-            near = open_ & (_column(dirty, _HELD_ROWS, np.int64)
-                            + np.bincount(slot, minlength=n) > max_held)
-            if near.any():
-                near_flows = list(compress(dirty, near.tolist()))
+            cells = np.bincount(slot, minlength=len(self.dirty_flows)).tolist()
+            near_flows = [f for f in flows if f.held_rows + cells[f.slot] > max_held]
+            if near_flows:
                 held = self.table.held.seconds([f.uid for f in near_flows])
-                mine = near[slot]
+                is_near = np.zeros(len(self.dirty_flows), dtype=bool)
+                is_near[[f.slot for f in near_flows]] = True
+                mine = is_near[slot]
+                dirty = self.dirty_flows
                 for s, second in zip(slot[mine].tolist(), sec[mine].tolist()):
                     held[dirty[s].uid].add(second)
-                for f in near_flows:
-                    if len(held[f.uid]) > max_held:
-                        qualifies[f.slot] = True
-        for f, q in compress(zip(dirty, qualifies.tolist()), open_.tolist()):
-            f.qualifies = q
+                near = {f: len(held[f.uid]) for f in near_flows}
+        for f, total in zip(flows, totals):
+            f.qualifies = (total >= min_bytes or (beat is not None and total > beat)
+                           or near.get(f, 0) > max_held)
 
     def written(self, flows: bool = True) -> None:
         """The flush landed in Redis: hold the cells of flows without series and clear the
@@ -552,20 +496,19 @@ class PartitionState:
         series = self.series_pending  # (not while messages are read again for flows only)
         self.fold()
         dirty = self.dirty_flows
-        held_rows = repeat(0)
         if dirty:
             slot, sec, nbytes, packets = self.cells()
-            hold = ~(_column(dirty, _SERIES, bool) | _column(dirty, _QUALIFIES, bool)
-                     | _column(dirty, _UNSTORED, bool))[slot]
+            hold = np.fromiter([not (f.series or f.qualifies or f.unstored) for f in dirty],
+                               bool, len(dirty))[slot]
             if hold.any():
                 slot = slot[hold]
-                uid = _column(dirty, _UID, np.int64)
+                uid = np.fromiter(map(_UID, dirty), np.int64, len(dirty))
                 self.table.held.add(uid[slot], sec[hold], nbytes[hold], packets[hold])
-                held_rows = np.bincount(slot, minlength=len(dirty)).tolist()
+                for s, rows in enumerate(np.bincount(slot, minlength=len(dirty)).tolist()):
+                    if rows:
+                        dirty[s].held_rows += rows
         qualified = []
-        for flow, rows in zip(dirty, held_rows):
-            if rows:
-                flow.held_rows += rows
+        for flow in dirty:
             if flow.qualifies:
                 flow.series, flow.qualifies = True, False
                 if flow.held_rows:  # (the sink took them, with the flush's samples)
@@ -587,11 +530,6 @@ class PartitionState:
         elif self.flow_base is None:
             self.flow_base = self.flow_start
         self.reset = False
-
-
-def _column(flows: list[Flow], attribute: operator.attrgetter, dtype) -> np.ndarray:
-    """One attribute of each flow, as an array (read in C)."""
-    return np.fromiter(map(attribute, flows), dtype, len(flows))
 
 
 def _apply_meta(flow: Flow, kind: int, text: str) -> None:

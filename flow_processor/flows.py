@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import secrets
 import socket
 import struct
 
@@ -59,8 +58,7 @@ class Flow:
                  "first_ns", "last_ns", "opened_ns", "delta_bytes", "delta_packets", "new", "dirty",
                  "slot", "updated", "unstored",
                  "app", "app_guess", "server_name", "fingerprint", "labels_changed",
-                 "total_bytes", "series", "series_ready", "qualifies", "held_rows", "ttl_at",
-                 "row")
+                 "total_bytes", "series", "series_ready", "qualifies", "held_rows", "ttl_at")
 
     def __init__(self, key: tuple | bytes, ipver: int, proto: int, src: bytes, sport: int,
                  dst: bytes, dport: int, ts_ns: int):
@@ -95,7 +93,6 @@ class Flow:
         self.qualifies = False
         self.held_rows = 0
         self.ttl_at = 0.0  # monotonic time the TTL of the flow's keys was last set
-        self.row = -1  # its row in the table's FlowIndex, once it has one
 
     @property
     def id(self) -> str:
@@ -216,111 +213,12 @@ def sum_by_key(major: np.ndarray, minor: np.ndarray, nbytes: np.ndarray, packets
             np.add.reduceat(packets[order], starts).tolist())
 
 
-KEY_BYTES = np.dtype(f"V{struct.calcsize(KEY_FORMAT)}")  # a packed key as a numpy value
-# odd 64-bit multipliers drawn per process: keys cannot be chosen to collide on purpose (a
-# collision only sends the key to the dict)
-_MIX = np.array([secrets.randbits(64) | 1 for _ in range(6)], dtype=np.uint64)
-
-
-def key_hashes(*columns: np.ndarray) -> np.ndarray:
-    """A 64-bit hash of each row of these uint64 columns (the parts of a flow key)."""
-    h = np.zeros(len(columns[0]), np.uint64)
-    for column, factor in zip(columns, _MIX):
-        h ^= column * factor
-    h ^= h >> np.uint64(31)
-    h *= _MIX[5]
-    h ^= h >> np.uint64(29)
-    return h
-
-
-class FlowIndex:
-    """The table's flows found by key with numpy, a batch of keys at once, instead of one dict
-    lookup a key: keyed 64-bit hashes of the keys, sorted, each with its row; per row the key
-    (compared on every hit), the Flow, and two columns of the aggregation's own (mark, slot:
-    see PartitionState._add_flows). A cache of FlowTable.flows: a key not found here (new,
-    or its hash taken by another key) is looked up in the dict. The rows of flows that leave
-    the table are cleared at once and given back once they are half of all."""
-
-    def __init__(self) -> None:
-        self.hashes = np.empty(0, np.uint64)  # sorted
-        self.hash_rows = np.empty(0, np.int64)  # the row of each
-        # by row (room for a few from the start: a row of -1 reads the last)
-        self.keys = np.zeros(64, KEY_BYTES)  # zeros: no flow (no key is all zeros)
-        self.flows = np.empty(64, object)
-        self.row_hashes = np.empty(64, np.uint64)
-        self.mark = np.zeros(64, np.int64)
-        self.slot = np.zeros(64, np.int64)
-        self.used = self.dead = 0  # rows taken (those of flows gone too), rows of flows gone
-
-    def find(self, keys: np.ndarray, hashes: np.ndarray) -> np.ndarray:
-        """The row of each key (KEY_BYTES), -1 where not found here."""
-        if not len(self.hashes):
-            return np.full(len(keys), -1, np.int64)
-        at = np.minimum(np.searchsorted(self.hashes, hashes), len(self.hashes) - 1)
-        rows = self.hash_rows[at]
-        found = (self.hashes[at] == hashes) & (self.keys[rows] == keys)
-        return np.where(found, rows, -1)
-
-    def add(self, flows: list[Flow], keys: np.ndarray, hashes: np.ndarray, marks: list[int],
-            slots: list[int]) -> np.ndarray:
-        """Give these flows of the table (not indexed yet) rows; returns the rows."""
-        n = len(flows)
-        if self.used + n > len(self.keys):
-            self._resize(max(2 * len(self.keys), self.used + n, 1024))
-        rows = np.arange(self.used, self.used + n)
-        self.used += n
-        self.keys[rows], self.row_hashes[rows] = keys, hashes
-        self.flows[rows] = np.fromiter(flows, object, n)  # (a list would be probed a flow)
-        self.mark[rows], self.slot[rows] = marks, slots
-        for flow, row in zip(flows, rows.tolist()):
-            flow.row = row
-        order = np.argsort(hashes, kind="stable")
-        at = np.searchsorted(self.hashes, hashes[order])
-        self.hashes = np.insert(self.hashes, at, hashes[order])
-        self.hash_rows = np.insert(self.hash_rows, at, rows[order])
-        return rows
-
-    def remove(self, flows: list[Flow]) -> None:
-        """These flows left the table."""
-        rows = [f.row for f in flows if f.row >= 0]
-        for f in flows:
-            f.row = -1
-        if not rows:
-            return
-        self.keys[rows] = np.zeros(1, KEY_BYTES)
-        self.flows[rows] = None
-        self.dead += len(rows)
-        if 2 * self.dead > self.used:
-            self._compact()
-
-    def _resize(self, size: int) -> None:
-        for name in ("keys", "flows", "row_hashes", "mark", "slot"):
-            old = getattr(self, name)
-            new = np.zeros(size, old.dtype) if old.dtype != object else np.empty(size, object)
-            new[:self.used] = old[:self.used]
-            setattr(self, name, new)
-
-    def _compact(self) -> None:
-        """Renumber the rows of the flows still in the table, and drop the others' hashes."""
-        live = np.flatnonzero(self.keys[:self.used] != np.zeros(1, KEY_BYTES))
-        for name in ("keys", "flows", "row_hashes", "mark", "slot"):
-            column = getattr(self, name)
-            column[:len(live)] = column[live]
-        self.used, self.dead = len(live), 0
-        for row, flow in enumerate(self.flows[:self.used].tolist()):
-            flow.row = row
-        self.flows[self.used:] = None
-        order = np.argsort(self.row_hashes[:self.used], kind="stable")
-        self.hashes, self.hash_rows = self.row_hashes[:self.used][order], order
-
-
 class FlowTable:
     """Flows of one partition, with idle and active timeouts on capture time and a size bound
     (the process's bound is shared between its partitions' tables: see evict_oldest)."""
 
     def __init__(self, idle_ns: int, active_ns: int, max_flows: int):
         self.flows: dict[bytes, Flow] = {}  # by key (KEY_FORMAT)
-        self.index = FlowIndex()  # (where add_records looks them up)
         self.held = HeldCells()
         self.idle_ns, self.active_ns, self.max_flows = idle_ns, active_ns, max_flows
 
@@ -341,7 +239,6 @@ class FlowTable:
                 if not (flow.dirty or flow.updated):
                     gone.append(self.flows.pop(key))
         self.held.forget(gone)
-        self.index.remove(gone)
         return gone
 
     def evict_oldest(self, count: int) -> list[Flow]:
@@ -364,7 +261,6 @@ class FlowTable:
             del self.flows[key]
         gone = list(chosen.values())
         self.held.forget(gone)
-        self.index.remove(gone)
         return gone
 
 

@@ -18,14 +18,12 @@ is applied exactly once: its push landed with the offsets, its application with 
 from __future__ import annotations
 
 import logging
-import operator
 import queue
 import random
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from itertools import compress
 from pathlib import Path
 
 import numpy as np
@@ -97,10 +95,6 @@ def both_offsets(values: list) -> list[tuple[int | None, int | None]]:
     of the same partitions. Offsets stored before the flow part had its own are both."""
     half = len(values) // 2
     return [(s, s if f is None else f) for s, f in zip(values[:half], values[half:])]
-
-
-_APP, _SERIES = operator.attrgetter("app"), operator.attrgetter("series")
-_QUALIFIES = operator.attrgetter("qualifies")
 
 
 def _increments(members: dict) -> list:
@@ -494,8 +488,7 @@ class RedisSink:
         now = time.monotonic()
         refresh_before = now - ttl / 4
         state.fold()  # the series part's flow bytes and counts join the flow part
-        minute_bytes = state.minute_bytes()
-        newest = max(max((minute for _flow, minute, _b in minute_bytes), default=0),
+        newest = max(max((minute for _flow, minute in state.flow_minutes), default=0),
                      max(state.no_flow_minutes, default=0))
         # the flows with keys of their own (hashes, flows:top sets); every flow's bytes count
         # for its hosts, application and domain
@@ -506,7 +499,7 @@ class RedisSink:
         entry_of = {f: i // JOURNAL_FLOWS for i, f in enumerate(flows)}
         label_of = {f: f.label for f in flows}  # (made per call: one each)
         apps = APPS
-        for f, minute, b in minute_bytes:
+        for (f, minute), b in state.flow_minutes.items():
             sets = shared.get(minute)
             if sets is None:
                 shared[minute] = sets = ({}, {}, {})
@@ -585,29 +578,23 @@ class RedisSink:
         slot, sec, nbytes, packets = state.cells()
         if len(slot):
             # per application and second: the cells summed column-wise
-            app = np.fromiter(map(_APP, dirty), np.int64, len(dirty))[slot]
+            app = np.fromiter([f.app for f in dirty], np.int64, len(dirty))[slot]
             for a, second, b, p in zip(*sum_by_key(app, sec, nbytes, packets)):
                 add(second, APP_SERIES[a], (b, p))
-            qualifies = np.fromiter(map(_QUALIFIES, dirty), bool, len(dirty))
             # cells held until a flow qualified (its first seconds), then the flush's own
-            taking = [f for f in compress(dirty, qualifies.tolist()) if f.held_rows]
-            held = state.table.held.take([f.uid for f in taking])
-            for flow in taking:
-                flow.held_rows = 0
-                bps, pps = flow.bps_key, flow.pps_key
-                for second, b, p in held.get(flow.uid, ()):
-                    ms = second * 1000
-                    flow_args += (bps, ms, b, pps, ms, p)
-            wanted = (np.fromiter(map(_SERIES, dirty), bool, len(dirty)) | qualifies)[slot]
+            held = state.table.held.take([f.uid for f in dirty if f.qualifies and f.held_rows])
+            for flow in dirty:
+                if flow.qualifies and flow.held_rows:
+                    flow.held_rows = 0
+                    for second, b, p in held.get(flow.uid, ()):
+                        ms = second * 1000
+                        flow_args += (flow.bps_key, ms, b, flow.pps_key, ms, p)
+            wanted = np.fromiter([f.series or f.qualifies for f in dirty], bool, len(dirty))[slot]
             if wanted.any():
-                keys: dict[int, tuple[str, str]] = {}  # slot -> its flow's two series
                 for s, second, b, p in zip(slot[wanted].tolist(), sec[wanted].tolist(),
                                            nbytes[wanted].tolist(), packets[wanted].tolist()):
-                    series = keys.get(s)
-                    if series is None:
-                        series = keys[s] = (dirty[s].bps_key, dirty[s].pps_key)
-                    ms = second * 1000
-                    flow_args += (series[0], ms, b, series[1], ms, p)
+                    flow, ms = dirty[s], second * 1000
+                    flow_args += (flow.bps_key, ms, b, flow.pps_key, ms, p)
         args: list = []
         for (sec, series), cell in sorted(totals.items()):
             ms = sec * 1000

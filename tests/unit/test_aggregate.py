@@ -13,7 +13,6 @@ import pytest
 from capture.batching import RecordBatcher
 from capture.decode import decode_frame
 from capture.pcapfile import read_frames
-from flow_processor import aggregate
 from flow_processor.aggregate import PartitionState
 from flow_processor.flows import KEY_FORMAT, Flow, FlowTable, flow_id
 from packet_records import (
@@ -392,13 +391,13 @@ def test_a_series_only_write_keeps_the_flow_part_for_a_later_one():
     assert (state.base_offset, state.flow_base) == (12, 10)
     assert not state.series_pending and state.flows_pending
     assert not flow.dirty and flow.updated and flow.new and flow.delta_bytes == 150
-    assert state.minute_bytes() == [(flow, SEC0 // 60, 150)] and state.counted["records"] == 2
+    assert state.flow_minutes == {(flow, SEC0 // 60): 150} and state.counted["records"] == 2
     state.add_records(iter([rec(T + 2 * S, 25)]))
     state.next_offset = 13
     state.written(flows=True)
     assert (state.base_offset, state.flow_base) == (13, 13) and not state.pending
     assert not flow.updated and not flow.new and flow.total_bytes == 175
-    assert state.flow_updates == [] and state.minute_bytes() == []
+    assert state.flow_updates == [] and state.flow_minutes == {}
 
 
 def test_messages_before_the_series_offset_count_for_the_flow_part_only():
@@ -419,7 +418,7 @@ def test_messages_before_the_series_offset_count_for_the_flow_part_only():
     state.sync_flows()
     assert flow.delta_bytes == 175 and flow.delta_packets == 3
     state.fold()
-    assert state.counted["records"] == 3 and state.minute_bytes() == [(flow, SEC0 // 60, 175)]
+    assert state.counted["records"] == 3 and state.flow_minutes == {(flow, SEC0 // 60): 175}
 
 
 # ----------------------------------------------------------------------------- differential
@@ -508,10 +507,8 @@ def snapshot(state: PartitionState) -> dict:
     """Everything add_records touches, flows by key, dicts as lists (their order counts)."""
     state.sync_flows()  # the flows' sums up to date, as every flush brings them
 
-    def fields(flow: Flow) -> dict:  # (uid: a number of the process, not of the state; row:
-        # its place in the table's index, which only add_records keeps)
-        return {name: getattr(flow, name) for name in Flow.__slots__
-                if name not in ("uid", "row")}
+    def fields(flow: Flow) -> dict:  # (uid: a number of the process, not of the state)
+        return {name: getattr(flow, name) for name in Flow.__slots__ if name != "uid"}
 
     return {
         "global": list(state.global_.items()),
@@ -679,21 +676,6 @@ def test_matches_the_per_record_loop_on_random_records(seed):
     # before a check or flush brings them into the flows)
     compare_on(messages, max_flows=rnd.choice([5, 1000]), flush_every=rnd.choice([0, 2, 5]),
                tuples_every=rnd.choice([0, 3]), check_every=rnd.choice([1, 4]))
-
-
-@pytest.mark.parametrize("buckets", [1, 3])
-def test_matches_the_per_record_loop_when_flow_key_hashes_collide(monkeypatch, buckets):
-    """The table's index only caches the dict: keys whose hashes collide (here all of them, or
-    three hashes for all keys) are found through the dict, and flows that leave the table and
-    come back are found again."""
-    monkeypatch.setattr(aggregate, "key_hashes",
-                        lambda *columns: columns[1] % np.uint64(buckets) if buckets > 1
-                        else np.zeros(len(columns[0]), np.uint64))
-    for seed in range(4):
-        rnd = random.Random(100 + seed)
-        messages = [random_message(rnd, T + k * S, rnd.choice([3, 20, 200]), 300)
-                    for k in range(20)]
-        compare_on(messages, max_flows=rnd.choice([5, 1000]), flush_every=3)
 
 
 def test_matches_the_per_record_loop_on_label_sequences():

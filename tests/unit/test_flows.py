@@ -11,16 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flow_processor.flows import (
-    KEY_BYTES,
-    Flow,
-    FlowIndex,
-    FlowTable,
-    HeldCells,
-    address_text,
-    flow_id,
-    key_hashes,
-)
+from flow_processor.flows import Flow, FlowTable, HeldCells, address_text, flow_id
 
 ROOT = Path(__file__).resolve().parents[2]
 A4 = socket.inet_aton("192.0.2.10") + bytes(12)
@@ -199,43 +190,3 @@ def test_held_cells_of_flows_gone_are_dropped_once_they_are_half():
     held.forget(flows[1:2])
     assert held.rows == 6 and held.gone == [] and held.gone_rows == 0
     assert set(held.cells([f.uid for f in flows])) == {flows[2].uid, flows[3].uid}
-
-
-# ----------------------------------------------------------------------------- FlowIndex
-def test_flow_index_finds_what_the_table_holds_through_removals_and_renumbering():
-    rnd = np.random.default_rng(7)
-    index, table = FlowIndex(), {}
-    keys = rnd.integers(1, 2**63, size=(3000, 5), dtype=np.uint64)  # (none is all zeros)
-
-    def packed(rows):
-        return np.ascontiguousarray(keys[rows].byteswap()).view("V40")[:, 0].astype("V38")
-
-    hashes = key_hashes(*keys.T)
-    for step in range(30):
-        new = [i for i in rnd.choice(3000, 200, replace=False).tolist() if i not in table]
-        flows = [Flow((4, 6, bytes(16), i % 65536, bytes(16), 0), 4, 6, bytes(16), 0,
-                      bytes(16), 0, 0) for i in new]
-        index.add(flows, packed(new), hashes[new], [0] * len(new), [0] * len(new))
-        table.update(zip(new, flows))
-        gone = [i for i in table if rnd.random() < 0.3]
-        index.remove([table.pop(i) for i in gone])
-        probe = np.arange(3000)
-        rows = index.find(packed(probe), hashes[probe])
-        for i, row in zip(probe.tolist(), rows.tolist()):
-            if i in table:
-                assert row == table[i].row >= 0 and index.flows[row] is table[i], (step, i)
-            else:
-                assert row == -1, (step, i)
-    assert index.used < 2 * len(table) + 400  # rows of flows gone were given back
-
-
-def test_flow_index_key_compare_guards_every_hit():
-    """A key whose hash matches a flow's (forged here) is not taken for that flow."""
-    index = FlowIndex()
-    flow = Flow(KEY, 4, 6, A4, 40000, B4, 80, T)
-    key = np.frombuffer(b"\x04" + bytes(37), KEY_BYTES)
-    other = np.frombuffer(b"\x06" + bytes(37), KEY_BYTES)
-    same_hash = np.array([5], np.uint64)
-    index.add([flow], key, same_hash, [0], [0])
-    assert index.find(key, same_hash).tolist() == [flow.row]
-    assert index.find(other, same_hash).tolist() == [-1]
