@@ -121,6 +121,10 @@ class PartitionState:
         self.clock_ns = 0  # newest capture time seen on this partition
         self.topic_id: str | None = None  # id of the topic the offsets belong to, once known
         self.reset = False  # the partition restarts at the topic's earliest offset: store it
+        # messages read and validated, not aggregated yet (the processor's handle_all):
+        # (message, value, records, meta entries) each, and their records
+        self.waiting: list[tuple] = []
+        self.waiting_records = 0
         self.clear()
         self.clear_flows()
 
