@@ -449,7 +449,7 @@ class PartitionState:
         return change
 
     def plan_series(self, policy: str, min_bytes: int, top_scores: list[float], top_n: int,
-                    max_held: int) -> None:
+                    max_held: int) -> list[tuple[Flow, int]]:
         """Decide which flows without series get them with this flush (flow.qualifies).
 
         FLOW_SERIES=all: every flow. top: a flow qualifies once its bytes reach min_bytes, or
@@ -458,15 +458,16 @@ class PartitionState:
         after the top_n, so flows tied at the edge, as in a scan of equal flows, do not all
         get series), or holds more than max_held seconds (the bound of what is held here).
         Deterministic for a given state: a flush retried after an error decides the same
-        way."""
+        way. Returns the flows that qualify under `top` with their totals (RedisSink counts
+        them among the top until flows:top:bytes holds them)."""
         self.sync_flows()
         flows = [f for f in self.dirty_flows if not (f.series or f.unstored)]
         if not flows:
-            return
+            return []
         if policy == "all":
             for f in flows:
                 f.qualifies = True
-            return
+            return []
         totals = [f.total_bytes + f.delta_bytes for f in flows]
         ranked = sorted([*top_scores, *totals], reverse=True)
         beat = None  # a total above this ranks among the top_n
@@ -489,9 +490,13 @@ class PartitionState:
                 for s, second in zip(slot[mine].tolist(), sec[mine].tolist()):
                     held[dirty[s].uid].add(second)
                 near = {f: len(held[f.uid]) for f in near_flows}
+        chosen = []
         for f, total in zip(flows, totals):
             f.qualifies = (total >= min_bytes or (beat is not None and total > beat)
                            or near.get(f, 0) > max_held)
+            if f.qualifies:
+                chosen.append((f, total))
+        return chosen
 
     def written(self, flows: bool = True) -> None:
         """The flush landed in Redis: hold the cells of flows without series and clear the

@@ -172,6 +172,10 @@ class RedisSink:
                                                  + JOURNAL_LUA.read_text())
         self.errors_told: set[str] = set()  # _key_in_the_way()
         self.flows_not_stored = 0  # by this process (PROBE_FLOWS_STORED), for its log lines
+        # FLOW_SERIES=top: flows this process gave series to, by id, with their totals then
+        # (the highest FLOW_SERIES_TOP): they count among the top (top_scores) before their
+        # flow write puts them in flows:top:bytes
+        self.series_given: dict[str, int] = {}
 
     def check(self) -> None:
         """Fail at start with one clear line when Redis or RedisTimeSeries is missing, or the
@@ -287,13 +291,36 @@ class RedisSink:
 
     # -- the transactions ------------------------------------------------------------------
 
-    def top_scores(self) -> list[float]:
-        """Scores of the current top FLOW_SERIES_TOP flows (FLOW_SERIES=top decides with them)."""
+    def top_scores(self) -> dict[str, float]:
+        """The current top FLOW_SERIES_TOP flows, flow id -> total bytes (FLOW_SERIES=top
+        decides with them): those of flows:top:bytes and of the flows this process gave
+        series to (series_given), which reach that set with their flow write only. Without
+        the latter, every flush
+        of every partition would give its own top flows series while flows:top:bytes still
+        lacks them (a replay's flows are written at its end): 65,000 short flows replayed end
+        to end gave 5,000 flows series instead of 100."""
         s = self.settings
         if s.flow_series != "top" or not s.flow_series_top:
-            return []
-        return [score for _m, score in self.redis.zrevrange(TOP_FLOWS, 0, s.flow_series_top - 1,
-                                                            withscores=True)]
+            return {}
+        top = dict(self.series_given)
+        for member, score in self.redis.zrevrange(TOP_FLOWS, 0, s.flow_series_top - 1,
+                                                  withscores=True):
+            member = member.decode()
+            top[member] = max(score, top.get(member, 0))
+        return top
+
+    def _count_given(self, top: dict[str, float], chosen: list) -> None:
+        """Flows that got series (plan_series) join the top scores, the highest kept."""
+        if not chosen:
+            return
+        for flow, total in chosen:
+            top[flow.id] = max(total, top.get(flow.id, 0))
+        n = self.settings.flow_series_top
+        if len(top) > n:
+            kept = sorted(top.items(), key=lambda item: item[1], reverse=True)[:n]
+            top.clear()
+            top.update(kept)
+        self.series_given = dict(top)
 
     def prepare(self, states: list[PartitionState], flows: bool = True,
                 ) -> list[list[PartitionWrite]]:
@@ -324,8 +351,9 @@ class RedisSink:
                          if state.flow_base is not None else state.flow_start)
             if with_flows:
                 self.flows_not_stored += state.hold_back_probes(s.probe_flows_stored)
-            state.plan_series(s.flow_series, s.flow_series_min_bytes, scores, s.flow_series_top,
-                              s.flow_series_max_held)
+            self._count_given(scores, state.plan_series(
+                s.flow_series, s.flow_series_min_bytes, list(scores.values()), s.flow_series_top,
+                s.flow_series_max_held))
             before, commands = Recorder(), Recorder()
             self._prepare_flows(state.dirty_flows, before)
             series = state.series_pending

@@ -334,3 +334,45 @@ def test_a_series_flush_where_redis_has_no_flow_offset_keeps_the_flow_part_to_wr
     assert writer.stored_offset_pairs([0])[0] == (6, 6)
     assert int(r.hget("pipeline:processor", "records")) == FLOWS
     assert len(r.keys("flow:*:meta")) == FLOWS
+
+
+def test_flows_given_series_count_among_the_top_before_their_flow_write(stack, databases):
+    """FLOW_SERIES=top gives series to flows that would rank among the top FLOW_SERIES_TOP of
+    flows:top:bytes. Flows get into that set with their flow write, later than their series
+    (a replay's flows are written at its end): the flows that got series count among the top
+    meanwhile, across partitions and flushes, or every partition's every flush would give its
+    own top flows series."""
+    number = databases.take()
+    settings = ProcessorSettings(redis_url=f"{stack.redis_url}/{number}", kafka_topic="t",
+                                 kafka_group_id="g", flow_series_top=5,
+                                 flow_series_min_bytes=10**9)
+    r = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    writer = sink.RedisSink(settings)
+    writer.ensure_series()
+    states = [PartitionState(p, None, FlowTable(60 * S, 600 * S, 10_000)) for p in (0, 1)]
+
+    def flush(offset: int, sizes: dict[int, list[int]]) -> set[str]:
+        """A series-only flush of flows of these sizes (one frame each); the flows given
+        series."""
+        for state in states:
+            state.flow_start = 0  # (not a first write: those write the flow part too)
+            state.add_records(iter([
+                Record(T + offset * S, size, 4, 6, 0, 0, 10_000 * offset + i, 80 + state.partition,
+                       A4, B4, 0, 0, 0) for i, size in enumerate(sizes[state.partition])]))
+            state.next_offset = offset
+        writer.execute(writer.prepare(states, flows=False), close_newest=False)
+        assert not r.exists("flows:top:bytes")  # no flow write yet
+        return {key.split(":")[2] for key in r.keys("ts:flow:*:bps")}
+
+    try:
+        # partition 0: 100, 200, ... 2000 bytes; partition 1: 110, 210, ... 2010. The top 5 of
+        # both: 2010, 2000, 1910, 1900, 1810 (partition 0 gives its top 5 series, partition 1
+        # the three of them above 1800: the 6th once 1600-2000 have series)
+        first = flush(1, {0: list(range(100, 2001, 100)), 1: list(range(110, 2011, 100))})
+        assert len(first) == 8
+        # smaller flows in a later flush: none of them reaches the top
+        assert flush(2, {0: list(range(10, 1000, 50)), 1: list(range(20, 1000, 50))}) == first
+        # one bigger flow does
+        assert len(flush(3, {0: [5000], 1: [100]})) == 9
+    finally:
+        databases.give(number)
