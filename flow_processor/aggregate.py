@@ -131,7 +131,9 @@ class PartitionState:
     def clear_flows(self) -> None:
         """Forget the flow part (after it was written)."""
         self.flow_updates: list[Flow] = []  # flows with bytes, labels or a first write to write
-        self.flow_minutes: dict[tuple[Flow, int], int] = {}  # (flow, minute) -> bytes
+        # (flow uid, minute, bytes) columns of each fold, summed once by flow_minutes
+        self.minute_chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._flow_minutes: dict[tuple[Flow, int], int] | None = {}
         self.no_flow_minutes: dict[int, int] = {}  # minute -> bytes without a 5-tuple
         # (flow, minute) -> bytes of flows held back before (hold_back_probes) that get their
         # keys with this write: their first packet, counted in the host, app and domain sets
@@ -199,11 +201,16 @@ class PartitionState:
         if self.folded:
             return
         self.folded = True
-        minutes, dirty = self.flow_minutes, self.dirty_flows
-        slot, sec, nbytes, packets = self.cells()
-        for s, minute, b, _p in zip(*sum_by_key(slot, sec // 60, nbytes, packets)):
-            key = (dirty[s], minute)
-            minutes[key] = minutes.get(key, 0) + b
+        dirty = self.dirty_flows
+        slot, sec, nbytes, _packets = self.cells()
+        if len(slot):  # cells come by slot, then second: a (slot, minute) is a run of rows
+            minute = sec // 60
+            start = np.ones(len(slot), dtype=bool)
+            start[1:] = (slot[1:] != slot[:-1]) | (minute[1:] != minute[:-1])
+            at = np.flatnonzero(start)
+            uid = np.fromiter(map(_UID, dirty), np.int64, len(dirty))
+            self.minute_chunks.append((uid[slot[at]], minute[at], np.add.reduceat(nbytes, at)))
+            self._flow_minutes = None
         no_flow = self.no_flow_minutes
         for sec, cell in self.no_flow.items():
             no_flow[sec // 60] = no_flow.get(sec // 60, 0) + cell[0]
@@ -211,6 +218,19 @@ class PartitionState:
         counted["records"] += self.records
         counted["malformed_frames"] += self.malformed_frames
         counted["malformed_messages"] += self.malformed_messages
+
+    @property
+    def flow_minutes(self) -> dict[tuple[Flow, int], int]:
+        """(flow, minute of capture time) -> bytes of the flow part: the folds' columns summed
+        here, once a flow write rather than once a flush (each flush of a replay of many
+        long flows folds nearly all of them)."""
+        if self._flow_minutes is None:
+            uid, minute, nbytes = (np.concatenate(c) for c in zip(*self.minute_chunks))
+            self.minute_chunks = [(uid, minute, nbytes)]
+            by_uid = {f.uid: f for f in self.flow_updates}  # (every folded flow is one)
+            self._flow_minutes = {
+                (by_uid[u], m): b for u, m, b, _b in zip(*sum_by_key(uid, minute, nbytes, nbytes))}
+        return self._flow_minutes
 
     def replayed(self) -> None:
         """What was aggregated so far came from messages before series_from, read again for
