@@ -223,7 +223,8 @@ class Processor:
             if state.waiting and (not messages or state.waiting_records >= AGGREGATE_RECORDS):
                 self._add_waiting(state)
 
-    def aggregate_waiting(self, states=None) -> None:
+    def aggregate_waiting(self, states: list[PartitionState] | None = None) -> None:
+        """Aggregate what waits of these partitions (default: all): a flush is due."""
         for state in (states if states is not None else self.states.values()):
             if state.waiting:
                 self._add_waiting(state)
