@@ -32,7 +32,9 @@
 -- minutes, and of the closed minutes whose buckets are in the hour window),
 -- top:window:hours:<a> (hours whose buckets are in the day window), top:window:closed:<a>
 -- (the last closed minute), top:window:5m:<a> (the last minute subtracted from the 5 minute
--- window); top:window:clock: the newest minute seen.
+-- window), top:window:closing:<a> and top:window:pending:<a> (the minute last closed, and the
+-- windows and hour bucket its bucket has still to join: one a call, so that closing a minute
+-- never holds Redis for several unions); top:window:clock: the newest minute seen.
 local SETS = {{'hosts', 'bytes'}, {'apps', 'bytes'}, {'domains', 'bytes'}, {'flows', 'endpoints'}}
 
 local function key(set, middle)
@@ -99,6 +101,19 @@ local function add_top(newest_minute, groups, ttl, expire)
         redis.call('ZADD', hours, hour, hour)
       end
     end
+    if closed ~= nil and minute <= closed and number(state(set, 'closing')) == minute then
+      -- the minute is being closed: the windows its bucket has not joined yet get the
+      -- increment with the bucket
+      local pending = {}
+      for _, k in ipairs(redis.call('LRANGE', state(set, 'pending'), 0, -1)) do
+        pending[k] = true
+      end
+      local joined = {}
+      for _, target in ipairs(targets) do
+        if not pending[target] then joined[#joined + 1] = target end
+      end
+      targets = joined
+    end
     if not group[4] then
       targets[#targets + 1] = set[1] .. ':top:' .. set[2]  -- the all-time set
     end
@@ -125,6 +140,13 @@ local function advance(close_newest, kept_members, step_members, open_from)
     limit = math.min(limit, tonumber(open_from) - 1)
   end
   for _, set in ipairs(SETS) do
+    -- a minute being closed: its bucket joins the next window (a union of two sets of up to
+    -- TOP_FLOWS_KEPT members and more takes tens of milliseconds: one a call)
+    local target = redis.call('LPOP', state(set, 'pending'))
+    if target then
+      add(target, key(set, 'min:' .. redis.call('GET', state(set, 'closing'))))
+      return 1
+    end
     local closed = number(state(set, 'closed'))
     if closed ~= nil then
       -- windows leave behind what is older than the last closed minute allows
@@ -160,15 +182,15 @@ local function advance(close_newest, kept_members, step_members, open_from)
         redis.call('ZREMRANGEBYRANK', bucket, 0, math.min(excess, tonumber(step_members)) - 1)
         return 1
       end
+      -- closed from now on; its bucket joins the windows holding it one union a call (below)
       if closed == nil then redis.call('SET', state(set, '5m'), minute - 5) end
-      add(key(set, '5m'), bucket)
-      add(key(set, '1h'), bucket)
-      add(key(set, '24h'), bucket)
-      add(key(set, 'hour:' .. math.floor(minute / 60)), bucket)
       redis.call('ZREM', state(set, 'open'), minute)
       redis.call('ZADD', state(set, 'kept'), minute, minute)
       redis.call('ZADD', state(set, 'hours'), math.floor(minute / 60), math.floor(minute / 60))
       redis.call('SET', state(set, 'closed'), minute)
+      redis.call('SET', state(set, 'closing'), minute)
+      redis.call('RPUSH', state(set, 'pending'), key(set, '5m'), key(set, '1h'), key(set, '24h'),
+                 key(set, 'hour:' .. math.floor(minute / 60)))
       return 1
     end
     if closed ~= nil and closed < limit then
