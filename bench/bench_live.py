@@ -400,7 +400,7 @@ def main() -> None:
             for rate in rates if not isinstance(rate, int)}
     if tops:
         top = max(tops.values())
-        print(f"sender's maximum (tcpreplay --topspeed, median of all runs): "
+        print("sender's maximum (tcpreplay --topspeed, median of all runs): "
               + ", ".join(f"{'one sender' if rate is None else 'two senders'} {pps:.0f} pps"
                           for rate, pps in tops.items())
               + f" ({'at least' if top >= 300_000 else 'below'} the 300k pps of the target)")
