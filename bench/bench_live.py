@@ -350,8 +350,7 @@ def main() -> None:
         for rnd in range(args.rounds):
             order = methods[rnd % len(methods):] + methods[:rnd % len(methods)]
             for rate in rates:
-                count = (int(rate * seconds) if isinstance(rate, int)
-                         else max_count * (2 if rate == TWO_SENDERS else 1))
+                count = int(rate * seconds) if isinstance(rate, int) else max_count
                 for method in order:
                     if method == "tcpdump":
                         r = run_tcpdump(pcap, port, rate, count)
