@@ -125,6 +125,9 @@ class PartitionState:
         # (message, value, records, meta entries) each, and their records
         self.waiting: list[tuple] = []
         self.waiting_records = 0
+        # distinct flows per record of the last aggregation that had flows: near 1 when each
+        # record is a flow of its own (a scan), low when records come back to the same flows
+        self.flows_per_record = 1.0
         self.clear()
         self.clear_flows()
 
@@ -282,6 +285,7 @@ class PartitionState:
                 return
             batch, sec, wire = batch[rows], sec[rows], wire[rows]
         flows, record_flow = self._add_flows(batch, sec, wire)
+        self.flows_per_record = len(flows) / len(batch)
         if meta:  # in record order; a record's entries in their order
             index = np.array([entry[0] for entry in meta], dtype=np.int64)
             order = np.argsort(index, kind="stable")

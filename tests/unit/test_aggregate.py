@@ -164,6 +164,18 @@ def test_clean_flow_in_the_table_becomes_dirty_again_once():
     assert state.dirty_flows == [flow] and len(state.table) == 1
 
 
+def test_flows_per_record_of_the_last_aggregation():
+    state = PartitionState(0, None, FlowTable(60 * S, 600 * S, 1000))
+    assert state.flows_per_record == 1.0  # nothing known yet: taken as a scan's
+    state.add_records(iter([rec(T, sport=p) for p in range(1000, 1010)]))  # a flow each
+    assert state.flows_per_record == 1.0
+    state.add_records(iter([rec(T + i, sport=1000 + i % 2) for i in range(8)]))  # two flows
+    assert state.flows_per_record == 2 / 8
+    # records without a 5-tuple make no flow: they leave the figure as it was
+    state.add_records(iter([rec(T, ipver=0, proto=0, sport=0, dport=0, src=MAC, dst=MAC)]))
+    assert state.flows_per_record == 2 / 8
+
+
 def test_successive_calls_accumulate():
     state = state_with(rec(T, 10))
     state.add_records(iter([rec(T + 1, 20), rec(T - S, 5)]))
