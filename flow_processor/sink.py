@@ -54,11 +54,11 @@ TRIM_CHUNK = 10000  # members removed from a top-N set per command
 # its TS.MADD (about 1 us each in Redis) and JOURNAL_ENTRY_COST a journal entry pushed
 TRANSACTION_COST = 20000
 JOURNAL_ENTRY_COST = 50
-# A partition's write of at least this many journal entries (a flow write of more than
-# JOURNAL_FLOWS flows) ends its group: streamed to the writer thread, Redis applies it while
-# the next partitions' are built (20,000 flows replayed: the last one in Redis 1.7-2.1 s after
+# A partition's write of at least this many journal entries (more than JOURNAL_FLOWS flows,
+# or flows and top-N increments) ends its group: streamed to the writer thread, Redis applies
+# it while the next partitions' are built (20,000 flows replayed: all in Redis 1.7-2.1 s after
 # capture's exit instead of 1.9-2.3 s with groups of 8 entries, which made 12 partitions of
-# 1,700 flows one group built before any of it was sent)
+# 1,700 flows one group, built before any of it was sent)
 SEND_AT_ONCE_ENTRIES = 2
 TOP_LUA = Path(__file__).with_name("top.lua")
 JOURNAL_LUA = Path(__file__).with_name("journal.lua")
