@@ -81,20 +81,43 @@ local function zadd_all(zkey, items)
   end
 end
 
+-- the hashes of the flows written for the first time (src not 0) that do not exist: a set of
+-- keys, from one EXISTS a chunk of 1,000 (a chunk where some exist is left out: those flows
+-- take the HSETNX of src). A flow's first write usually makes its hash: an HSETNX a flow was a
+-- call into Redis a flow.
+local function absent(flows)
+  local keys, fresh = {}, {}
+  for at = 1, #flows, FIELDS do
+    if flows[at + 8] ~= 0 then keys[#keys + 1] = 'flow:' .. flows[at] .. ':meta' end
+  end
+  for at = 1, #keys, 1000 do
+    local last = math.min(#keys, at + 999)
+    if redis.call('EXISTS', unpack(keys, at, last)) == 0 then
+      for i = at, last do fresh[keys[i]] = true end
+    end
+  end
+  return fresh
+end
+
 local function apply_flows(flows, kept, ttl)
   local by_bytes, by_endpoints = {}, {}
   local bytes_floor = floor_of('flows:top:bytes', kept)
   local endpoints_floor = floor_of('flows:top:endpoints', kept)
+  local fresh = absent(flows)
   for at = 1, #flows, FIELDS do
     local id, bytes, endpoints = flows[at], flows[at + 1], flows[at + 14]
     local meta = 'flow:' .. id .. ':meta'
     local total = bytes
     -- src stays the sender of the flow's very first frame: the fixed fields are written
     -- together, only when the hash has none yet; a new hash takes every field in one command
-    if flows[at + 8] ~= 0 and redis.call('HSETNX', meta, 'src', flows[at + 8]) == 1 then
-      redis.call('HSET', meta, unpack(labelled({'dst', flows[at + 9], 'sport', flows[at + 10],
-        'dport', flows[at + 11], 'proto', flows[at + 12], 'first_seen', flows[at + 13],
-        'bytes', bytes, 'packets', flows[at + 2]}, flows, at)))
+    -- (a flow listed twice finds its hash made the second time: fresh no more)
+    local src = flows[at + 8]
+    local made = src ~= 0 and fresh[meta]
+    fresh[meta] = nil
+    if made or (src ~= 0 and redis.call('HSETNX', meta, 'src', src) == 1) then
+      redis.call('HSET', meta, unpack(labelled({'src', src, 'dst', flows[at + 9],
+        'sport', flows[at + 10], 'dport', flows[at + 11], 'proto', flows[at + 12],
+        'first_seen', flows[at + 13], 'bytes', bytes, 'packets', flows[at + 2]}, flows, at)))
     else
       total = redis.call('HINCRBY', meta, 'bytes', bytes)
       redis.call('HINCRBY', meta, 'packets', flows[at + 2])

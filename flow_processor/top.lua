@@ -71,6 +71,35 @@ local function first_at_most(zkey, limit)
   return tonumber(found[1])
 end
 
+-- what ZINCRBY of each [increment, member, ...] of `items` into each of `targets` does, in two
+-- commands a target and 1,000 members (ZMSCORE, then ZADD of the sums): one call into Redis a
+-- member and target was most of what a flush's top-N sums cost. Scores are doubles on both
+-- sides, so the sums are the same; a member listed twice gets both increments.
+local function increment_all(targets, items)
+  local members, by = {}, {}
+  for j = 1, #items, 2 do
+    local member = items[j + 1]
+    if by[member] == nil then
+      members[#members + 1] = member
+      by[member] = items[j]
+    else
+      by[member] = by[member] + items[j]
+    end
+  end
+  for at = 1, #members, 1000 do
+    local chunk = {unpack(members, at, math.min(#members, at + 999))}
+    for _, target in ipairs(targets) do
+      local scores = redis.call('ZMSCORE', target, unpack(chunk))
+      local sums = {}
+      for i, member in ipairs(chunk) do
+        sums[2 * i - 1] = (tonumber(scores[i]) or 0) + by[member]
+        sums[2 * i] = member
+      end
+      redis.call('ZADD', target, unpack(sums))
+    end
+  end
+end
+
 -- the sums of one flush: see 'add' above; returns the sets it incremented, as keys of a table
 local function add_top(newest_minute, groups, ttl, expire)
   local touched = {}
@@ -118,10 +147,7 @@ local function add_top(newest_minute, groups, ttl, expire)
       targets[#targets + 1] = set[1] .. ':top:' .. set[2]  -- the all-time set
     end
     for _, target in ipairs(targets) do touched[target] = true end
-    for j = 1, #items, 2 do
-      local by, member = items[j], items[j + 1]
-      for _, target in ipairs(targets) do redis.call('ZINCRBY', target, by, member) end
-    end
+    increment_all(targets, items)
   end
   for _, k in ipairs(expire) do
     redis.call('EXPIRE', k, ttl)

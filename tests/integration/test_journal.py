@@ -207,6 +207,48 @@ def test_entries_of_the_earlier_form_a_flow_an_array_are_applied_as_before(setti
     assert r.hget("pipeline:processor", "records") == "4"
 
 
+def flat_flow(fid: str, nbytes: int, packets: int, src: str, endpoints: str) -> list:
+    """One flow of an entry in journal.lua's flat form: its first write from this table entry
+    (src given), sent by src to 198.51.100.20:443, no labels."""
+    return [fid, nbytes, packets, "2.000000000", 0, 0, "", "", src, "198.51.100.20", 1000, 443,
+            6, "1.000000000", endpoints, 1]
+
+
+def test_first_writes_make_whole_hashes_keep_an_existing_src_and_add_what_is_listed_twice(
+        settings):
+    """A flow's first write makes its hash with every field, unless the hash exists (an
+    earlier table entry of the flow): then its first sender stays and the bytes add up. A
+    flow or a top-N member listed twice in an entry gets both updates, as one at a time."""
+    writer = sink.RedisSink(settings)
+    writer.ensure_series()
+    r = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    r.hset("flow:00000000000000cc:meta", mapping={"src": "198.51.100.20", "bytes": 100,
+                                                   "packets": 1})
+    fresh_twice = [*flat_flow("00000000000000aa", 300, 3, "192.0.2.10", "a"),
+                   *flat_flow("00000000000000aa", 20, 1, "192.0.2.99", "a")]
+    known_and_new = [*flat_flow("00000000000000cc", 50, 1, "192.0.2.10", "c"),
+                     *flat_flow("00000000000000dd", 70, 2, "192.0.2.10", "d")]
+    hosts = [[1, 1, [5, "192.0.2.10", 7, "192.0.2.10", 3, "198.51.100.20"]]]
+    r.rpush(writer.journal, orjson.dumps([1, hosts, 600, [], [], [], fresh_twice]),
+            orjson.dumps([1, [], 600, [], [], [["records", 7]], known_and_new]))
+    assert writer.drain_journal() == 0  # none failed
+    fixed = {"dst": "198.51.100.20", "sport": "1000", "dport": "443", "proto": "6",
+             "first_seen": "1.000000000", "last_seen": "2.000000000"}
+    assert r.hgetall("flow:00000000000000aa:meta") == {
+        **fixed, "src": "192.0.2.10", "bytes": "320", "packets": "4"}
+    assert r.hgetall("flow:00000000000000cc:meta") == {
+        "src": "198.51.100.20", "bytes": "150", "packets": "2", "last_seen": "2.000000000"}
+    assert r.hgetall("flow:00000000000000dd:meta") == {
+        **fixed, "src": "192.0.2.10", "bytes": "70", "packets": "2"}
+    assert all(0 < r.ttl(f"flow:00000000000000{x}:meta") <= 600 for x in ("aa", "cc", "dd"))
+    for key in ("hosts:top:bytes", "hosts:top:min:1:bytes"):
+        assert r.zrange(key, 0, -1, withscores=True) == [
+            ("198.51.100.20", 3.0), ("192.0.2.10", 12.0)]
+    assert r.zrange("flows:top:bytes", 0, -1, withscores=True) == [
+        ("00000000000000dd", 70.0), ("00000000000000cc", 150.0), ("00000000000000aa", 320.0)]
+    assert r.hget("pipeline:processor", "records") == "7"
+
+
 def test_an_entry_that_cannot_be_applied_is_counted_and_does_not_stop_the_rest(settings,
                                                                              caplog):
     """A damaged entry, or a key of another type in the way (an operator's SET on a top-N
@@ -227,7 +269,7 @@ def test_an_entry_that_cannot_be_applied_is_counted_and_does_not_stop_the_rest(s
     r.rpush(writer.journal, orjson.dumps(
         [1, [[1, 3, [5, "example.org"]]], 60, [], [], [["records", 1]]]))
     r.set("domains:top:bytes", "in the way")
-    assert writer.drain_journal() == 1  # the ZINCRBY met a string: counted, removed
+    assert writer.drain_journal() == 1  # the increment met a string: counted, removed
     assert r.llen(writer.journal) == 0 and int(r.hget("pipeline:processor", "records")) == 9
 
 
