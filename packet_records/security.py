@@ -52,7 +52,7 @@ TS_WRITE_COMMANDS = ("ts.create", "ts.alter", "ts.add", "ts.madd", "ts.incrby", 
 REDIS_RULES: dict[str, tuple[str, ...]] = {
     REDIS_ADMIN: ("allkeys", "allchannels", "+@all"),
     # The flow processor: MGET/SET of its offsets, WATCH/MULTI/EXEC, RPUSH/LPOP/LLEN of its
-    # journal, HINCRBY/HSETNX/HSET, ZINCRBY/ZREMRANGEBYRANK, EXPIRE/PERSIST/EXISTS,
+    # journal, HINCRBY/HSETNX/HSET, ZMSCORE/ZADD/ZINCRBY/ZREMRANGEBYRANK, EXPIRE/PERSIST/EXISTS,
     # EVALSHA/SCRIPT LOAD of top.lua + journal.lua (their calls are checked against these too),
     # TS.CREATE/ADD/MADD/INFO, PING, SELECT, CLIENT SETNAME/SETINFO. -@dangerous takes away
     # FLUSHDB, FLUSHALL, KEYS, CONFIG, SHUTDOWN, DEBUG, MODULE, ACL, MONITOR, REPLICAOF, SAVE,
