@@ -100,7 +100,11 @@ def decode_frame(frame: bytes, linktype: int) -> tuple:
         inner = struct.unpack_from("<I", frame, 4)[0]
         if header_len < 8 or header_len > len(frame) or inner == LINKTYPE_PPI:
             return NOT_IP_MALFORMED
-        return decode_frame(frame[header_len:], inner)
+        decoded = decode_frame(frame[header_len:], inner)
+        # offsets in the whole frame, as for every other link type (payloads are cut from it)
+        l4_off, ip_end = decoded[9], decoded[10]
+        return (*decoded[:9], l4_off + header_len if l4_off >= 0 else l4_off,
+                ip_end + header_len if ip_end >= 0 else ip_end)
     return (0, 0, bytes(16), bytes(16), 0, 0, 0, FLAG_UNSUPPORTED_LINK | FLAG_MALFORMED, 0, -1, -1)
 
 

@@ -24,6 +24,7 @@ from scapy.layers.vxlan import VXLAN
 from scapy.packet import Raw
 
 from capture.decode import NOT_IP_MALFORMED, SUPPORTED_LINKTYPES, decode_frame
+from capture.flowcache import payload_of
 from packet_records import (
     FLAG_FRAGMENT,
     FLAG_LATER_FRAGMENT,
@@ -318,7 +319,19 @@ def ppi(inner: bytes, dlt: int = 1, header_len: int = 8) -> bytes:
 
 @pytest.mark.parametrize("header_len", [8, 20])
 def test_ppi_wrapping_ethernet(header_len):
-    assert_tcp4(dec(ppi(eth(TCP4), header_len=header_len), 192), 34)
+    # offsets count from the start of the whole frame: the payload is cut from it
+    frame = ppi(eth(TCP4 / Raw(b"GET / HTTP/1.1\r\n\r\n")), header_len=header_len)
+    d = dec(frame, 192)
+    assert_tcp4(d, header_len + 34)
+    assert d.ip_end == len(frame)
+    start, end = payload_of(frame, tuple(d))
+    assert frame[start:end] == b"GET / HTTP/1.1\r\n\r\n"
+
+
+def test_ppi_wrapping_a_non_first_fragment_moves_ip_end_only():
+    frag = IP(src=A4, dst=B4, flags=0, frag=100, proto=17) / Raw(b"x" * 24)
+    d = dec(ppi(eth(frag), header_len=20), 192)
+    assert (d.l4_off, d.ip_end) == (-1, 20 + 14 + 20 + 24)
 
 
 def test_ppi_header_cut_or_longer_than_the_frame_is_malformed():
