@@ -278,8 +278,15 @@ class FlowCache:
             partition = partition_for(src, dst, sport, dport, proto, self.partitions)
             flow = self.flows[key] = CachedFlow(partition, inspector, src, sport)
             if self.index is not None:
-                self.entering.append(flow)
-                self.entering_keys.append(key)
+                if len(self.entering) >= self.max_flows:
+                    # find_labels() has not come for as many new flows as the cache holds
+                    # (light live traffic: small batches go frame by frame): the next one
+                    # rebuilds the index instead, and no flow the cache has evicted (with
+                    # its inspector) stays referenced here
+                    self.index, self.entering, self.entering_keys = None, [], []
+                else:
+                    self.entering.append(flow)
+                    self.entering_keys.append(key)
             if len(self.flows) > self.max_flows:
                 _, old = self.flows.popitem(last=False)
                 if old.held:

@@ -368,6 +368,30 @@ def test_find_labels_gives_the_labels_of_the_dict(monkeypatch, max_flows, index_
     assert len(cache.flows) <= max_flows
 
 
+def test_flows_waiting_for_the_index_stay_bounded_without_find_labels():
+    """Light live traffic adds frames one by one (no find_labels()): a stream of new flows
+    must not pile up waiting for the index, nor keep the flows the cache evicted."""
+    rnd = random.Random(7)
+    cache = FlowCache(12, True, max_flows=100)
+
+    def new_flow():
+        return cache.get(17, rnd.randbytes(16), rnd.randrange(65536), rnd.randbytes(16), 53)
+
+    for _ in range(20):
+        new_flow()
+    keys = list(cache.flows)
+    rows = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), 37)
+    cache.find_labels(rows)  # the index exists from here on
+    for _ in range(5000):
+        new_flow()
+        assert len(cache.entering) <= cache.max_flows
+    cached = set(map(id, cache.flows.values()))
+    assert all(id(flow) in cached for flow in cache.entering)
+    keys = list(cache.flows)[-50:] + keys[:5]  # cached, and evicted long ago
+    rows = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), 37)
+    assert cache.find_labels(rows).tolist() == cache.labels(keys)
+
+
 def test_survive_names_the_flows_at_risk():
     cache = FlowCache(1, False, max_flows=4)
     for port in range(4):
