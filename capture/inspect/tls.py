@@ -120,7 +120,8 @@ def _fingerprint(quic: bool, version: int, has_sni: bool, cipher_part: tuple[int
     exts = [e for e in extensions if e != EXT_SNI and e != EXT_ALPN]
     if exts:
         exts.sort()  # sorted, so that clients that shuffle their extensions hit the cache
-        key = (tuple(exts), raw_sig_algs)
+        raw_exts = _pack_u16(exts)
+        key = len(raw_exts).to_bytes(4, "big") + raw_exts + raw_sig_algs  # (where one ends)
         part_c = _EXTENSION_HASHES.get(key)
         if part_c is None:
             sig_algs = _u16_list(raw_sig_algs, 0, len(raw_sig_algs))
@@ -149,16 +150,21 @@ def _cipher_part(raw: bytes) -> tuple[int, str]:
 # types with the wire bytes of the signature algorithms. A network's clients are a handful of
 # TLS stacks offering the same lists on every connection (GREASE values vary: a few entries
 # per stack), so after the first hello of each, unpacking, hex encoding and SHA-256 (about half
-# of a hello's parse, by valgrind) are a lookup. Bounded: full, a cache starts over.
+# of a hello's parse, by valgrind) are a lookup. Bounded: full, a cache starts over; and only
+# keys of at most MAX_CACHED_KEY_BYTES are kept (real stacks offer lists of tens of bytes, a
+# hostile 16 KB hello's lists would make each entry as big: 4,096 of them took 650 MB).
 MAX_CACHED_HASHES = 4096
+MAX_CACHED_KEY_BYTES = 512
 _CIPHER_HASHES: dict[bytes, tuple[int, str]] = {}
-_EXTENSION_HASHES: dict[tuple, str] = {}
+_EXTENSION_HASHES: dict[bytes, str] = {}
 # Likewise the ALPN and supported_versions lists, by their bytes
 _ALPN_LISTS: dict[bytes, tuple] = {}
 _VERSION_LISTS: dict[bytes, tuple[int, ...]] = {}
 
 
-def _remember(cache: dict, key, value) -> None:
+def _remember(cache: dict, key: bytes, value) -> None:
+    if len(key) > MAX_CACHED_KEY_BYTES:
+        return
     if len(cache) >= MAX_CACHED_HASHES:
         cache.clear()
     cache[key] = value

@@ -192,6 +192,27 @@ def test_hellos_parsed_with_cached_lists_equal_fresh_parses_and_caches_stay_boun
         assert all(len(cache) <= 8 for cache in caches)
 
 
+def test_hostile_hellos_with_long_lists_are_not_cached():
+    """Hellos of a thousand ciphers, extensions and hundreds of ALPN names each (no real
+    stack offers such lists): their fingerprints come out right, computed afresh every time,
+    and the caches keep nothing of them (each entry would be as big as the hello)."""
+    from capture.inspect import tls
+
+    tls.clear_fingerprint_cache()
+    caches = (tls._CIPHER_HASHES, tls._EXTENSION_HASHES, tls._ALPN_LISTS, tls._VERSION_LISTS)
+    for n in (1000, 1001, 1002):
+        ciphers = list(range(0x0100, 0x0100 + n))
+        exts = [0x1000 + i for i in range(n)]
+        names = [b"p%d" % i for i in range(n // 4)]
+        message = handshake(hello_body(ciphers, [ext(e) for e in exts] + [alpn_ext(*names)]))
+        for _twice in range(2):
+            hello = parse_handshake(message, False)
+            assert hello.ja4 == expected_ja4("t12i9999p0", ciphers, exts + [0x10], [])
+            assert hello.alpn == tuple(p.decode() for p in names[:tls.MAX_ALPN])
+        assert all(len(key) <= tls.MAX_CACHED_KEY_BYTES for cache in caches for key in cache)
+    assert not any(caches)
+
+
 def test_grease_is_ignored_everywhere():
     hello = parse_tls_stream(records(spec_hello(
         grease=True, versions=(0x3A3A, 0x0304, 0x0303), sig_algs=[0x1A1A] + SPEC_SIG_ALGS)))
