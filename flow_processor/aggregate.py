@@ -25,9 +25,13 @@ from packet_records import (
     PROTOCOLS,
     RECORD,
     RECORD_DTYPE,
+    MalformedMessage,
 )
 
 NS = 1_000_000_000
+# A counter's total in one flush (an HINCRBY of pipeline:capture): 2**53, where a capture
+# counting 10 million frames a second would take 28 years
+MAX_FLUSH_COUNTER = 1 << 53
 _SLOT = operator.attrgetter("slot")
 _UID = operator.attrgetter("uid")
 # L4 bucket of each IP protocol number as an index into PROTOCOLS (records with a 5-tuple)
@@ -113,6 +117,9 @@ class PartitionState:
         # after the last message aggregated: the flow part's offset when the parts differ
         # (the messages between the two count for the flow part only: replay())
         self.next_offset = self.flow_base
+        # the offset of the last message read since this state began or restarted: what the
+        # consumer's position is checked against (Processor.read_past_markers)
+        self.last_read: int | None = None
         self.series_from = base_offset  # messages before this are in the series already
         # the offset of the first message read while no flow offset was stored: where the
         # flow part starts (a partition's first write stores it, and writes flows later)
@@ -165,7 +172,14 @@ class PartitionState:
         self.malformed_messages = 0
 
     def add_stats(self, ts_ns: int, counters: dict[str, int]) -> None:
-        """A capture stats message: counter increments at that (wall-clock) second."""
+        """A capture stats message: counter increments at that (wall-clock) second. One that
+        would take a flush's total of a counter past MAX_FLUSH_COUNTER is refused whole
+        (MalformedMessage): each increment is bounded, but forged messages summed past 2**63
+        made the flush's HINCRBY of that counter fail, real counts with it."""
+        totals = self.capture_totals
+        if any(totals.get(name, 0) + value > MAX_FLUSH_COUNTER
+               for name, value in counters.items()):
+            raise MalformedMessage("stats counters past what a flush can count")
         sec = ts_ns // NS
         for name, value in counters.items():  # zeros too: "no drops" is worth a point
             self.health[(name, sec)] = self.health.get((name, sec), 0) + value
@@ -189,6 +203,7 @@ class PartitionState:
         """The topic was recreated or its log reset: count everything from `offset` on, and
         store both offsets at the next flush."""
         self.next_offset = self.series_from = offset
+        self.last_read = None
         self.reset = True
 
     def sync_flows(self) -> None:

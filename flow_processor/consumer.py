@@ -90,6 +90,9 @@ MAX_SET_ASIDE_BYTES = 512 * 1024
 # Past MAX_FLOWS (a flush is then due), the flow tables give up their oldest clean flows down to
 # this share of it: room for the flows of the next reads before the next flush
 EVICT_TO = 0.8
+# Errors of one message the client cannot read: it is set aside and read past
+UNREADABLE_MESSAGE = frozenset((KafkaError._BAD_COMPRESSION, KafkaError._BAD_MSG,
+                                KafkaError.INVALID_MSG))
 MALFORMED_LOG_LINES = 10  # then one line per MALFORMED_LOG_EVERY
 MALFORMED_LOG_EVERY = 1000
 
@@ -290,6 +293,7 @@ class Processor:
         waiting messages (handle_all); one that is not valid is counted and set aside. Nothing
         a message holds can raise out of here."""
         err = msg.error()
+        unreadable = None
         if err is not None:
             if err.fatal():
                 raise RuntimeError(f"fatal Kafka error: {err}")
@@ -298,8 +302,13 @@ class Processor:
                 self._seek(state.partition, self._reset_to_earliest(
                     state, f"offset {state.next_offset} is outside the topic ({err.str()})"))
                 return
-            log.warning("Kafka: %s", err)
-            return
+            if err.code() not in UNREADABLE_MESSAGE or msg.offset() is None or msg.offset() < 0:
+                log.warning("Kafka: %s", err)
+                return
+            # a message the client cannot read (a compressed batch that will not decompress,
+            # as a "decompression bomb"): counted and set aside as a stub like any other bad
+            # message, then read past; the client alone would fetch it again forever
+            unreadable = f"unreadable message: {err.str()}"[:200]
         state = self.states.get(msg.partition())
         if state is None:
             return  # not ours (any more)
@@ -308,10 +317,12 @@ class Processor:
             return  # already aggregated
         if state.flow_base is None and state.flow_start is None:
             state.flow_start = offset
-        value = msg.value() or b""
+        value = b"" if unreadable else msg.value() or b""
         # before the series part's stored offset: read again for the flow part only
         replay = state.series_from is not None and offset < state.series_from
         try:
+            if unreadable:
+                raise MalformedMessage(unreadable)
             self._aggregate(state, msg, value, queue and not replay)
         except MalformedMessage as exc:
             self._reject(state, msg, value, str(exc))
@@ -323,6 +334,9 @@ class Processor:
             state.replayed()
         self.totals["messages"] += 1
         state.next_offset = offset + 1
+        state.last_read = offset
+        if unreadable:
+            self._seek(state.partition, offset + 1)
 
     def _aggregate(self, state: PartitionState, msg, value: bytes, queue: bool = False) -> None:
         ts_type, ts_ms = msg.timestamp()
@@ -346,6 +360,26 @@ class Processor:
         count = state.records - before
         self.records_per_message += (count - self.records_per_message) * 0.05
         self.totals["records"] += count
+
+    def read_past_markers(self) -> None:
+        """Move a partition's offset past what the client read but does not hand over: the
+        commit and abort markers of transactional producers, and aborted messages. Each takes
+        an offset; without this the stored offset would stay short of the partition's end,
+        the lag would never reach 0 and --exit-when-idle never exit. Only from the position
+        after the last message this state read (a seek since then makes it wait for one)."""
+        states = [s for s in self.states.values()
+                  if s.last_read is not None and s.next_offset == s.last_read + 1]
+        if not states:
+            return
+        try:
+            positions = self.consumer.position(
+                [TopicPartition(self.topic, s.partition) for s in states])
+        except KafkaException as exc:
+            log.debug("positions not read: %s", exc)
+            return
+        for state, tp in zip(states, positions):
+            if tp.error is None and tp.offset > state.next_offset:
+                state.next_offset = tp.offset
 
     def _reject(self, state: PartitionState, msg, value: bytes, reason: str) -> None:
         state.malformed_messages += 1
@@ -654,6 +688,8 @@ class Processor:
                 now = time.monotonic()
                 if messages:
                     last_message = now
+                else:
+                    self.read_past_markers()
                 self.idle = now - last_message >= QUIET_S
                 behind = len(messages) >= batch  # the poll came back full
                 over = self.flows_in_memory() > s.max_flows  # only written flows can leave

@@ -144,6 +144,52 @@ def test_hostile_messages_never_stop_a_processor_and_valid_totals_stay_exact(pip
     assert set_aside == len(bad)
 
 
+def test_unreadable_messages_transactions_and_forged_counters_stop_nothing(pipeline_env,
+                                                                           tmp_path):
+    """A compressed message that will not decompress (90 MB of zeros in 3 KB of zstd) is set
+    aside and read past, not fetched again forever; the markers of a committed and of an
+    aborted transaction do not keep the lag above 0 (--exit-when-idle exits); forged capture
+    counters that add up past what HINCRBY takes are refused, and the real count lands."""
+    run_module("packet_records.topics", pipeline_env)
+    topic, servers = pipeline_env["KAFKA_TOPIC"], pipeline_env["KAFKA_BOOTSTRAP_SERVERS"]
+    produce(pipeline_env, [(0, valid_batch(0))])
+    bomb = Producer({"bootstrap.servers": servers, "compression.type": "zstd",
+                     "message.max.bytes": 10**9})
+    bomb.produce(topic, bytes(90_000_000), partition=0)
+    assert bomb.flush(30) == 0
+    for i, commit in ((1, True), (2, False)):
+        tx = Producer({"bootstrap.servers": servers, "transactional.id": f"{topic}-{i}"})
+        tx.init_transactions(30)
+        tx.begin_transaction()
+        tx.produce(topic, valid_batch(i), partition=i)
+        tx.commit_transaction(30) if commit else tx.abort_transaction(30)
+    now_ns, forged = time.time_ns(), 2**48 - 1
+    produce(pipeline_env, [(0, valid_batch(3)), (2, valid_batch(4))]
+            + [(3, encode_stats("capture", now_ns, {"capture_frames": 1000}))]
+            + [(3, encode_stats("x", now_ns, {"capture_frames": forged}))] * 40)
+    log = tmp_path / "processor.log"
+    with open(log, "w") as fh:
+        proc = start_processor(pipeline_env, "--exit-when-idle", "3", log=fh)
+    try:
+        assert proc.wait(120) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    state = read_state(pipeline_env["REDIS_URL"])
+    expected = {}
+    for i in (0, 1, 3, 4):  # 2 was aborted
+        packets, size = expected.get(SEC0 + i % 5, (0, 0))
+        expected[SEC0 + i % 5] = (packets + 50, size + 5000)
+    assert state.per_second == expected
+    assert state.counters.get("write_errors", 0) == 0, log.read_text()[-3000:]
+    frames = int(redis.Redis.from_url(pipeline_env["REDIS_URL"]).hget("pipeline:capture",
+                                                                       "capture_frames"))
+    taken = (frames - 1000) // forged  # whole forged messages, besides the real 1000
+    assert frames == 1000 + taken * forged and taken < 40
+    assert state.counters["malformed_messages"] == 1 + 40 - taken
+    assert count_set_aside(pipeline_env) == 1 + 40 - taken
+
+
 def count_set_aside(env: dict) -> int:
     consumer = Consumer({"bootstrap.servers": env["KAFKA_BOOTSTRAP_SERVERS"],
                          "group.id": f"dlq-{os.getpid()}-{time.monotonic_ns()}",
