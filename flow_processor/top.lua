@@ -107,12 +107,20 @@ local function add_top(newest_minute, groups, ttl, expire)
   local newest = tonumber(newest_minute)
   if clock == nil or newest > clock then
     redis.call('SET', 'top:window:clock', newest)
+    clock = newest
   end
+  -- the oldest hour a window holds once the minutes before the clock's are closed (as the
+  -- next 'advance' does): a minute before it will never be in a window, so it opens no bucket
+  -- (records spread over thousands of past minutes made thousands of buckets to open and
+  -- close one by one, for nothing)
+  local oldest_hour = math.floor((clock - 1) / 60) - 23
   for _, group in ipairs(groups) do
     local minute, set, items = group[1], SETS[group[2]], group[3]
     local closed = number(state(set, 'closed'))
     local targets = {}
-    if closed == nil or minute > closed then  -- open: its bucket only
+    if math.floor(minute / 60) < oldest_hour then
+      -- no window will hold it: the all-time set only (below)
+    elseif closed == nil or minute > closed then  -- open: its bucket only
       targets[1] = key(set, 'min:' .. minute)
       redis.call('ZADD', state(set, 'open'), minute, minute)
     else  -- closed: every window (and bucket) holding it now

@@ -117,6 +117,39 @@ def test_windows_equal_the_sum_of_their_minutes_in_any_order(db, seed, interleav
         assert in_window("24h", int(hour) * 60, closed_of[a]), raw
 
 
+def test_minutes_no_window_will_hold_go_to_the_all_time_sets_only(db):
+    """Increments spread over 3,000 minutes of two days and a half, in one flush, on a fresh
+    Redis: the minutes before the oldest hour the 24 h window can hold once the clock's
+    minute closes open no bucket (thousands of buckets to open and close one by one took
+    minutes), and the windows and all-time sets are exact all the same."""
+    script = db.register_script(sink.TOP_LUA.read_text())
+    start = 29_000_000
+    seen = [(start + m, 1 + m % 4, f"m{m % 7}", 1 + m % 13) for m in range(0, 3600, 1)
+            if m % 6 != 5]
+    clock = max(m for m, *_ in seen)
+    groups = [[minute, index, [value, member]] for minute, index, member, value in seen]
+    script(args=["add", clock, orjson.dumps(groups), 60, "[]"])
+    oldest_hour = (clock - 1) // 60 - 23
+    buckets = {int(raw.decode().split(":")[3]) for raw in db.scan_iter(match="*:top:min:*")}
+    assert buckets and min(buckets) // 60 == oldest_hour
+    steps = 0
+    while script(args=["advance", "0", 1000, 100]):
+        steps += 1
+    assert steps <= 10 * len(buckets) + 100
+    for index, (a, b) in enumerate(SETS, start=1):
+        for name in WINDOWS:
+            expected: dict[str, int] = defaultdict(int)
+            for minute, i, member, value in seen:
+                if i == index and in_window(name, minute, clock - 1):
+                    expected[member] += value
+            assert zset(db, f"{a}:top:{name}:{b}") == dict(expected), (a, name)
+        alltime: dict[str, int] = defaultdict(int)
+        for _minute, i, member, value in seen:
+            if i == index:
+                alltime[member] += value
+        assert zset(db, f"{a}:top:{b}") == dict(alltime)
+
+
 def tshark_frames(pcap: Path) -> list[tuple[int, int, int, str, int, str, int]]:
     """(epoch second, wire length, ip protocol, src, sport, dst, dport) of every IP frame."""
     out = subprocess.run(
