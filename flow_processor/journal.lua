@@ -4,18 +4,20 @@
 -- members a top-N set keeps (TOP_FLOWS_KEPT); a set the entry grew past twice that is cut
 -- back to it here (a scan makes sets grow by a flush's flows, and every increment on a big
 -- set costs more), the others after the flush. A flush's transaction stores its offsets and
--- pushes its flow updates here as entries of a bounded size (JOURNAL_FLOWS flows): the
--- transaction stays short whatever the flush holds, each entry holds Redis for a few
--- milliseconds, and an entry is applied exactly once whoever drains it (a crash between two
--- entries leaves the rest for the next call).
+-- pushes its flow updates (and its series samples past the first MADD_CHUNK) here as entries
+-- of a bounded size (JOURNAL_FLOWS flows, JOURNAL_SAMPLES samples): the transaction stays
+-- short whatever the flush holds, each entry holds Redis for a few milliseconds, and an entry
+-- is applied exactly once whoever drains it (a crash between two entries leaves the rest for
+-- the next call).
 --
--- An entry is a JSON array [newest minute, top-N groups, TTL, keys to EXPIRE, old flows,
--- counters, flows]: the first four are top.lua's 'add' arguments; counters are [[name,
--- increment], ...] of the pipeline:processor hash (a flush's last entry carries them, so a
--- counter that reached a figure means the flow updates before it landed too). flows is one
--- flat array, FIELDS values a flow (a flat array decodes in a third of the time of an array
--- an entry): id, bytes, packets, last_seen; app, app_guess, server_name, fingerprint (app 0
--- when none of them changed; '' for a name not known); src, dst, sport, dport, proto,
+-- An entry is a JSON object {"samples": [...]} (apply_samples below), or a JSON array [newest
+-- minute, top-N groups, TTL, keys to EXPIRE, old flows, counters, flows]: the first four are
+-- top.lua's 'add' arguments; counters are [[name, increment], ...] of the pipeline:processor
+-- hash (a flush's last entry carries them, so a counter that reached a figure means the
+-- entries before it landed too). flows is one flat array, FIELDS values a flow (a flat array
+-- decodes in a third of the time of an array an entry): id, bytes, packets, last_seen; app,
+-- app_guess, server_name, fingerprint (app 0 when none of them changed; '' for a name not
+-- known); src, dst, sport, dport, proto,
 -- first_seen on the first write of the processor's table entry for the flow (src 0 else);
 -- endpoints (the flow's member of flows:top:endpoints); 1 to (re)set the TTL of its hash, else
 -- 0. Old flows: entries of earlier versions, an array a flow [id, bytes, packets, last_seen,
@@ -143,8 +145,26 @@ local function bound(zkey, kept)
   if excess > kept then redis.call('ZREMRANGEBYRANK', zkey, 0, excess - 1) end
 end
 
+-- an entry of a flush's series samples past those its transaction applied (sink.py): TS.MADD
+-- of its [key, timestamp, value, ...] (text), in commands of at most 500 samples; samples
+-- RedisTimeSeries refuses (older than a series' retention) are counted as the processor
+-- counts those of its transactions
+local function apply_samples(samples)
+  local refused = 0
+  for at = 1, #samples, 1500 do
+    local replies = redis.call('TS.MADD', unpack(samples, at, math.min(#samples, at + 1499)))
+    for _, reply in ipairs(replies) do
+      if type(reply) == 'table' and reply.err then refused = refused + 1 end
+    end
+  end
+  if refused > 0 then
+    redis.call('HINCRBY', 'pipeline:processor', 'rejected_samples', refused)
+  end
+end
+
 local function apply(text, kept)
   local entry = cjson.decode(text)
+  if entry.samples then return apply_samples(entry.samples) end
   if #entry[5] > 0 then apply_flows(flattened(entry[5]), kept, entry[3]) end
   if entry[7] then apply_flows(entry[7], kept, entry[3]) end
   bound('flows:top:bytes', kept)

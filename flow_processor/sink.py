@@ -44,6 +44,12 @@ from packet_records.security import redact_url
 log = logging.getLogger(__name__)
 
 MADD_CHUNK = 2000  # samples per TS.MADD
+# A partition's samples past the first MADD_CHUNK go to the write journal in entries of
+# JOURNAL_SAMPLES, applied one script call each: a sample older than its series' newest is
+# rewritten into a compressed chunk (30-100 us, not 1), and records spread over thousands of
+# past seconds (an old capture replayed into a running pipeline, or a forged message) made
+# one transaction of hundreds of thousands of them that held Redis for over a minute
+JOURNAL_SAMPLES = 500
 # Flows per journal entry: applying one (about 10 Redis calls a flow) holds Redis for 5-10 ms
 # (more on a machine short of CPU); other clients get in between entries
 JOURNAL_FLOWS = 500
@@ -103,6 +109,21 @@ def both_offsets(values: list) -> list[tuple[int | None, int | None]]:
 def _increments(members: dict) -> list:
     """{member: increment} as top.lua takes it: [increment, member, ...], zeros left out."""
     return [x for member, value in members.items() if value for x in (value, member)]
+
+
+def _by_increments(groups: list, limit: int) -> list[list]:
+    """top.lua groups in consecutive runs of at most `limit` increments (a bigger group
+    alone)."""
+    runs: list[list] = []
+    count = 0
+    for group in groups:
+        n = len(group[2]) // 2
+        if not runs or count + n > limit:
+            runs.append([])
+            count = 0
+        runs[-1].append(group)
+        count += n
+    return runs
 
 
 # journal.lua's flat flow fields for labels not changed, and for a write that is not a flow's
@@ -486,7 +507,14 @@ class RedisSink:
                                  "metric", name)
         for name, value in state.capture_totals.items():
             pipe.execute_command("HINCRBY", CAPTURE_COUNTERS, name, value)
-        entries = self._journal_entries(state) if flows else []
+        samples = self._samples(state)
+        held, step = 3 * MADD_CHUNK, 3 * JOURNAL_SAMPLES  # the transaction applies `held`
+        # the rest as text (a Lua number has 14 digits); before the flow updates, whose last
+        # entry's counters say that all before it landed
+        entries = [orjson.dumps({"samples": list(map(str, samples[at:at + step]))})
+                   for at in range(held, len(samples), step)]
+        if flows:
+            entries += self._journal_entries(state)
         if entries:
             pipe.execute_command("RPUSH", self.journal, *entries)
         # with the series offset, the flow offset is stored too even when it stays: where
@@ -501,8 +529,10 @@ class RedisSink:
         if state.topic_id:
             pipe.execute_command("SET", self.topic_id_prefix + str(state.partition),
                                  state.topic_id)
-        madd, samples = self._queue_samples(pipe, state)
-        return madd, samples + JOURNAL_ENTRY_COST * len(entries), len(entries)
+        if samples:
+            pipe.execute_command("TS.MADD", *samples[:held])
+        cost = len(samples[:held]) // 3 + JOURNAL_ENTRY_COST * len(entries)
+        return (1 if samples else 0), cost, len(entries)
 
     def _journal_entries(self, state: PartitionState) -> list[bytes]:
         """The flush's flow updates, top-N sums and TTLs as journal entries (journal.lua): the
@@ -561,8 +591,12 @@ class RedisSink:
             # (the all-time flows:top:endpoints takes each flow's total with its hash update)
             groups = [(minute, 4, _increments(members), 1)
                       for minute, members in sorted(sums.items())]
-            entries.append([newest, groups, ttl, [], [], [],
+            # flows over many minutes (records spread over days of capture time) make many
+            # groups: past JOURNAL_INCREMENTS increments, they go in entries of their own
+            runs = _by_increments(groups, JOURNAL_INCREMENTS) or [[]]
+            entries.append([newest, runs[0], ttl, [], [], [],
                             self._flow_entries(chunk, label_of, now, refresh_before)])
+            entries += [[newest, run, ttl, [], [], []] for run in runs[1:]]
         groups, count = [], 0
         for minute, sets in sorted(shared.items()):
             for index, members in enumerate(sets, start=1):
@@ -582,11 +616,11 @@ class RedisSink:
             entries[-1][5] = counters
         return [orjson.dumps(entry) for entry in entries]
 
-    def _queue_samples(self, pipe: Recorder, state: PartitionState) -> tuple[int, int]:
-        """TS.MADD every sample of the flush: aggregate series oldest first (a retention
-        window never refuses an older sample written after a newer one), then the flows'.
-        A flow lives on one partition: its (flow, second) cells are already unique. Returns
-        the number of TS.MADD commands and of samples."""
+    def _samples(self, state: PartitionState) -> list:
+        """Every sample of the flush as TS.MADD arguments (key, timestamp, value, ...):
+        aggregate series oldest first (a retention window never refuses an older sample
+        written after a newer one), then the flows'. A flow lives on one partition: its
+        (flow, second) cells are already unique."""
         totals: dict[tuple[int, str], list[int]] = {}
 
         def add(sec: int, series: str, cell: list[int]) -> None:
@@ -630,12 +664,7 @@ class RedisSink:
             ms = sec * 1000
             args += (series + ":bps", ms, cell[0], series + ":pps", ms, cell[1])
         args += flow_args
-        commands = 0
-        step = 3 * MADD_CHUNK
-        for start in range(0, len(args), step):
-            pipe.execute_command("TS.MADD", *args[start:start + step])
-            commands += 1
-        return commands, len(args) // 3
+        return args
 
     @staticmethod
     def _flow_entries(flows: list[Flow], label_of: dict[Flow, str], now: float,

@@ -99,6 +99,71 @@ def test_entries_land_once_across_a_stop_and_a_resend(settings, monkeypatch):
                                                   (T // 10**6 + 1000, FLOWS)]
 
 
+def test_samples_past_what_a_transaction_applies_land_once_through_the_journal(
+        stack, databases, monkeypatch):
+    """A flush of records spread over 300 seconds (an old capture replayed into a running
+    pipeline, or a forged message, spreads them over thousands): its transaction applies the
+    first MADD_CHUNK samples, the rest go to the journal in entries of JOURNAL_SAMPLES, which
+    land exactly once across a stop and a resend. Samples older than a series' retention
+    allows are refused and counted, in the transaction and in the entries alike."""
+    monkeypatch.setattr(sink, "MADD_CHUNK", 50)
+    monkeypatch.setattr(sink, "JOURNAL_SAMPLES", 20)
+    monkeypatch.setattr(sink, "JOURNAL_INCREMENTS", 2)  # the flow's 6 minutes: 3 entries
+    number = databases.take()
+    settings = ProcessorSettings(redis_url=f"{stack.redis_url}/{number}", kafka_topic="t",
+                                 kafka_group_id="g", series_retention_ms=60_000)
+    try:
+        first = sink.RedisSink(settings)
+        first.ensure_series()
+        r = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+        newer = T // 10**6 + 320_000  # a running pipeline has a newer second already
+        for metric in ("bps", "pps"):
+            r.execute_command("TS.ADD", f"ts:global:{metric}", newer, 1)
+        state = PartitionState(0, None, FlowTable(600 * S, 6000 * S, 10_000))
+        state.add_records(iter([Record(T + second * S, 100, 4, 6, 0, 0, 1000, 80, A4, B4, 0,
+                                       0, 0) for second in range(300)]))
+        state.next_offset = 10
+        groups = first.prepare([state], flows=False)
+        (write,), = groups
+        madd = [args for args in write.commands if args[0] == "TS.MADD"]
+        assert [len(args) for args in madd] == [1 + 3 * 50]
+        (pushed,) = [args[2:] for args in write.commands if args[0] == "RPUSH"]
+        of_samples = [e for e in pushed if e.startswith(b'{"samples"')]
+        windows = [orjson.loads(e)[1] for e in pushed[len(of_samples):]]
+        assert [[g[0] - windows[0][0][0] for g in w if g[1] == 4] for w in windows[:3]] == [
+            [0, 1], [2, 3], [4, 5]]  # the flow's minutes, at most 2 increments an entry
+        sizes = [len(orjson.loads(e)["samples"]) // 3 for e in of_samples]
+        assert sizes[:-1] == [20] * (len(sizes) - 1) and 0 < sizes[-1] <= 20
+        assert 50 + sum(sizes) == 2 * 300 * 4  # global, TCP, UNKNOWN, and the flow's series
+        assert list(pushed[:len(of_samples)]) == of_samples  # before the flow updates
+        result = sink.WriteResult()
+        first._send_before(write.before)  # the flow's series
+        first._write_group(groups[0], result)
+        assert int(r.get("pipeline:offsets:g:t:0")) == 10
+        first.script(keys=[first.journal], args=["drain", 10])  # then the writer stops
+        sink.RedisSink(settings).check()  # the next processor applies the rest
+        again = first.execute(groups, close_newest=True)  # and a resend changes nothing
+        assert [w.partition for w in again.written] == [0] and not again.fenced
+        assert r.llen(first.journal) == 0
+        for metric, value in (("bps", 100), ("pps", 1)):
+            kept = r.execute_command("TS.RANGE", f"ts:global:{metric}", "-", "+")
+            assert [(int(t), int(float(v))) for t, v in kept] == [
+                (T // 10**6 + second * 1000, value) for second in range(260, 300)] + [
+                (newer, 1)]
+        refused = 2 * 260  # global bps and pps before the newer second's retention
+        in_redis = int(r.hget("pipeline:processor", "rejected_samples") or 0)
+        assert result.rejected_samples + in_redis == refused
+        assert 0 < result.rejected_samples < refused  # some in the transaction, some not
+        (flow,) = state.table.flows.values()  # its series keeps a day: every second, once
+        assert float(r.zscore("flows:top:1h:endpoints", flow.label)) == 300 * 100
+        assert float(r.zscore("flows:top:endpoints", flow.label)) == 300 * 100
+        assert float(r.zscore("hosts:top:1h:bytes", "192.0.2.10")) == 300 * 100
+        kept = r.execute_command("TS.RANGE", f"ts:flow:{flow.id}:pps", "-", "+")
+        assert [int(float(v)) for _t, v in kept] == [1] * 300
+    finally:
+        databases.give(number)
+
+
 def test_a_set_an_entry_grows_past_twice_its_bound_is_cut_back_while_draining(
         kept_10, monkeypatch):
     """Under a scan every flow of a flush is a new member: the drain keeps the top-N sets
