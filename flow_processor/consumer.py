@@ -314,6 +314,8 @@ class Processor:
             return  # not ours (any more)
         offset = msg.offset()
         if state.next_offset is not None and offset < state.next_offset:
+            if unreadable:  # (the client would fetch it again and again)
+                self._seek(state.partition, state.next_offset)
             return  # already aggregated
         if state.flow_base is None and state.flow_start is None:
             state.flow_start = offset
