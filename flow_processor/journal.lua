@@ -145,17 +145,14 @@ local function bound(zkey, kept)
   if excess > kept then redis.call('ZREMRANGEBYRANK', zkey, 0, excess - 1) end
 end
 
--- an entry of a flush's series samples past those its transaction applied (sink.py): TS.MADD
--- of its [key, timestamp, value, ...] (text), in commands of at most 500 samples; samples
+-- an entry of a flush's series samples past those its transaction applied (sink.py): one
+-- TS.MADD of its [key, timestamp, value, ...] (text, at most JOURNAL_SAMPLES samples); samples
 -- RedisTimeSeries refuses (older than a series' retention) are counted as the processor
 -- counts those of its transactions
 local function apply_samples(samples)
   local refused = 0
-  for at = 1, #samples, 1500 do
-    local replies = redis.call('TS.MADD', unpack(samples, at, math.min(#samples, at + 1499)))
-    for _, reply in ipairs(replies) do
-      if type(reply) == 'table' and reply.err then refused = refused + 1 end
-    end
+  for _, reply in ipairs(redis.call('TS.MADD', unpack(samples))) do
+    if type(reply) == 'table' and reply.err then refused = refused + 1 end
   end
   if refused > 0 then
     redis.call('HINCRBY', 'pipeline:processor', 'rejected_samples', refused)

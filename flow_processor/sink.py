@@ -529,10 +529,10 @@ class RedisSink:
         if state.topic_id:
             pipe.execute_command("SET", self.topic_id_prefix + str(state.partition),
                                  state.topic_id)
-        if samples:
-            pipe.execute_command("TS.MADD", *samples[:held])
-        cost = len(samples[:held]) // 3 + JOURNAL_ENTRY_COST * len(entries)
-        return (1 if samples else 0), cost, len(entries)
+        own = samples[:held]
+        if own:
+            pipe.execute_command("TS.MADD", *own)
+        return (1 if own else 0), len(own) // 3 + JOURNAL_ENTRY_COST * len(entries), len(entries)
 
     def _journal_entries(self, state: PartitionState) -> list[bytes]:
         """The flush's flow updates, top-N sums and TTLs as journal entries (journal.lua): the

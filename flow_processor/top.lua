@@ -155,7 +155,7 @@ local function add_top(newest_minute, groups, ttl, expire)
       targets[#targets + 1] = set[1] .. ':top:' .. set[2]  -- the all-time set
     end
     for _, target in ipairs(targets) do touched[target] = true end
-    increment_all(targets, items)
+    if #targets > 0 then increment_all(targets, items) end
   end
   for _, k in ipairs(expire) do
     redis.call('EXPIRE', k, ttl)
