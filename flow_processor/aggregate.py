@@ -132,9 +132,11 @@ class PartitionState:
         # (message, value, records, meta entries) each, and their records
         self.waiting: list[tuple] = []
         self.waiting_records = 0
-        # distinct flows per record of the last aggregation that had flows: near 1 when each
-        # record is a flow of its own (a scan), low when records come back to the same flows
-        self.flows_per_record = 1.0
+        # flows new to the table per record, in the last aggregation that had flows: near 1
+        # when each record is a flow of its own (a scan), low once records come back to flows
+        # already seen (distinct flows per record is near 1 for any busy network in a small
+        # batch: 65,000 flows replayed, messages of 800 records held 750 flows)
+        self.new_flows_per_record = 1.0
         self.clear()
         self.clear_flows()
 
@@ -299,8 +301,9 @@ class PartitionState:
             if not len(rows):
                 return
             batch, sec, wire = batch[rows], sec[rows], wire[rows]
+        known = len(self.table)
         flows, record_flow = self._add_flows(batch, sec, wire)
-        self.flows_per_record = len(flows) / len(batch)
+        self.new_flows_per_record = (len(self.table) - known) / len(batch)
         if meta:  # in record order; a record's entries in their order
             index = np.array([entry[0] for entry in meta], dtype=np.int64)
             order = np.argsort(index, kind="stable")

@@ -164,16 +164,22 @@ def test_clean_flow_in_the_table_becomes_dirty_again_once():
     assert state.dirty_flows == [flow] and len(state.table) == 1
 
 
-def test_flows_per_record_of_the_last_aggregation():
+def test_new_flows_per_record_of_the_last_aggregation():
     state = PartitionState(0, None, FlowTable(60 * S, 600 * S, 1000))
-    assert state.flows_per_record == 1.0  # nothing known yet: taken as a scan's
-    state.add_records(iter([rec(T, sport=p) for p in range(1000, 1010)]))  # a flow each
-    assert state.flows_per_record == 1.0
-    state.add_records(iter([rec(T + i, sport=1000 + i % 2) for i in range(8)]))  # two flows
-    assert state.flows_per_record == 2 / 8
+    assert state.new_flows_per_record == 1.0  # nothing known yet: taken as a scan's
+    state.add_records(iter([rec(T, sport=p) for p in range(1000, 1010)]))  # a new flow each
+    assert state.new_flows_per_record == 1.0
+    # eight records of two flows seen before, and two of a new one: distinct flows per record
+    # would be 3 / 10, flows new to the table are 1 / 10
+    state.add_records(iter([rec(T + i, sport=1000 + i % 2) for i in range(8)]
+                           + [rec(T + 9, sport=2000), rec(T + 9, sport=2000)]))
+    assert state.new_flows_per_record == 1 / 10
+    # a busy network's small batch: every record a distinct flow, but flows seen before
+    state.add_records(iter([rec(T + 10, sport=p) for p in range(1000, 1010)]))
+    assert state.new_flows_per_record == 0.0
     # records without a 5-tuple make no flow: they leave the figure as it was
     state.add_records(iter([rec(T, ipver=0, proto=0, sport=0, dport=0, src=MAC, dst=MAC)]))
-    assert state.flows_per_record == 2 / 8
+    assert state.new_flows_per_record == 0.0
 
 
 def test_successive_calls_accumulate():

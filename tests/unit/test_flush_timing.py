@@ -7,7 +7,7 @@ from flow_processor.consumer import (
     AGGREGATE_RECORDS,
     BACKLOG_FLUSH_FACTOR,
     REPLAY_FLUSH_FACTOR,
-    SCAN_LIKE_FLOWS_PER_RECORD,
+    SCAN_LIKE_NEW_FLOWS_PER_RECORD,
     aggregate_now,
     series_due,
 )
@@ -46,7 +46,7 @@ def test_waiting_records_are_aggregated_once_they_are_enough_for_any_poll():
 def test_an_empty_poll_aggregates_a_scans_records_only():
     few = AGGREGATE_RECORDS // 10
     assert aggregate_now(few, 1.0, poll_empty=True)
-    assert aggregate_now(few, SCAN_LIKE_FLOWS_PER_RECORD, poll_empty=True)
+    assert aggregate_now(few, SCAN_LIKE_NEW_FLOWS_PER_RECORD, poll_empty=True)
     # records that come back to the same flows wait for more, or the next flush
-    assert not aggregate_now(few, SCAN_LIKE_FLOWS_PER_RECORD - 0.01, poll_empty=True)
+    assert not aggregate_now(few, SCAN_LIKE_NEW_FLOWS_PER_RECORD - 0.01, poll_empty=True)
     assert not aggregate_now(few, 0.2, poll_empty=True)
