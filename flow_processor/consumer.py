@@ -59,11 +59,13 @@ POLL_FILL_S = 0.2
 # flush's worth at once took 0.5 of 2 CPU-seconds less).
 AGGREGATE_RECORDS = 25_000
 # A poll that comes back empty aggregates the waiting records of the partitions whose last
-# aggregation found at least this many new flows per record (a scan: each record a flow of
-# its own). Waiting spares nothing there, and a scan's records, the dearest to aggregate,
-# would pile up for the end of a replay (exit -> all in Redis 2.8 s instead of 1 s). Records
-# that come back to flows already seen wait (65,000 flows active all through a replay: about
-# 0.4 processor CPU-seconds less end to end than aggregated on every empty poll).
+# aggregation created at least this many flows new to the partition's flow table per record
+# with a 5-tuple (a scan: each record a flow of its own). Waiting spares nothing there, and a
+# scan's records, the dearest to aggregate, would otherwise pile up for the end of a replay
+# (a 1,000,000-flow scan: all in Redis 2.8 s after capture's exit instead of 1 s). Records of
+# flows the table holds wait. Distinct flows per record would not tell: in a small batch they
+# are nearly as many as the records on any busy network (a replay of 65,000 flows that each
+# come back every second or so was aggregated message by message at its start).
 SCAN_LIKE_NEW_FLOWS_PER_RECORD = 0.8
 # Nothing read for this long after a replay's end (capture marks it on every partition): the
 # flows go to Redis now, not at the next FLOW_WRITE_INTERVAL_MS. Without the mark (a quiet
@@ -111,7 +113,8 @@ def aggregate_now(waiting_records: int, new_flows_per_record: float,
                   poll_empty: bool) -> bool:
     """Are a partition's waiting records aggregated now (else at the next flush)? Once they
     hold AGGREGATE_RECORDS; when a poll comes back empty, also those of a partition whose
-    records are mostly flows of their own (SCAN_LIKE_NEW_FLOWS_PER_RECORD)."""
+    last aggregation created mostly flows new to its flow table
+    (SCAN_LIKE_NEW_FLOWS_PER_RECORD)."""
     return waiting_records >= AGGREGATE_RECORDS or (
         poll_empty and new_flows_per_record >= SCAN_LIKE_NEW_FLOWS_PER_RECORD)
 

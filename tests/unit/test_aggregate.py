@@ -180,6 +180,20 @@ def test_new_flows_per_record_of_the_last_aggregation():
     # records without a 5-tuple make no flow: they leave the figure as it was
     state.add_records(iter([rec(T, ipver=0, proto=0, sport=0, dport=0, src=MAC, dst=MAC)]))
     assert state.new_flows_per_record == 0.0
+    # ... and beside records with one, they are not counted: one new flow of two records
+    state.add_records(iter([rec(T + 11, ipver=0, proto=0, sport=0, dport=0, src=MAC, dst=MAC),
+                            rec(T + 11, sport=3000), rec(T + 11, sport=3000)]))
+    assert state.new_flows_per_record == 1 / 2
+    # a flow that left the table (written, then idle past the timeout) is new when it comes back
+    for flow in state.dirty_flows:
+        flow.dirty = False
+    for flow in state.flow_updates:
+        flow.updated = False
+    state.clear()
+    state.clear_flows()
+    assert len(state.table.expire(T + 200 * S)) == 12 and len(state.table) == 0
+    state.add_records(iter([rec(T + 200 * S, sport=1000)]))
+    assert state.new_flows_per_record == 1.0
 
 
 def test_successive_calls_accumulate():
