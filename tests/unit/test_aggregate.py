@@ -185,12 +185,7 @@ def test_new_flows_per_record_of_the_last_aggregation():
                             rec(T + 11, sport=3000), rec(T + 11, sport=3000)]))
     assert state.new_flows_per_record == 1 / 2
     # a flow that left the table (written, then idle past the timeout) is new when it comes back
-    for flow in state.dirty_flows:
-        flow.dirty = False
-    for flow in state.flow_updates:
-        flow.updated = False
-    state.clear()
-    state.clear_flows()
+    flushed(state)
     assert len(state.table.expire(T + 200 * S)) == 12 and len(state.table) == 0
     state.add_records(iter([rec(T + 200 * S, sport=1000)]))
     assert state.new_flows_per_record == 1.0
