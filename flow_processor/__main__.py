@@ -22,6 +22,12 @@ from packet_records.runtime import (
 from packet_records.security import kafka_client_config
 from packet_records.topics import ensure_topics
 
+# How often Python's running thread hands over to a waiting one (default 5 ms). The writer
+# thread sends a flush's journal while the processor's thread builds the rest of it: it
+# waited up to this long for the interpreter after each Redis reply, and Redis sat idle
+# meanwhile at the end of a replay
+SWITCH_INTERVAL_S = 0.001
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -40,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--exit-when-idle must be >= 0")
     settings = load_settings(ProcessorSettings, "flow_processor")
     tune_gc()
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     configure_logging(settings.log_level)
     sink = RedisSink(settings)
     if args.reset_data:

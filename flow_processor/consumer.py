@@ -67,11 +67,14 @@ AGGREGATE_RECORDS = 25_000
 # are nearly as many as the records on any busy network (a replay of 65,000 flows that each
 # come back every second or so was aggregated message by message at its start).
 SCAN_LIKE_NEW_FLOWS_PER_RECORD = 0.8
-# Nothing read for this long after a replay's end (capture marks it on every partition): the
-# flows go to Redis now, not at the next FLOW_WRITE_INTERVAL_MS. Without the mark (a quiet
-# network) after FLOWS_QUIET_LIVE_S: while capture is replaying a file, short gaps come and go
-# (two busy cores), and a flow write at each split most flows of a replay across two writes
-# (twice the Redis work); on live traffic of a few messages a second every poll gap would.
+# A replay's end (capture marks it on every partition) read as the last message of every
+# partition this member reads: the flows go to Redis at once (replay_read_to_end); read on some
+# partitions, once nothing was read for FLOWS_QUIET_S; not at the next FLOW_WRITE_INTERVAL_MS
+# either way (waiting for a quiet spell delayed the end of a replay by 0.1-0.2 s). Without the
+# mark (a quiet network) after FLOWS_QUIET_LIVE_S: while capture is replaying a file, short
+# gaps come and go (two busy cores), and a flow write at each split most flows of a replay
+# across two writes (twice the Redis work); on live traffic of a few messages a second every
+# poll gap would.
 FLOWS_QUIET_S = 0.1
 FLOWS_QUIET_LIVE_S = 1.0
 # While only replayed records come (capture --pcap), the flow part waits for the replay's end
@@ -353,8 +356,10 @@ class Processor:
                                                                 self.limits)
             state.add_stats(ts_ns, counters)
             self.replay_ended |= replay_end
+            state.at_replay_end |= replay_end
             return
         records, meta = decode_batch(value, message_ns, now_ns, self.limits)
+        state.at_replay_end = False
         if not records.replay:
             self.live_read = self.live_series = True
         if queue:
@@ -582,6 +587,11 @@ class Processor:
             oldest = minute if oldest is None else min(oldest, minute)
         return oldest
 
+    def replay_read_to_end(self) -> bool:
+        """Is a replay's end mark the last message read on every partition of this member?
+        Its flows are complete then: written at once, with no wait for a quiet spell."""
+        return bool(self.states) and all(st.at_replay_end for st in self.states.values())
+
     def settle(self) -> None:
         """Wait for the flush in flight, if any, and act on how it went: raise its Redis error
         (it is sent again by the next call), or count it, restart the partitions another
@@ -690,10 +700,15 @@ class Processor:
                     if not more:
                         break
                     messages += more
+                was_written = not any(st.series_pending for st in self.states.values())
                 self.handle_all(messages)
                 now = time.monotonic()
                 if messages:
                     last_message = now
+                    if was_written and not self.live_series:
+                        # a replay's intervals count from its first records, not from the
+                        # last flush before it (long past: a flush at its first poll)
+                        next_flush = max(next_flush, now + flush_every)
                 else:
                     self.read_past_markers()
                 self.idle = now - last_message >= QUIET_S
@@ -706,7 +721,7 @@ class Processor:
                 quiet = FLOWS_QUIET_S if self.replay_ended else FLOWS_QUIET_LIVE_S
                 flows_at = next_flows if self.live_read else (
                     next_flows + (REPLAY_FLOW_WRITE_FACTOR - 1) * flows_every)
-                flows_due = (now >= flows_at or over
+                flows_due = (now >= flows_at or over or self.replay_read_to_end()
                              or (not messages and now - last_message >= quiet))
                 if flows_due and not due:
                     flows_due = due = any(st.flows_pending for st in self.states.values())

@@ -1,6 +1,7 @@
 -- Appended to top.lua: the processor's script (see sink.py). Mode 'drain': apply the oldest
--- entry of the write journal KEYS[1] and remove it, in one call; returns how many entries are
--- left (with the error, as {left, error}, when the entry could not be applied). ARGV[2]:
+-- entries of the write journal KEYS[1], up to ARGV[3] bytes of them (DRAIN_BYTES), and remove
+-- them, in one call; returns how many entries are left (with the error, as {left, error}, when
+-- an entry could not be applied: the call stops after it). ARGV[2]:
 -- members a top-N set keeps (TOP_FLOWS_KEPT); a set the entry grew past twice that is cut
 -- back to it here (a scan makes sets grow by a flush's flows, and every increment on a big
 -- set costs more), the others after the flush. A flush's transaction stores its offsets and
@@ -11,19 +12,19 @@
 -- the next call).
 --
 -- An entry is a JSON object {"samples": [...]} (apply_samples below), or a JSON array [newest
--- minute, top-N groups, TTL, keys to EXPIRE, old flows, counters, flows]: the first four are
--- top.lua's 'add' arguments; counters are [[name, increment], ...] of the pipeline:processor
--- hash (a flush's last entry carries them, so a counter that reached a figure means the
--- entries before it landed too). flows is one flat array, FIELDS values a flow (a flat array
--- decodes in a third of the time of an array an entry): id, bytes, packets, last_seen; app,
--- app_guess, server_name, fingerprint (app 0 when none of them changed; '' for a name not
--- known); src, dst, sport, dport, proto,
--- first_seen on the first write of the processor's table entry for the flow (src 0 else);
--- endpoints (the flow's member of flows:top:endpoints); 1 to (re)set the TTL of its hash, else
--- 0. Old flows: entries of earlier versions, an array a flow [id, bytes, packets, last_seen,
--- labels, fixed, endpoints] (labels 0 or [app, app_guess, server_name, fingerprint], fixed 0
--- or [src, dst, sport, dport, proto, first_seen], endpoints absent: their top-N groups add it)
--- with their TTLs in the keys to EXPIRE; they are applied as flows of the flat form.
+-- minute, top-N groups, TTL, keys to EXPIRE, old flows, counters, flows, least (apply_flows;
+-- 0 when absent)]: the first four are top.lua's 'add' arguments; counters are [[name,
+-- increment], ...] of the pipeline:processor hash (a flush's last entry carries them, so a
+-- counter that reached a figure means the entries before it landed too). flows is one flat
+-- array, FIELDS values a flow (a flat array decodes in a third of the time of an array an
+-- entry): id, bytes, packets, last_seen; app, app_guess, server_name, fingerprint (app 0 when
+-- none of them changed; '' for a name not known); src, dst, sport, dport, proto, first_seen
+-- on the first write of the processor's table entry for the flow (src 0 else); endpoints (the
+-- flow's member of flows:top:endpoints); 1 to (re)set the TTL of its hash, else 0. Old flows:
+-- entries of earlier versions, an array a flow [id, bytes, packets, last_seen, labels, fixed,
+-- endpoints] (labels 0 or [app, app_guess, server_name, fingerprint], fixed 0 or [src, dst,
+-- sport, dport, proto, first_seen], endpoints absent: their top-N groups add it) with their
+-- TTLs in the keys to EXPIRE; they are applied as flows of the flat form.
 -- flows:top:bytes and flows:top:endpoints take the flow's total from its hash (ZADD): a flow
 -- trimmed from them (TOP_FLOWS_KEPT) comes back with all its bytes, not those since.
 local FIELDS = 16
@@ -101,7 +102,10 @@ local function absent(flows)
   return fresh
 end
 
-local function apply_flows(flows, kept, ttl)
+-- least: a flow whose hash this call makes (its total is its bytes) enters the flows:top sets
+-- only with at least this many bytes (least_new_top_total in sink.py: at least `kept` flows
+-- of the same flush are above it)
+local function apply_flows(flows, kept, ttl, least)
   local by_bytes, by_endpoints = {}, {}
   local bytes_floor = floor_of('flows:top:bytes', kept)
   local endpoints_floor = floor_of('flows:top:endpoints', kept)
@@ -116,7 +120,8 @@ local function apply_flows(flows, kept, ttl)
     local src = flows[at + 8]
     local made = src ~= 0 and fresh[meta]
     fresh[meta] = nil
-    if made or (src ~= 0 and redis.call('HSETNX', meta, 'src', src) == 1) then
+    made = made or (src ~= 0 and redis.call('HSETNX', meta, 'src', src) == 1)
+    if made then
       redis.call('HSET', meta, unpack(labelled({'src', src, 'dst', flows[at + 9],
         'sport', flows[at + 10], 'dport', flows[at + 11], 'proto', flows[at + 12],
         'first_seen', flows[at + 13], 'bytes', bytes, 'packets', flows[at + 2]}, flows, at)))
@@ -126,13 +131,15 @@ local function apply_flows(flows, kept, ttl)
       redis.call('HSET', meta, unpack(labelled({}, flows, at)))
     end
     if flows[at + 15] == 1 then redis.call('EXPIRE', meta, ttl) end
-    if not bytes_floor or total >= bytes_floor then
-      by_bytes[#by_bytes + 1] = total
-      by_bytes[#by_bytes + 1] = id
-    end
-    if endpoints ~= 0 and (not endpoints_floor or total >= endpoints_floor) then
-      by_endpoints[#by_endpoints + 1] = total
-      by_endpoints[#by_endpoints + 1] = endpoints
+    if not made or total >= least then
+      if not bytes_floor or total >= bytes_floor then
+        by_bytes[#by_bytes + 1] = total
+        by_bytes[#by_bytes + 1] = id
+      end
+      if endpoints ~= 0 and (not endpoints_floor or total >= endpoints_floor) then
+        by_endpoints[#by_endpoints + 1] = total
+        by_endpoints[#by_endpoints + 1] = endpoints
+      end
     end
   end
   zadd_all('flows:top:bytes', by_bytes)
@@ -162,8 +169,8 @@ end
 local function apply(text, kept)
   local entry = cjson.decode(text)
   if entry.samples then return apply_samples(entry.samples) end
-  if #entry[5] > 0 then apply_flows(flattened(entry[5]), kept, entry[3]) end
-  if entry[7] then apply_flows(entry[7], kept, entry[3]) end
+  if #entry[5] > 0 then apply_flows(flattened(entry[5]), kept, entry[3], 0) end
+  if entry[7] then apply_flows(entry[7], kept, entry[3], entry[8] or 0) end
   bound('flows:top:bytes', kept)
   bound('flows:top:endpoints', kept)
   for zkey in pairs(add_top(entry[1], entry[2], entry[3], entry[4])) do bound(zkey, kept) end
@@ -173,14 +180,19 @@ local function apply(text, kept)
 end
 
 if mode == 'drain' then
-  local text = redis.call('LPOP', KEYS[1])
-  if not text then return 0 end
-  -- an entry that cannot be applied (a key of another type in the way, a damaged entry) is
-  -- removed all the same and its error returned: it must not stop every later write (like a
-  -- failed command inside EXEC, what it did before the error stays)
-  local ok, err = pcall(apply, text, tonumber(ARGV[2]))
-  local left = redis.call('LLEN', KEYS[1])
-  if not ok then return {left, tostring(err)} end
-  return left
+  -- entries, oldest first, until they add up to ARGV[3] bytes (one at least, one only when
+  -- absent)
+  local budget, used = tonumber(ARGV[3]) or 0, 0
+  repeat
+    local text = redis.call('LPOP', KEYS[1])
+    if not text then return 0 end
+    used = used + #text
+    -- an entry that cannot be applied (a key of another type in the way, a damaged entry) is
+    -- removed all the same and its error returned: it must not stop every later write (like
+    -- a failed command inside EXEC, what it did before the error stays)
+    local ok, err = pcall(apply, text, tonumber(ARGV[2]))
+    if not ok then return {redis.call('LLEN', KEYS[1]), tostring(err)} end
+  until used >= budget
+  return redis.call('LLEN', KEYS[1])
 end
 return redis.error_reply('unknown mode')

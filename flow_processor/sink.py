@@ -54,6 +54,11 @@ JOURNAL_SAMPLES = 500
 # (more on a machine short of CPU); other clients get in between entries
 JOURNAL_FLOWS = 500
 JOURNAL_INCREMENTS = 1000  # top-N increments of hosts, applications, domains per entry
+# A drain call applies journal entries until they add up to this many bytes: with one entry a
+# call, the writer thread waited for the processor's thread (Python's GIL) before each call
+# while the processor built the rest of a flush, and Redis sat half idle through the end of a
+# replay (65,000 flows: 194 calls). Entries of this many bytes hold Redis for 10-30 ms.
+DRAIN_BYTES = 256 * 1024
 PREPARE_CHUNK = 2000  # commands per pipeline that creates flow series before a transaction
 TRIM_CHUNK = 10000  # members removed from a top-N set per command
 # A flush is cut into transactions of about this cost, whole partitions each: the samples of
@@ -133,8 +138,10 @@ _NOT_FIRST = (0, 0, 0, 0, 0, 0)
 
 
 def ns_text(ns: int) -> str:
-    """Epoch seconds with nanosecond digits, as tshark prints frame.time_epoch."""
-    return f"{ns // 1_000_000_000}.{ns % 1_000_000_000:09d}"
+    """Epoch seconds with nanosecond digits, as tshark prints frame.time_epoch (cut from the
+    decimal digits: a quarter of the time of dividing, for two of these a flow)."""
+    digits = str(ns).rjust(10, "0")
+    return f"{digits[:-9]}.{digits[-9:]}"
 
 
 class Recorder:
@@ -362,18 +369,21 @@ class RedisSink:
         self._create_series(self._series_to_create())
         s = self.settings
         scores = self.top_scores()
-        group: list[PartitionWrite] = []
-        cost = 0
-        for state in states:
-            # a partition's first write stores where its flow part starts (the first message
-            # read) and leaves the flows for a later write: each flow of a replay is then
-            # written once or twice, not once more at the start
-            with_flows = flows or state.reset or (state.flow_base is None
-                                                  and state.flow_start is None)
-            flow_next = (state.next_offset if with_flows else state.flow_base
-                         if state.flow_base is not None else state.flow_start)
+        # a partition's first write stores where its flow part starts (the first message read)
+        # and leaves the flows for a later write: each flow of a replay is then written once
+        # or twice, not once more at the start
+        plans = [(state, flows or state.reset or (state.flow_base is None
+                                                  and state.flow_start is None))
+                 for state in states]
+        for state, with_flows in plans:
             if with_flows:
                 self.flows_not_stored += state.hold_back_probes(s.probe_flows_stored)
+        least = self.least_new_top_total([state for state, with_flows in plans if with_flows])
+        group: list[PartitionWrite] = []
+        cost = 0
+        for state, with_flows in plans:
+            flow_next = (state.next_offset if with_flows else state.flow_base
+                         if state.flow_base is not None else state.flow_start)
             self._count_given(scores, state.plan_series(
                 s.flow_series, s.flow_series_min_bytes, list(scores.values()), s.flow_series_top,
                 s.flow_series_max_held))
@@ -381,7 +391,7 @@ class RedisSink:
             self._prepare_flows(state.dirty_flows, before)
             series = state.series_pending
             madd, write_cost, entries = self._queue_writes(commands, state, series, with_flows,
-                                                           flow_next)
+                                                           flow_next, least)
             write = PartitionWrite(
                 state, state.partition, state.base_offset,
                 state.next_offset if series else state.base_offset, before.commands,
@@ -496,7 +506,8 @@ class RedisSink:
             return
 
     def _queue_writes(self, pipe: Recorder, state: PartitionState, series: bool,
-                      flows: bool, flow_offset: int | None) -> tuple[int, int, int]:
+                      flows: bool, flow_offset: int | None,
+                      least: int = 0) -> tuple[int, int, int]:
         """Record one partition's flush (its series part's offset when series, its flow part
         when flows, and the flow part's offset, flow_offset, when it moves); return how many
         TS.MADD commands end it, what it costs (TRANSACTION_COST) and how many journal entries
@@ -514,7 +525,7 @@ class RedisSink:
         entries = [orjson.dumps({"samples": list(map(str, samples[at:at + step]))})
                    for at in range(held, len(samples), step)]
         if flows:
-            entries += self._journal_entries(state)
+            entries += self._journal_entries(state, least)
         if entries:
             pipe.execute_command("RPUSH", self.journal, *entries)
         # with the series offset, the flow offset is stored too even when it stays: where
@@ -534,7 +545,25 @@ class RedisSink:
             pipe.execute_command("TS.MADD", *own)
         return (1 if own else 0), len(own) // 3 + JOURNAL_ENTRY_COST * len(entries), len(entries)
 
-    def _journal_entries(self, state: PartitionState) -> list[bytes]:
+    def least_new_top_total(self, states: list[PartitionState]) -> int:
+        """The least total a flow whose hash this flush makes needs to enter flows:top:bytes
+        and flows:top:endpoints (journal.lua), 0 for any: the TOP_FLOWS_KEPT-th largest bytes
+        of the flows written for the first time in these partitions' flow parts. Such a
+        flow's total is its bytes, so at least TOP_FLOWS_KEPT flows of the flush end up above
+        one below it (in the sets, or trimmed from them by larger ones): it would be trimmed.
+        A flow whose hash exists already (a flow that left the table and came back) may have
+        a larger total: its hash's total decides, as before. A replay's 65,000 flows,
+        written at its end, made 2 x 29,000 ZADD members of which 2 x 10,000 stay."""
+        kept = self.settings.top_flows_kept
+        sizes = []
+        for state in states:
+            state.sync_flows()
+            sizes += [f.delta_bytes for f in state.flow_updates if f.new and not f.unstored]
+        if len(sizes) <= kept:
+            return 0
+        return int(np.partition(np.array(sizes, dtype=np.int64), len(sizes) - kept)[-kept])
+
+    def _journal_entries(self, state: PartitionState, least: int = 0) -> list[bytes]:
         """The flush's flow updates, top-N sums and TTLs as journal entries (journal.lua): the
         flows in entries of at most JOURNAL_FLOWS, with their flows:top:endpoints sums and
         TTLs; then the sums of hosts, applications and domains in entries of at most
@@ -584,7 +613,8 @@ class RedisSink:
             if sets is None:
                 shared[minute] = sets = ({}, {}, {})
             sets[1]["UNKNOWN"] = sets[1].get("UNKNOWN", 0) + b
-        # [newest minute, top-N groups, TTL, keys to EXPIRE, flows, counters] (journal.lua)
+        # [newest minute, top-N groups, TTL, keys to EXPIRE, old flows, counters, flows,
+        # least new top total] (journal.lua)
         entries = []
         for i, sums in enumerate(by_flow):
             chunk = flows[i * JOURNAL_FLOWS:(i + 1) * JOURNAL_FLOWS]
@@ -595,7 +625,7 @@ class RedisSink:
             # groups: past JOURNAL_INCREMENTS increments, they go in entries of their own
             runs = _by_increments(groups, JOURNAL_INCREMENTS) or [[]]
             entries.append([newest, runs[0], ttl, [], [], [],
-                            self._flow_entries(chunk, label_of, now, refresh_before)])
+                            self._flow_entries(chunk, label_of, now, refresh_before), least])
             entries += [[newest, run, ttl, [], [], []] for run in runs[1:]]
         groups, count = [], 0
         for minute, sets in sorted(shared.items()):
@@ -730,13 +760,15 @@ class RedisSink:
                       text)
 
     def drain_journal(self) -> int:
-        """Apply the journal's entries, oldest first, one script call each (journal.lua): what
-        this process's flushes pushed, or what a processor that stopped left behind. Returns
-        how many could not be applied (each logged: a bug or a key of another type in the way,
-        not bad data; the entries after it are applied all the same)."""
+        """Apply the journal's entries, oldest first, about DRAIN_BYTES of them a script call
+        (journal.lua): what this process's flushes pushed, or what a processor that stopped
+        left behind. Returns how many could not be applied (each logged: a bug or a key of
+        another type in the way, not bad data; the entries after it are applied all the
+        same)."""
         failed = 0
+        args = ["drain", self.settings.top_flows_kept, DRAIN_BYTES]
         while True:
-            left = self.script(keys=[self.journal], args=["drain", self.settings.top_flows_kept])
+            left = self.script(keys=[self.journal], args=args)
             if isinstance(left, list):
                 left, error = left
                 failed += 1

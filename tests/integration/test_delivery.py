@@ -136,7 +136,11 @@ def test_redis_outage_pauses_and_resumes_exactly(stack, big_capture, tmp_path):
     workdir = tmp_path / "redis"
     rds = start_redis(workdir=workdir)
     port = rds.port
-    env = slow_env(stack.env(0, REDIS_URL=f"{rds.url}"))
+    # messages of 100 records, one a poll: the replay lasts long enough for Redis to stop
+    # after its first flow write and before its last (read at full speed, a replay's flows
+    # can all come in one write, at its end)
+    env = dict(slow_env(stack.env(0, REDIS_URL=f"{rds.url}")), RECORDS_PER_MESSAGE="100",
+               MAX_POLL_RECORDS="100")
     try:
         run_module("capture", env, "--pcap", str(path))
         log = tmp_path / "processor.log"

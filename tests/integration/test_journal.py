@@ -239,6 +239,66 @@ def test_flows_below_a_full_top_sets_lowest_kept_score_are_left_out_and_the_top_
         assert int(r.hget(f"flow:{ids[port]}:meta", "bytes")) == total
 
 
+def test_flows_a_flush_makes_below_its_top_kept_are_left_out_of_the_top_sets(kept_10):
+    """A flush of more new flows than TOP_FLOWS_KEPT, over several partitions (a replay's
+    flows, written at its end): a flow whose hash it makes and whose bytes are below the
+    TOP_FLOWS_KEPT-th largest of them is not added to the flows:top sets (it would be trimmed
+    after the flush); a flow whose hash exists already (it left the table and came back)
+    ranks by its hash's total. The sets hold the largest flows exactly, before any trim."""
+    writer = sink.RedisSink(kept_10)
+    writer.ensure_series()
+    r = redis.Redis.from_url(kept_10.redis_url, decode_responses=True)
+    states = []
+    for partition in (0, 1):  # 12 flows each, flow i: 3 frames of 100 + 10 * i (+5) bytes
+        state = PartitionState(partition, None, FlowTable(60 * S, 600 * S, 10_000))
+        state.add_records(iter([
+            Record(T + second * S + i, 100 + 10 * i + 5 * partition, 4, 6, 0, 0,
+                   1000 + 100 * partition + i, 80, A4, B4, 0, 0, 0)
+            for i in range(12) for second in (0, 0, 1)]))
+        state.next_offset = 10
+        states.append(state)
+    flows = [f for state in states for f in state.dirty_flows]
+    totals = {f.id: 3 * (100 + 10 * (f.sport % 100) + 5 * (f.sport // 1100)) for f in flows}
+    (back,) = [f for f in flows if f.sport == 1000]  # the smallest, with an earlier hash
+    r.hset(f"flow:{back.id}:meta", mapping={"src": "192.0.2.10", "bytes": 5000, "packets": 9})
+    totals[back.id] += 5000
+    assert writer.least_new_top_total(states) == sorted(
+        3 * (100 + 10 * i + 5 * p) for i in range(12) for p in (0, 1))[-10]
+    result = sink.WriteResult()
+    for group in writer.prepare(states):
+        writer._write_group(group, result)
+    assert writer.drain_journal() == 0  # no trim after the flush yet
+    largest = sorted(totals.items(), key=lambda item: -item[1])
+    # the 10 largest new flows, and the flow that came back, first among them
+    assert r.zrevrange("flows:top:bytes", 0, -1, withscores=True) == [
+        (fid, float(total)) for fid, total in largest[:11]]
+    labels = {f.id: f.label for f in flows}
+    assert r.zrevrange("flows:top:endpoints", 0, -1, withscores=True) == [
+        (labels[fid], float(total)) for fid, total in largest[:11]]
+    for fid, total in totals.items():  # every hash is exact
+        assert int(r.hget(f"flow:{fid}:meta", "bytes")) == total
+
+
+def test_a_drain_call_applies_entries_up_to_its_byte_budget(settings, monkeypatch):
+    """One script call applies entries until they add up to the bytes it is given (at least
+    one); a call without a budget applies one."""
+    monkeypatch.setattr(sink, "JOURNAL_FLOWS", 7)
+    writer = sink.RedisSink(settings)
+    writer.ensure_series()
+    r = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    result = sink.WriteResult()
+    for group in writer.prepare([flush_of_flows(FLOWS)]):
+        writer._write_group(group, result)
+    entries = r.lrange(writer.journal, 0, -1)
+    assert len(entries) == 5
+    two = len(entries[0].encode()) + len(entries[1].encode())
+    assert writer.script(keys=[writer.journal], args=["drain", 10, two]) == 3
+    assert writer.script(keys=[writer.journal], args=["drain", 10, 1]) == 2
+    assert writer.script(keys=[writer.journal], args=["drain", 10]) == 1
+    assert writer.script(keys=[writer.journal], args=["drain", 10, 10**9]) == 0
+    assert int(r.hget("pipeline:processor", "records")) == 3 * FLOWS
+
+
 def test_entries_of_the_earlier_form_a_flow_an_array_are_applied_as_before(settings):
     """Entries pushed by an earlier version (a flow an array, TTLs in the keys to EXPIRE, no
     endpoints member) left in the journal across an upgrade are applied as that version

@@ -1,6 +1,7 @@
 """Messages a poll brings wait per partition and are aggregated together (flow_processor/
 consumer.py, handle_all): the sums must be those of aggregating them one by one, nothing may
-wait past a flush, an empty poll, or the bound on records, and pending records count them.
+wait past a flush, an empty poll, or the bound on records, and pending records count them. A
+replay's end marks make its flows due.
 
 The processor runs in this process against the real broker and Redis of the test stack; the
 messages are real record batches (packet_records.encode_batch) handed over as the consumer
@@ -20,7 +21,14 @@ from flow_processor.aggregate import PartitionState
 from flow_processor.flows import FlowTable
 from flow_processor.settings import ProcessorSettings
 from flow_processor.sink import RedisSink
-from packet_records import FLAG_HAS_META, META_SERVER_NAME, RECORD, decode_batch, encode_batch
+from packet_records import (
+    FLAG_HAS_META,
+    META_SERVER_NAME,
+    RECORD,
+    decode_batch,
+    encode_batch,
+    encode_stats,
+)
 
 S = 10**9
 T = 1_700_000_000 * S
@@ -144,3 +152,22 @@ def test_a_flush_writes_what_waits(processor):
     assert processor.sink.stored_offset_pairs([1]) == [(5, 5)]
     per_second = {t // 1000: int(v) for t, v in r.ts().range("ts:global:pps", "-", "+")}
     assert per_second == {sec: cell[1] for sec, cell in one_by_one(1, values).global_.items()}
+
+
+def test_a_replay_read_to_its_end_on_every_partition_makes_its_flows_due(processor):
+    """capture --pcap ends each partition with a replay-end mark: once the mark is the last
+    message read on every partition of the member, the flows go to Redis at once (no wait
+    for a quiet spell); records read after a mark on a partition undo it."""
+    mark = encode_stats("replay:1", T, {}, replay_end=True)
+    values = {p: batches(p, 2, seed=20 + p) for p in (0, 1)}
+    processor.handle_all([Message(p, offset, values[p][offset]) for p in (0, 1)
+                          for offset in (0, 1)])
+    assert not processor.replay_read_to_end()
+    processor.handle_all([Message(0, 2, mark)])
+    assert not processor.replay_read_to_end()  # partition 1 may still bring records
+    processor.handle_all([Message(1, 2, mark)])
+    assert processor.replay_read_to_end()
+    processor.handle_all([Message(0, 3, batches(0, 1, seed=30)[0])])  # another replay
+    assert not processor.replay_read_to_end()
+    processor.handle_all([Message(0, 4, mark)])
+    assert processor.replay_read_to_end()

@@ -1,4 +1,5 @@
-"""Which Redis errors pause the processor, and which counters capture may send."""
+"""Which Redis errors pause the processor, which counters capture may send, and how the
+processor writes capture times and Redis URLs."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from redis.exceptions import (
 )
 
 from capture.counters import CaptureCounters
-from flow_processor.sink import redact_url, redis_refusing
+from flow_processor.sink import ns_text, redact_url, redis_refusing
 from packet_records import STATS_COUNTERS
 
 
@@ -49,3 +50,9 @@ def test_capture_sends_only_counters_the_processor_accepts():
 ])
 def test_passwords_never_appear_in_messages(url, shown):
     assert redact_url(url) == shown
+
+
+@pytest.mark.parametrize("ns", [0, 7, 123_456_789, 999_999_999, 10**9, 1_700_000_018_089_300_000,
+                                2**64 - 1])
+def test_capture_times_read_as_tshark_prints_them(ns):
+    assert ns_text(ns) == f"{ns // 10**9}.{ns % 10**9:09d}"
