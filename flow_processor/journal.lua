@@ -11,20 +11,21 @@
 -- is applied exactly once whoever drains it (a crash between two entries leaves the rest for
 -- the next call).
 --
--- An entry is a JSON object {"samples": [...]} (apply_samples below), or a JSON array [newest
--- minute, top-N groups, TTL, keys to EXPIRE, old flows, counters, flows, least (apply_flows;
--- 0 when absent)]: the first four are top.lua's 'add' arguments; counters are [[name,
--- increment], ...] of the pipeline:processor hash (a flush's last entry carries them, so a
--- counter that reached a figure means the entries before it landed too). flows is one flat
--- array, FIELDS values a flow (a flat array decodes in a third of the time of an array an
--- entry): id, bytes, packets, last_seen; app, app_guess, server_name, fingerprint (app 0 when
--- none of them changed; '' for a name not known); src, dst, sport, dport, proto, first_seen
--- on the first write of the processor's table entry for the flow (src 0 else); endpoints (the
--- flow's member of flows:top:endpoints); 1 to (re)set the TTL of its hash, else 0. Old flows:
--- entries of earlier versions, an array a flow [id, bytes, packets, last_seen, labels, fixed,
--- endpoints] (labels 0 or [app, app_guess, server_name, fingerprint], fixed 0 or [src, dst,
--- sport, dport, proto, first_seen], endpoints absent: their top-N groups add it) with their
--- TTLs in the keys to EXPIRE; they are applied as flows of the flat form.
+-- An entry is MessagePack (JSON in earlier versions, still read): a map {samples = [...]}
+-- (apply_samples below), or an array [newest minute, top-N groups, TTL, keys to EXPIRE, old
+-- flows, counters, flows, least (apply_flows; 0 when absent)]: the first four are top.lua's
+-- 'add' arguments; counters are [[name, increment], ...] of the pipeline:processor hash (a
+-- flush's last entry carries them, so a counter that reached a figure means the entries before
+-- it landed too). flows is one flat array, FIELDS values a flow (a flat array decodes in a
+-- third of the time of an array an entry): id, bytes, packets, last_seen; app, app_guess,
+-- server_name, fingerprint (app 0 when none of them changed; '' for a name not known); src,
+-- dst, sport, dport, proto, first_seen on the first write of the processor's table entry for
+-- the flow (src 0 else); endpoints (the flow's member of flows:top:endpoints); 1 to (re)set
+-- the TTL of its hash, else 0. Old flows: entries of earlier versions, an array a flow [id,
+-- bytes, packets, last_seen, labels, fixed, endpoints] (labels 0 or [app, app_guess,
+-- server_name, fingerprint], fixed 0 or [src, dst, sport, dport, proto, first_seen], endpoints
+-- absent: their top-N groups add it) with their TTLs in the keys to EXPIRE; they are applied
+-- as flows of the flat form.
 -- flows:top:bytes and flows:top:endpoints take the flow's total from its hash (ZADD): a flow
 -- trimmed from them (TOP_FLOWS_KEPT) comes back with all its bytes, not those since.
 local FIELDS = 16
@@ -167,7 +168,13 @@ local function apply_samples(samples)
 end
 
 local function apply(text, kept)
-  local entry = cjson.decode(text)
+  local first = text:byte(1)
+  local entry
+  if first == 91 or first == 123 then  -- '[' or '{': JSON
+    entry = cjson.decode(text)
+  else
+    entry = cmsgpack.unpack(text)
+  end
   if entry.samples then return apply_samples(entry.samples) end
   if #entry[5] > 0 then apply_flows(flattened(entry[5]), kept, entry[3], 0) end
   if entry[7] then apply_flows(entry[7], kept, entry[3], entry[8] or 0) end
