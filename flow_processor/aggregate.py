@@ -128,7 +128,7 @@ class PartitionState:
         self.clock_ns = 0  # newest capture time seen on this partition
         self.topic_id: str | None = None  # id of the topic the offsets belong to, once known
         self.reset = False  # the partition restarts at the topic's earliest offset: store it
-        # the last message read is a replay's end mark (capture sends one to every partition
+        # no records read since a replay's end mark (capture sends one to every partition
         # after a file's last records): nothing more of that replay comes on this partition
         self.at_replay_end = False
         # messages read and validated, not aggregated yet (the processor's handle_all):

@@ -67,14 +67,15 @@ AGGREGATE_RECORDS = 25_000
 # are nearly as many as the records on any busy network (a replay of 65,000 flows that each
 # come back every second or so was aggregated message by message at its start).
 SCAN_LIKE_NEW_FLOWS_PER_RECORD = 0.8
-# A replay's end (capture marks it on every partition) read as the last message of every
-# partition this member reads: the flows go to Redis at once (replay_read_to_end); read on some
-# partitions, once nothing was read for FLOWS_QUIET_S; not at the next FLOW_WRITE_INTERVAL_MS
-# either way (waiting for a quiet spell delayed the end of a replay by 0.1-0.2 s). Without the
-# mark (a quiet network) after FLOWS_QUIET_LIVE_S: while capture is replaying a file, short
-# gaps come and go (two busy cores), and a flow write at each split most flows of a replay
-# across two writes (twice the Redis work); on live traffic of a few messages a second every
-# poll gap would.
+# A replay's end (capture marks it on every partition) read after the last records of every
+# partition this member reads: the flows go to Redis at once (replay_read_to_end; no more
+# often than every FLOWS_QUIET_S, and not while live records come, whatever marks the topic
+# holds); read on some partitions, once nothing was read for FLOWS_QUIET_S; not at the next
+# FLOW_WRITE_INTERVAL_MS either way (waiting for a quiet spell delayed the end of a replay by
+# 0.1-0.2 s). Without the mark (a quiet network) after FLOWS_QUIET_LIVE_S: while capture is
+# replaying a file, short gaps come and go (two busy cores), and a flow write at each split
+# most flows of a replay across two writes (twice the Redis work); on live traffic of a few
+# messages a second every poll gap would.
 FLOWS_QUIET_S = 0.1
 FLOWS_QUIET_LIVE_S = 1.0
 # While only replayed records come (capture --pcap), the flow part waits for the replay's end
@@ -588,8 +589,9 @@ class Processor:
         return oldest
 
     def replay_read_to_end(self) -> bool:
-        """Is a replay's end mark the last message read on every partition of this member?
-        Its flows are complete then: written at once, with no wait for a quiet spell."""
+        """Is a replay's end mark read after the last records of every partition of this
+        member? Its flows are complete then: written at once, with no wait for a quiet
+        spell."""
         return bool(self.states) and all(st.at_replay_end for st in self.states.values())
 
     def settle(self) -> None:
@@ -684,7 +686,7 @@ class Processor:
         flows_every = s.flow_write_interval_ms / 1000
         now = time.monotonic()
         next_flush, next_stats, last_message = now + flush_every, now + s.stats_interval_s, now
-        next_flows = now + flows_every
+        next_flows, flows_written = now + flows_every, 0.0
         backoff = 0.0
         retry_at = 0.0
         try:
@@ -721,7 +723,9 @@ class Processor:
                 quiet = FLOWS_QUIET_S if self.replay_ended else FLOWS_QUIET_LIVE_S
                 flows_at = next_flows if self.live_read else (
                     next_flows + (REPLAY_FLOW_WRITE_FACTOR - 1) * flows_every)
-                flows_due = (now >= flows_at or over or self.replay_read_to_end()
+                replay_done = (not self.live_read and now - flows_written >= FLOWS_QUIET_S
+                               and self.replay_read_to_end())
+                flows_due = (now >= flows_at or over or replay_done
                              or (not messages and now - last_message >= quiet))
                 if flows_due and not due:
                     flows_due = due = any(st.flows_pending for st in self.states.values())
@@ -734,7 +738,7 @@ class Processor:
                             next_flush = now + flush_every
                             self.live_series = False
                             if flows_due:
-                                next_flows = now + flows_every
+                                next_flows, flows_written = now + flows_every, now
                                 self.replay_ended = self.live_read = False
                         else:  # only the partitions with many flows to write
                             self.flush(big)

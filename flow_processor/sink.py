@@ -9,7 +9,7 @@ to another (a fence) finds a different offset there and drops what it had instea
 it twice.
 
 The flow updates (flow hashes, top-N sets, TTLs) are the bulk of a flush: the transaction only
-pushes them to a journal list (pipeline:journal:<group>:<topic>), as entries of at most
+pushes them to a journal list (pipeline:journal2:<group>:<topic>), as entries of at most
 JOURNAL_FLOWS flows (MessagePack: it packs and unpacks in two thirds of the time of JSON), and
 the entries are then applied and removed by short script calls (journal.lua). So no single
 command holds Redis for long whatever a flush holds, and an entry is applied exactly once: its
@@ -197,7 +197,11 @@ class RedisSink:
                                 f"{settings.kafka_topic}:")
         self.created: set[str] = set()
         self.created_counters = False
-        self.journal = f"pipeline:journal:{settings.kafka_group_id}:{settings.kafka_topic}"
+        self.journal = f"pipeline:journal2:{settings.kafka_group_id}:{settings.kafka_topic}"
+        # the JSON entries of earlier versions: applied too (first), never written. A key of
+        # their own: a member of an earlier version (a rolling upgrade) cannot read MessagePack
+        self.json_journal = (f"pipeline:journal:{settings.kafka_group_id}:"
+                             f"{settings.kafka_topic}")
         # top.lua's functions, and the journal's 'drain' (journal.lua), in one script; it is
         # only called outside transactions (where redis-py loads it again after a restart)
         self.script = self.redis.register_script(TOP_LUA.read_text() + "\n"
@@ -553,16 +557,21 @@ class RedisSink:
         flow's total is its bytes, so at least TOP_FLOWS_KEPT flows of the flush end up above
         one below it (in the sets, or trimmed from them by larger ones): it would be trimmed.
         A flow whose hash exists already (a flow that left the table and came back) may have
-        a larger total: its hash's total decides, as before. A replay's 65,000 flows,
+        a larger total: its hash's total decides, as before. (Should another member have
+        taken a partition of the flush meanwhile, its flows land with that member's write:
+        until then the sets may lack flows this one left out.) A replay's 65,000 flows,
         written at its end, made 2 x 29,000 ZADD members of which 2 x 10,000 stay."""
         kept = self.settings.top_flows_kept
-        sizes = []
+        sizes: dict[str, int] = {}  # by flow id: a flow on two partitions is one member
         for state in states:
             state.sync_flows()
-            sizes += [f.delta_bytes for f in state.flow_updates if f.new and not f.unstored]
+            for f in state.flow_updates:
+                if f.new and not f.unstored:
+                    sizes[f.id] = sizes.get(f.id, 0) + f.delta_bytes
         if len(sizes) <= kept:
             return 0
-        return int(np.partition(np.array(sizes, dtype=np.int64), len(sizes) - kept)[-kept])
+        return int(np.partition(np.fromiter(sizes.values(), np.int64, len(sizes)),
+                                len(sizes) - kept)[-kept])
 
     def _journal_entries(self, state: PartitionState, least: int = 0) -> list[bytes]:
         """The flush's flow updates, top-N sums and TTLs as journal entries (journal.lua): the
@@ -768,15 +777,18 @@ class RedisSink:
         same)."""
         failed = 0
         args = ["drain", self.settings.top_flows_kept, DRAIN_BYTES]
-        while True:
-            left = self.script(keys=[self.journal], args=args)
-            if isinstance(left, list):
-                left, error = left
-                failed += 1
-                log.error("a write journal entry could not be applied: %s",
-                          error.decode(errors="replace") if isinstance(error, bytes) else error)
-            if not left:
-                return failed
+        for journal in (self.json_journal, self.journal):
+            while True:
+                left = self.script(keys=[journal], args=args)
+                if isinstance(left, list):
+                    left, error = left
+                    failed += 1
+                    log.error("a write journal entry could not be applied: %s",
+                              error.decode(errors="replace") if isinstance(error, bytes)
+                              else error)
+                if not left:
+                    break
+        return failed
 
     def trim_top(self) -> None:
         """Keep the top-N sets bounded (hosts and domains grow with every new name): remove

@@ -283,7 +283,7 @@ def test_flows_a_flush_makes_below_its_top_kept_are_left_out_of_the_top_sets(kep
 
 def test_a_drain_call_applies_entries_up_to_its_byte_budget(settings, monkeypatch):
     """One script call applies entries until they add up to the bytes it is given (at least
-    one); a call without a budget applies one."""
+    one, and none after an entry of samples); a call without a budget applies one."""
     monkeypatch.setattr(sink, "JOURNAL_FLOWS", 7)
     writer = sink.RedisSink(settings)
     writer.ensure_series()
@@ -299,12 +299,19 @@ def test_a_drain_call_applies_entries_up_to_its_byte_budget(settings, monkeypatc
     assert writer.script(keys=[writer.journal], args=["drain", 10]) == 1
     assert writer.script(keys=[writer.journal], args=["drain", 10, 10**9]) == 0
     assert int(r.hget("pipeline:processor", "records")) == 3 * FLOWS
+    # an entry of samples (each up to 100 us when older than its series' newest) ends a call
+    ms = T // 10**6
+    r.rpush(writer.journal, *(msgpack.packb({"samples": ["ts:global:pps", str(ms + i), "1"]})
+                              for i in range(3)))
+    assert writer.script(keys=[writer.journal], args=["drain", 10, 10**9]) == 2
+    assert writer.drain_journal() == 0 and r.llen(writer.journal) == 0
+    assert len(r.execute_command("TS.RANGE", "ts:global:pps", ms, ms + 2)) == 3
 
 
 def test_entries_of_the_earlier_form_a_flow_an_array_are_applied_as_before(settings):
     """Entries pushed by an earlier version (a flow an array, TTLs in the keys to EXPIRE, no
-    endpoints member) left in the journal across an upgrade are applied as that version
-    applied them."""
+    endpoints member; JSON, in the journal key of the versions before MessagePack) left
+    across an upgrade are applied as that version applied them."""
     writer = sink.RedisSink(settings)
     writer.ensure_series()
     r = redis.Redis.from_url(settings.redis_url, decode_responses=True)
@@ -313,10 +320,11 @@ def test_entries_of_the_earlier_form_a_flow_an_array_are_applied_as_before(setti
     known = ["00000000000000bb", 50, 1, "3.000000000", 0, 0]
     r.hset("flow:00000000000000bb:meta", mapping={"src": "192.0.2.1", "bytes": 100,
                                                    "packets": 2, "app": "DNS"})
-    r.rpush(writer.journal, orjson.dumps(
+    r.rpush(writer.json_journal, orjson.dumps(
         [1, [[1, 4, [300, "TCP 192.0.2.10:1000 -> 198.51.100.20:443 (00000000000000aa)"]]],
          600, ["flow:00000000000000aa:meta"], [new, known], [["records", 4]]]))
     assert writer.drain_journal() == 0  # none failed
+    assert r.llen(writer.json_journal) == 0
     assert r.hgetall("flow:00000000000000aa:meta") == {
         "src": "192.0.2.10", "dst": "198.51.100.20", "sport": "1000", "dport": "443",
         "proto": "6", "first_seen": "1.000000000", "bytes": "300", "packets": "3",
