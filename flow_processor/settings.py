@@ -27,7 +27,7 @@ class ProcessorSettings(KafkaSecuritySettings):
         5000, ge=10, le=600000, description="How often flow hashes, top-N sets and counters go "
         "to Redis (also whenever there is nothing to read); the per-second series go every "
         "FLUSH_INTERVAL_MS")
-    max_pending_records: int = Field(500_000, ge=1000, le=50_000_000,
+    max_pending_records: int = Field(1_000_000, ge=1000, le=50_000_000,
                                      description="Flush early once this many records are pending")
     flow_idle_timeout_s: int = Field(120, ge=1, le=86400,
                                      description="Forget a flow after this long without packets")
