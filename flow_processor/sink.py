@@ -58,8 +58,9 @@ JOURNAL_INCREMENTS = 1000  # top-N increments of hosts, applications, domains pe
 # A drain call applies journal entries until they add up to this many bytes: with one entry a
 # call, the writer thread waited for the processor's thread (Python's GIL) before each call
 # while the processor built the rest of a flush, and Redis sat half idle through the end of a
-# replay (65,000 flows: 194 calls). Entries of this many bytes hold Redis for 10-30 ms.
-DRAIN_BYTES = 256 * 1024
+# replay (65,000 flows: 194 calls, 75 now). Entries of this many bytes hold Redis for 10-30 ms
+# (twice as many: up to 50).
+DRAIN_BYTES = 128 * 1024
 PREPARE_CHUNK = 2000  # commands per pipeline that creates flow series before a transaction
 TRIM_CHUNK = 10000  # members removed from a top-N set per command
 # A flush is cut into transactions of about this cost, whole partitions each: the samples of
