@@ -175,10 +175,7 @@ local function apply(text, kept)
   else
     entry = cmsgpack.unpack(text)
   end
-  if entry.samples then
-    apply_samples(entry.samples)
-    return 'samples'
-  end
+  if entry.samples then return apply_samples(entry.samples) end
   if #entry[5] > 0 then apply_flows(flattened(entry[5]), kept, entry[3], 0) end
   if entry[7] then apply_flows(entry[7], kept, entry[3], entry[8] or 0) end
   bound('flows:top:bytes', kept)
@@ -191,21 +188,26 @@ end
 
 if mode == 'drain' then
   -- entries, oldest first, until they add up to ARGV[3] bytes (one at least, one only when
-  -- absent; a samples entry ends the call)
+  -- absent); an entry of samples gets a call of its own: samples older than their series'
+  -- newest take up to 100 us each, so such an entry may hold Redis for 50 ms
   local budget, used = tonumber(ARGV[3]) or 0, 0
   repeat
     local text = redis.call('LPOP', KEYS[1])
     if not text then return 0 end
+    local first = text:byte(1) or 0
+    local samples = first == 123 or (first >= 0x80 and first <= 0x8f) or first == 0xde
+      or first == 0xdf  -- a JSON object or a MessagePack map: {samples = [...]}
+    if samples and used > 0 then  -- left for the next call
+      redis.call('LPUSH', KEYS[1], text)
+      break
+    end
     used = used + #text
     -- an entry that cannot be applied (a key of another type in the way, a damaged entry) is
     -- removed all the same and its error returned: it must not stop every later write (like
     -- a failed command inside EXEC, what it did before the error stays)
-    local ok, applied = pcall(apply, text, tonumber(ARGV[2]))
-    if not ok then return {redis.call('LLEN', KEYS[1]), tostring(applied)} end
-    -- samples older than their series' newest take up to 100 us each: such an entry may hold
-    -- Redis for 50 ms, so it ends the call
-    if applied == 'samples' then used = budget end
-  until used >= budget
+    local ok, err = pcall(apply, text, tonumber(ARGV[2]))
+    if not ok then return {redis.call('LLEN', KEYS[1]), tostring(err)} end
+  until samples or used >= budget
   return redis.call('LLEN', KEYS[1])
 end
 return redis.error_reply('unknown mode')

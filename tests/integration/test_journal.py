@@ -283,7 +283,7 @@ def test_flows_a_flush_makes_below_its_top_kept_are_left_out_of_the_top_sets(kep
 
 def test_a_drain_call_applies_entries_up_to_its_byte_budget(settings, monkeypatch):
     """One script call applies entries until they add up to the bytes it is given (at least
-    one, and none after an entry of samples); a call without a budget applies one."""
+    one; an entry of samples alone); a call without a budget applies one."""
     monkeypatch.setattr(sink, "JOURNAL_FLOWS", 7)
     writer = sink.RedisSink(settings)
     writer.ensure_series()
@@ -299,13 +299,18 @@ def test_a_drain_call_applies_entries_up_to_its_byte_budget(settings, monkeypatc
     assert writer.script(keys=[writer.journal], args=["drain", 10]) == 1
     assert writer.script(keys=[writer.journal], args=["drain", 10, 10**9]) == 0
     assert int(r.hget("pipeline:processor", "records")) == 3 * FLOWS
-    # an entry of samples (each up to 100 us when older than its series' newest) ends a call
+    # an entry of samples (each up to 100 us when older than its series' newest) gets a call
+    # of its own, after other entries or before them; an empty entry is counted and removed
+    # (the flow entries go in again: only the calls count here)
     ms = T // 10**6
-    r.rpush(writer.journal, *(msgpack.packb({"samples": ["ts:global:pps", str(ms + i), "1"]})
-                              for i in range(3)))
-    assert writer.script(keys=[writer.journal], args=["drain", 10, 10**9]) == 2
-    assert writer.drain_journal() == 0 and r.llen(writer.journal) == 0
-    assert len(r.execute_command("TS.RANGE", "ts:global:pps", ms, ms + 2)) == 3
+    r.rpush(writer.journal, *entries[:2],
+            *(msgpack.packb({"samples": ["ts:global:pps", str(ms + i), "1"]}) for i in range(2)),
+            entries[2], b"")
+    assert writer.script(keys=[writer.journal], args=["drain", 10, 10**9]) == 4  # 2 entries
+    assert writer.script(keys=[writer.journal], args=["drain", 10, 10**9]) == 3  # a sample
+    assert writer.script(keys=[writer.journal], args=["drain", 10, 10**9]) == 2  # a sample
+    assert writer.drain_journal() == 1 and r.llen(writer.journal) == 0  # the empty one
+    assert len(r.execute_command("TS.RANGE", "ts:global:pps", ms, ms + 1)) == 2
 
 
 def test_entries_of_the_earlier_form_a_flow_an_array_are_applied_as_before(settings):
