@@ -167,10 +167,17 @@ local function apply_samples(samples)
   end
 end
 
+-- how an entry is written, from its first byte: in JSON ('[' or '{', earlier versions) or
+-- MessagePack; and whether it is a map (a JSON object or a MessagePack map: an entry of samples)
+local function shape(text)
+  local first = text:byte(1) or 0
+  return first == 91 or first == 123,
+    first == 123 or (first >= 0x80 and first <= 0x8f) or first == 0xde or first == 0xdf
+end
+
 local function apply(text, kept)
-  local first = text:byte(1)
   local entry
-  if first == 91 or first == 123 then  -- '[' or '{': JSON
+  if shape(text) then
     entry = cjson.decode(text)
   else
     entry = cmsgpack.unpack(text)
@@ -194,9 +201,7 @@ if mode == 'drain' then
   repeat
     local text = redis.call('LPOP', KEYS[1])
     if not text then return 0 end
-    local first = text:byte(1) or 0
-    local samples = first == 123 or (first >= 0x80 and first <= 0x8f) or first == 0xde
-      or first == 0xdf  -- a JSON object or a MessagePack map: {samples = [...]}
+    local _, samples = shape(text)
     if samples and used > 0 then  -- left for the next call
       redis.call('LPUSH', KEYS[1], text)
       break
